@@ -1,0 +1,160 @@
+"""What the commands do, as plain functions a notebook can call too (the CLI only parses arguments)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import store
+from .build import BuildOptions, BuildReport, build_database
+from .database import Database
+from .decode import DecodeOptions, Undecodable, decode_image
+from .embedder import DEFAULT_CLIP, Embedder
+from .errors import DatabaseError, RDMError, SourceError
+from .sheets import search_sheet
+from .sources import open_source
+
+
+@lru_cache(maxsize=4)
+def load_embedder(model_id: str, device: str | None = None, dtype: str = "auto") -> Embedder:
+    """Load (once per process) an embedder by model id."""
+    return Embedder.load(model_id, device=device, dtype=dtype)
+
+
+def embedder_for(db: Database, device: str | None = None) -> Embedder:
+    """The embedder that made a database's vectors; refuse one whose weights differ."""
+    emb = load_embedder(db.identity.model, device)
+    if not emb.identity.same_vectors_as(db.identity):
+        raise DatabaseError(f"database {db.name} was built with {db.identity.describe()}, but "
+                            f"{db.identity.model} now loads as {emb.identity.describe()}")
+    return emb
+
+
+def home_path(indexes: str | None) -> Path:
+    return store.indexes_home(indexes)
+
+
+def open_database(db: str | Path, indexes: str | None = None) -> Database:
+    return Database.open(db, indexes)
+
+
+def default_name(source: str) -> str:
+    """Database name from a source spec: folder or file name, or the dataset's name."""
+    name = Path(source.removeprefix("hf:").rstrip("/")).name
+    return Path(name).stem if Path(name).suffix in (".npy", ".npz", ".parquet") else name
+
+
+def build_index(source: str, name: str | None = None, clip: str | None = None, indexes: str | None = None,
+                batch_size: int = 64, workers: int | None = None, device: str | None = None, dtype: str = "auto",
+                index_factory: str | None = None, resume: bool = False, append: bool = False,
+                overwrite: bool = False, limit: int | None = None, split: str = "train",
+                image_column: str | None = None, caption_column: str | None = None, streaming: bool = False,
+                progress: bool = True) -> BuildReport:
+    """`rdm build-index`: open the source, load the embedder, build (or resume/append) the database."""
+    src = open_source(source, split=split, image_column=image_column, caption_column=caption_column,
+                      streaming=streaming)
+    if len(src) == 0:
+        raise SourceError(f"source {source} holds no images (looked for jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
+    name = name or default_name(source)
+    db_dir = store.resolve(name, indexes)
+    if clip is None and (append or resume) and (db_dir / store.MANIFEST).is_file():
+        clip = Database.open(db_dir).identity.model  # keep the embedder the database was built with
+    embedder = load_embedder(clip or DEFAULT_CLIP, device, dtype)
+    if src.kind == "embeddings" and src.vectors.shape[1] != embedder.dim:
+        raise SourceError(f"{source} holds {src.vectors.shape[1]}-d vectors but {embedder.identity.model} makes "
+                          f"{embedder.dim}-d ones: pass the --clip that produced them")
+    opts = BuildOptions(batch_size=batch_size, workers=workers, index_factory=index_factory, resume=resume,
+                        append=append, overwrite=overwrite, limit=limit, progress=progress)
+    return build_database(src, name, embedder, indexes, opts)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def format_report(r: BuildReport) -> str:
+    """The summary printed at the end of a build."""
+    lines = [f"database {r.name}  ({r.path})",
+             f"  embedded   {r.embedded} items in {r.seconds:.1f} s ({r.images_per_second:.1f} images/s)"
+             + (f", resumed after {r.resumed_from} source items" if r.resumed_from else ""),
+             f"  total      {r.total} items",
+             f"  skipped    {sum(r.skipped.values())}"
+             + (" (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(r.skipped.items())) + ")" if r.skipped else ""),
+             f"  index      {r.index_factory}" + (f", recall@10 {r.recall_at_10:.3f}" if r.recall_at_10 is not None else ""),
+             f"  on disk    {_size(r.bytes_on_disk)}"]
+    for s in r.skipped_items[:20]:
+        lines.append(f"    skipped {s['path']}: {s['reason']}")
+    if len(r.skipped_items) > 20:
+        lines.append(f"    ... and {len(r.skipped_items) - 20} more (rdm info {r.name} --json lists them all)")
+    return "\n".join(lines)
+
+
+def list_databases(indexes: str | None = None) -> list[dict]:
+    """Name, count, dim, index and embedder of each database in the home."""
+    out = []
+    for name in store.list_databases(indexes):
+        try:
+            m = store.read_manifest(store.resolve(name, indexes), name)
+            out.append({"name": name, "count": m["count"], "dim": m["dim"], "index_factory": m["index_factory"],
+                        "embedder": m["embedder"]["model"]})
+        except RDMError as e:
+            out.append({"name": name, "count": 0, "dim": 0, "index_factory": "?", "embedder": f"unreadable: {e}"})
+    return out
+
+
+def format_info(d: dict) -> str:
+    lines = [f"{d['name']}  ({d['path']})", f"  items      {d['count']}", f"  dim        {d['dim']}",
+             f"  embedder   {d['embedder']['model']} (weights {d['embedder']['weights_sha256'][:12]})",
+             f"  index      {d['index_factory']} (recall@10 {d['index'].get('recall_at_10')})",
+             f"  columns    {', '.join(d['columns'])}", f"  created    {d['created']}",
+             f"  fingerprint {d['fingerprint']}", f"  on disk    {_size(d['bytes_on_disk'])}",
+             f"  skipped    {len(d['skipped'])}"]
+    lines += [f"    {s['path']}: {s['reason']}" for s in d["skipped"][:20]]
+    return "\n".join(lines)
+
+
+def embed_queries(embedder: Embedder, texts: Sequence[str], images: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """Text and image queries -> (labels, (Q, D) vectors), texts first, in the order given."""
+    for t in texts:
+        if not t.strip():
+            raise RDMError("empty text query")
+    vectors = [embedder.encode_text(list(texts))] if texts else []
+    decoded = []
+    for path in images:
+        try:
+            decoded.append(decode_image(path, DecodeOptions()))
+        except Undecodable as e:
+            raise RDMError(f"cannot read query image {path}: {e.reason} ({e.detail})") from None
+    if decoded:
+        vectors.append(embedder.encode_images(decoded))
+    if not vectors:
+        raise RDMError("give at least one query: TEXT arguments or --image PATH")
+    return list(texts) + [f"image: {p}" for p in images], np.concatenate(vectors)
+
+
+def search(db: str, texts: Sequence[str], images: Sequence[str] = (), k: int = 10, where: Sequence[str] = (),
+           indexes: str | None = None, device: str | None = None) -> tuple[list[str], list[list[dict]]]:
+    """`rdm search`: one list of hits (id, score, row, metadata) per query, in order."""
+    database = Database.open(db, indexes)
+    embedder = embedder_for(database, device)
+    labels, queries = embed_queries(embedder, texts, images)
+    result = database.search(queries, k=k, where=where)
+    return labels, [result.hits(q) for q in range(len(labels))]
+
+
+def write_search_sheet(labels: Sequence[str], hits: Sequence[Sequence[dict]], out: str, title: str = "") -> Path:
+    return search_sheet(labels, hits, out, title=title)
+
+
+def remove(db: str, ids: Sequence[str], where: Sequence[str], indexes: str | None = None) -> tuple[list[str], int]:
+    """`rdm remove`: drop items by id or filter; return (removed ids, items left)."""
+    database = Database.open(db, indexes)
+    removed = database.remove(ids=ids, where=where)
+    return removed, database.count

@@ -1,0 +1,358 @@
+"""The CLIP embedder: any open_clip model -> L2-normalised float32 vectors for images and text.
+
+Model ids (`--clip`):
+  NAME:TAG           an open_clip architecture and pretrained tag, e.g. ``ViT-L-14:openai`` (default,
+                     the CLIP of the published RDM); ``NAME:/path/weights.bin`` loads a file instead;
+  hf-hub:ORG/REPO    an open_clip model on the Hugging Face hub;
+  local-dir:PATH     open_clip's folder format (open_clip_config.json + open_clip_model.safetensors).
+
+Weights are resolved *before* open_clip builds the model: open_clip retries a failed download for
+about a minute, and for ``hf-hub:`` ids it even falls back to random weights with only a warning.
+Offline with nothing cached we fail in well under a second with a message that says what to do.
+
+The embedder's `identity` (model id, weights checksum, dim, preprocessing) is recorded by every
+database and checked by models, so vectors from different CLIPs are never mixed.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import huggingface_hub
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.pretrained import get_pretrained_cfg
+from PIL import Image
+from torchvision import transforms as T
+
+from .decode import DEFAULT_MAX_ASPECT, crop_aspect
+from .errors import EmbedderUnavailable, RDMError
+
+DEFAULT_CLIP = "ViT-L-14:openai"
+HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+BF16_MAX_COSINE_ERROR = 1e-2  # the fastest dtype must stay within this cosine distance of float32
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class EmbedderIdentity:
+    """What a database records about the CLIP that made its vectors, and what a model checks."""
+
+    model: str  # the id it was loaded from, e.g. "ViT-L-14:openai" or "local-dir:/abs/path"
+    architecture: str  # open_clip architecture name or config summary
+    weights_sha256: str  # checksum of the float32 state dict (sorted keys), independent of file format
+    dim: int  # embedding dimension
+    preprocess: dict = field(default_factory=dict)  # size, mean, std, interpolation, resize_mode
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EmbedderIdentity":
+        return cls(**{k: d[k] for k in ("model", "architecture", "weights_sha256", "dim")},
+                   preprocess=dict(d.get("preprocess", {})))
+
+    def same_vectors_as(self, other: "EmbedderIdentity") -> bool:
+        """True when both produce the same vectors: same weights, dim and preprocessing."""
+        return (self.weights_sha256 == other.weights_sha256 and self.dim == other.dim
+                and _norm_pre(self.preprocess) == _norm_pre(other.preprocess))
+
+    def describe(self) -> str:
+        return f"{self.model} (dim {self.dim}, weights {self.weights_sha256[:12]})"
+
+
+def _norm_pre(p: dict) -> dict:
+    """Preprocess dict with tuples as lists, so JSON round-trips compare equal."""
+    return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in p.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving weights (fast, offline-aware)
+# ---------------------------------------------------------------------------------------------
+
+def _offline_help(model_id: str, why: str) -> EmbedderUnavailable:
+    return EmbedderUnavailable(
+        f"cannot load CLIP '{model_id}': {why}.\n"
+        "  The weights are not in the local cache and could not be downloaded. Either run once with a\n"
+        "  network connection (they are cached under ~/.cache/huggingface), or point at local weights:\n"
+        "    --clip local-dir:PATH         a folder with open_clip_config.json + open_clip_model.safetensors\n"
+        "    --clip ARCH:/path/weights.bin an open_clip architecture with a weights file\n"
+        "  (HF_HOME / HF_HUB_CACHE select another cache.)"
+    )
+
+
+def _hub_file(repo: str, filename: str, model_id: str) -> str | None:
+    """Path of repo/filename from the HF cache, downloading it if the hub answers; None if absent there."""
+    cached = huggingface_hub.try_to_load_from_cache(repo, filename)
+    if isinstance(cached, str):
+        return cached
+    if cached is not None:  # the hub said before that this file does not exist
+        return None
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise _offline_help(model_id, "HF_HUB_OFFLINE is set")
+    url = huggingface_hub.hf_hub_url(repo, filename)
+    try:
+        huggingface_hub.get_hf_file_metadata(url, timeout=HUB_PROBE_TIMEOUT_S)
+    except huggingface_hub.errors.EntryNotFoundError:
+        return None
+    except huggingface_hub.errors.RepositoryNotFoundError as e:
+        raise EmbedderUnavailable(f"cannot load CLIP '{model_id}': no such hub repository '{repo}'") from e
+    except Exception as e:  # connection refused, DNS failure, timeout, proxy errors
+        raise _offline_help(model_id, f"the hub is unreachable ({type(e).__name__}: {e})") from None
+    return huggingface_hub.hf_hub_download(repo, filename)
+
+
+def _resolve_hf_repo(repo: str, model_id: str) -> Path:
+    """Local snapshot folder holding open_clip_config.json and the weights of an hf-hub model."""
+    config = _hub_file(repo, "open_clip_config.json", model_id)
+    if config is None:
+        raise EmbedderUnavailable(f"'{model_id}' has no open_clip_config.json: not an open_clip model")
+    for name in HF_WEIGHT_FILES:
+        weights = _hub_file(repo, name, model_id)
+        if weights is not None:
+            return Path(config).parent
+    raise EmbedderUnavailable(f"'{model_id}' has no open_clip weights ({', '.join(HF_WEIGHT_FILES)})")
+
+
+def _resolve_tag(arch: str, tag: str, model_id: str) -> None:
+    """Make sure the weights of an open_clip pretrained tag are cached (download if reachable)."""
+    cfg = get_pretrained_cfg(arch, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise EmbedderUnavailable(
+            f"unknown CLIP '{model_id}': '{tag}' is neither a pretrained tag of {arch} "
+            f"({', '.join(tags) or 'none'}) nor an existing weights file")
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+        for name in ([filename] if filename else list(HF_WEIGHT_FILES)):
+            if _hub_file(repo, name, model_id) is not None:
+                return
+        raise EmbedderUnavailable(f"cannot load CLIP '{model_id}': weights not found in hub repo {repo}")
+    url = cfg.get("url", "")
+    cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    if not cached.is_file():
+        raise _offline_help(model_id, f"{cached} is missing and URL downloads are not probed offline")
+
+
+def parse_model_id(model_id: str) -> tuple[str, str, str | None]:
+    """Split a model id into (kind, name, tag): kind is 'local-dir', 'hf-hub' or 'tag'."""
+    if not model_id or not model_id.strip():
+        raise RDMError("empty CLIP model id; use e.g. ViT-L-14:openai, hf-hub:ORG/REPO or local-dir:PATH")
+    if model_id.startswith("local-dir:"):
+        return "local-dir", model_id[len("local-dir:"):], None
+    if model_id.startswith("hf-hub:"):
+        return "hf-hub", model_id[len("hf-hub:"):], None
+    name, sep, tag = model_id.partition(":")
+    if not sep or not tag:
+        raise RDMError(f"CLIP id '{model_id}' needs a pretrained tag or weights file, e.g. {name}:openai")
+    if name not in open_clip.list_models():
+        raise RDMError(f"unknown open_clip architecture '{name}' (see open_clip.list_models())")
+    return "tag", name, tag
+
+
+def _create(model_id: str) -> tuple[torch.nn.Module, Callable, Any, str, str]:
+    """Build (model, eval preprocess, tokenizer, canonical id, architecture) from a model id."""
+    kind, name, tag = parse_model_id(model_id)
+    if kind == "local-dir":
+        path = Path(name).expanduser().resolve()
+        if not (path / "open_clip_config.json").is_file():
+            raise EmbedderUnavailable(
+                f"cannot load CLIP '{model_id}': {path} has no open_clip_config.json "
+                "(expected open_clip's folder format: open_clip_config.json + open_clip_model.safetensors)")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")) and not any(path.glob("*.pth")):
+            raise EmbedderUnavailable(f"cannot load CLIP '{model_id}': no weights file in {path}")
+        open_id, canonical = f"local-dir:{path}", f"local-dir:{path}"
+        pretrained = None
+    elif kind == "hf-hub":
+        snapshot = _resolve_hf_repo(name, model_id)
+        open_id, canonical, pretrained = f"local-dir:{snapshot}", model_id, None
+    else:
+        if Path(tag).expanduser().is_file():
+            pretrained = str(Path(tag).expanduser().resolve())
+            canonical = f"{name}:{pretrained}"
+        else:
+            _resolve_tag(name, tag, model_id)
+            pretrained, canonical = tag, model_id
+        open_id = name
+    model, _, preprocess = open_clip.create_model_and_transforms(open_id, pretrained=pretrained)
+    tokenizer = open_clip.get_tokenizer(open_id)
+    cfg = open_clip.get_model_config(open_id) or {}
+    arch = name if kind == "tag" else _summarise_arch(cfg)
+    return model.eval(), preprocess, tokenizer, canonical, arch
+
+
+def _summarise_arch(cfg: dict) -> str:
+    v = cfg.get("vision_cfg", {})
+    return (f"custom(embed_dim={cfg.get('embed_dim')}, vision={v.get('layers')}x{v.get('width')}"
+            f"/p{v.get('patch_size')}@{v.get('image_size')})")
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """sha256 over the float32 state dict in sorted key order (file-format independent)."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _split_preprocess(preprocess: T.Compose) -> tuple[T.Compose, tuple, tuple]:
+    """Split open_clip's eval transform into its PIL part (for workers) and its ToTensor/Normalize."""
+    ops = list(preprocess.transforms)
+    cut = next(i for i, t in enumerate(ops) if isinstance(t, T.ToTensor))
+    norm = next(t for t in ops[cut:] if isinstance(t, T.Normalize))
+    return T.Compose(ops[:cut]), tuple(norm.mean), tuple(norm.std)
+
+
+class PixelTransform:
+    """Picklable PIL image -> uint8 (H, W, 3) array: the embedder's resize and crop, nothing else.
+
+    With open_clip's default 'shortest' resize only the central square survives the centre crop, so
+    over-long images are first cut to DEFAULT_MAX_ASPECT around the centre: same pixels out, but a
+    1x20000 strip no longer becomes a 224x4,480,000 intermediate (3.5 GB).
+    """
+
+    def __init__(self, pil_ops: T.Compose, size: int, resize_mode: str = "shortest"):
+        self.pil_ops = pil_ops
+        self.size = size
+        self.resize_mode = resize_mode
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        if self.resize_mode == "shortest":
+            image = crop_aspect(image, DEFAULT_MAX_ASPECT)
+        out = self.pil_ops(image)
+        return np.asarray(out.convert("RGB") if out.mode != "RGB" else out, dtype=np.uint8)
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """float16 on CUDA; bfloat16 on CPUs with native bf16 (AVX512-BF16 / AMX); else float32."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _probe_images(size: int, n: int = 4) -> np.ndarray:
+    """Deterministic probe images (noise and gradients) used to validate a reduced dtype."""
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    yy, xx = np.meshgrid(ramp, ramp, indexing="ij")
+    imgs[0] = np.stack([xx, yy, np.full_like(xx, 128)], -1).astype(np.uint8)
+    return imgs
+
+
+class Embedder:
+    """An open_clip model ready to embed images and text in batches."""
+
+    def __init__(self, model: torch.nn.Module, preprocess: T.Compose, tokenizer: Any, identity: EmbedderIdentity,
+                 device: torch.device, dtype: torch.dtype):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.device = device
+        self.dtype = dtype
+        pil_ops, mean, std = _split_preprocess(preprocess)
+        self.pixel_transform = PixelTransform(pil_ops, self.image_size,
+                                              identity.preprocess.get("resize_mode", "shortest"))
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    @property
+    def dim(self) -> int:
+        return self.identity.dim
+
+    @property
+    def image_size(self) -> int:
+        size = self.identity.preprocess.get("size", 224)
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @classmethod
+    def load(cls, model_id: str = DEFAULT_CLIP, device: str | torch.device | None = None,
+             dtype: str | torch.dtype = "auto") -> "Embedder":
+        """Load an open_clip model by id; dtype 'auto' picks the fastest one that stays within 1e-2 cosine."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, preprocess, tokenizer, canonical, arch = _create(model_id)
+        checksum = weights_checksum(model)
+        pre = dict(open_clip.get_model_preprocess_cfg(model))
+        pre = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pre.items()}
+        with torch.inference_mode():
+            dim = int(model.encode_text(tokenizer(["probe"])).shape[-1])
+        identity = EmbedderIdentity(model=canonical, architecture=arch, weights_sha256=checksum, dim=dim,
+                                    preprocess=pre)
+        model = model.to(device)
+        emb = cls(model, preprocess, tokenizer, identity, device, torch.float32)
+        target = pick_dtype(device) if dtype == "auto" else _parse_dtype(dtype)
+        if target != torch.float32:
+            emb._switch_dtype(target, validate=(dtype == "auto" and device.type == "cpu"))
+        return emb
+
+    def _switch_dtype(self, dtype: torch.dtype, validate: bool) -> None:
+        """Cast weights to dtype; with validate, keep float32 unless probes agree within 1e-2 cosine."""
+        if not validate:
+            self.model = self.model.to(dtype)
+            self.dtype = dtype
+            return
+        probes = _probe_images(self.image_size)
+        texts = ["a photo of a cat", "an abstract painting in blue"]
+        ref_i, ref_t = self.encode_pixels(probes), self.encode_text(texts)
+        fp32_model = self.model
+        self.model, self.dtype = copy.deepcopy(fp32_model).to(dtype), dtype
+        low_i, low_t = self.encode_pixels(probes), self.encode_text(texts)
+        err = 1.0 - min((ref_i * low_i).sum(1).min(), (ref_t * low_t).sum(1).min())
+        if err > BF16_MAX_COSINE_ERROR:
+            self.model, self.dtype = fp32_model, torch.float32
+        del fp32_model
+
+    # -- embedding ---------------------------------------------------------------------------
+    def _finish(self, feats: torch.Tensor) -> np.ndarray:
+        feats = F.normalize(feats.float(), dim=-1)
+        return feats.cpu().numpy().astype(np.float32, copy=False)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
+        """uint8 (N, H, W, 3) already resized/cropped by `pixel_transform` -> (N, D) unit vectors."""
+        x = torch.as_tensor(pixels).to(self.device)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"expected uint8 pixels of shape (N, H, W, 3), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            return np.zeros((0, self.dim), np.float32)
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        x = ((x - self._mean) / self._std).to(self.dtype)
+        return self._finish(self.model.encode_image(x))
+
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 64) -> np.ndarray:
+        """PIL images (already decoded with rdm.decode) -> (N, D) unit vectors."""
+        out = [self.encode_pixels(np.stack([self.pixel_transform(im) for im in images[i:i + batch_size]]))
+               for i in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+    @torch.inference_mode()
+    def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Strings -> (N, D) unit vectors."""
+        texts = list(texts)
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(texts[i:i + batch_size]).to(self.device)
+            out.append(self._finish(self.model.encode_text(tokens)))
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise RDMError(f"unknown dtype '{dtype}': use auto, float32, float16 or bfloat16")
+    return table[dtype]

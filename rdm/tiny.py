@@ -1,0 +1,40 @@
+"""Tiny real components for tests and offline quickstarts (random weights, seconds to build).
+
+`make_tiny_clip` writes a small open_clip model in open_clip's `local-dir:` format
+(open_clip_config.json with model_cfg and preprocess_cfg, plus open_clip_model.safetensors), built
+with open_clip's own classes, so the embedder loads it exactly as it loads a real one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+TINY_PREPROCESS_CFG = {
+    "size": 32, "mode": "RGB", "mean": [0.48145466, 0.4578275, 0.40821073],
+    "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic", "resize_mode": "shortest",
+    "fill_color": 0,
+}
+
+
+def make_tiny_clip(path: str | Path, seed: int = 0, model_cfg: dict | None = None) -> str:
+    """Write a random tiny open_clip model to `path`; return its model id ('local-dir:PATH')."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads(json.dumps(model_cfg or TINY_CLIP_CFG))
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**cfg)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path / "open_clip_model.safetensors"))
+    pre = dict(TINY_PREPROCESS_CFG, size=cfg["vision_cfg"]["image_size"])
+    (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}, indent=2))
+    return f"local-dir:{path.resolve()}"
