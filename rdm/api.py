@@ -50,7 +50,7 @@ def default_name(source: str) -> str:
 def build_index(source: str, name: str | None = None, clip: str | None = None, indexes: str | None = None,
                 batch_size: int = 64, workers: int | None = None, device: str | None = None, dtype: str = "auto",
                 index_factory: str | None = None, resume: bool = False, append: bool = False,
-                overwrite: bool = False, limit: int | None = None, split: str = "train",
+                overwrite: bool = False, limit: int | None = None, checkpoint_every: int = 16, split: str = "train",
                 image_column: str | None = None, caption_column: str | None = None, streaming: bool = False,
                 progress: bool = True) -> BuildReport:
     """`rdm build-index`: open the source, load the embedder, build (or resume/append) the database."""
@@ -67,7 +67,8 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
         raise SourceError(f"{source} holds {src.vectors.shape[1]}-d vectors but {embedder.identity.model} makes "
                           f"{embedder.dim}-d ones: pass the --clip that produced them")
     opts = BuildOptions(batch_size=batch_size, workers=workers, index_factory=index_factory, resume=resume,
-                        append=append, overwrite=overwrite, limit=limit, progress=progress)
+                        append=append, overwrite=overwrite, limit=limit, progress=progress,
+                        batches_per_shard=checkpoint_every)
     return build_database(src, name, embedder, indexes, opts)
 
 

@@ -326,6 +326,7 @@ def _embed_source(source: Source, embedder: Embedder, opts: BuildOptions, work: 
             shard, vectors, rows, skipped, in_shard = shard + 1, [], [], [], 0
     if in_shard or shard == 0:
         _write_shard(work, shard, vectors, rows, skipped, next_index)
+        _fault(f"after-shard:{shard}")
     bar.close()
     return embedded
 

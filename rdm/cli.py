@@ -61,6 +61,8 @@ def main(ctx: click.Context, indexes: str | None) -> None:
 @click.option("--append", is_flag=True, help="add the source's new items to an existing database")
 @click.option("--overwrite", is_flag=True, help="rebuild an existing database")
 @click.option("--limit", type=click.IntRange(1), default=None, help="embed at most N items")
+@click.option("--checkpoint-every", default=16, show_default=True, type=click.IntRange(1),
+              help="batches between resumable checkpoints")
 @click.option("--split", default="train", show_default=True, help="dataset split (Hugging Face sources)")
 @click.option("--image-column", default=None, help="image column (Hugging Face sources)")
 @click.option("--caption-column", default=None, help="caption column (Hugging Face sources)")
@@ -68,11 +70,12 @@ def main(ctx: click.Context, indexes: str | None) -> None:
 @indexes_option
 @click.pass_context
 def build_index(ctx, source, name, clip, batch_size, workers, device, dtype, index_factory, resume, append, overwrite,
-                limit, split, image_column, caption_column, streaming, indexes):
+                limit, checkpoint_every, split, image_column, caption_column, streaming, indexes):
     """Embed SOURCE (a folder, a dataset or an embeddings file) into a named database."""
     report = api.build_index(source, name=name, clip=clip, indexes=_home(ctx, indexes), batch_size=batch_size,
                              workers=workers, device=device, dtype=dtype, index_factory=index_factory,
-                             resume=resume, append=append, overwrite=overwrite, limit=limit, split=split,
+                             resume=resume, append=append, overwrite=overwrite, limit=limit,
+                             checkpoint_every=checkpoint_every, split=split,
                              image_column=image_column, caption_column=caption_column, streaming=streaming)
     click.echo(api.format_report(report))
 
@@ -140,6 +143,111 @@ def remove(ctx, db, ids, where, indexes):
     """Remove items by id or metadata filter (takedowns), without re-embedding."""
     removed, left = api.remove(db, list(ids), list(where), _home(ctx, indexes))
     click.echo(f"removed {len(removed)} item(s) from {db}; {left} left")
+
+
+# -- sampling ------------------------------------------------------------------------------------
+# rdm.generate imports diffusers (seconds); it is imported by the commands that sample, so that
+# `rdm list` and friends stay quick.
+MODEL_HELP = "rdm model folder (default: $RDM_MODEL)"
+DB_HELP = "database NAME or NAME:WEIGHT (repeatable: neighbours are drawn in proportion); none: the query alone"
+
+
+def sampling_options(f):
+    """Options shared by `rdm sample` and `rdm compare`."""
+    options = [
+        click.option("--model", default=None, help=MODEL_HELP),
+        click.option("-k", "k", type=click.IntRange(0), default=None, help="neighbours per query (default: the model's)"),
+        click.option("-n", "num_images", type=click.IntRange(1), default=1, show_default=True,
+                     help="images per prompt (seeds SEED, SEED+1, ...)"),
+        click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="denoising steps"),
+        click.option("--guidance", type=float, default=5.0, show_default=True, help="classifier-free guidance scale"),
+        click.option("--scheduler", default=None, help="ddim (default, as CompVis), dpm++, euler, ... or a diffusers "
+                     "scheduler class"),
+        click.option("--seed", type=click.IntRange(0), default=None, help="seed of the first image (default: random)"),
+        click.option("--where", "where", multiple=True, help="COLUMN=VALUE filter applied inside the search"),
+        click.option("--height", type=click.IntRange(1), default=None, help="pixels (default: the model's size)"),
+        click.option("--width", type=click.IntRange(1), default=None, help="pixels (default: the model's size)"),
+        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)"),
+        click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 "
+                     "on CPU)"),
+        click.option("--quiet", is_flag=True, help="no progress bar"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _sample_options(k, num_images, steps, guidance, scheduler, seed, where, height, width, quiet):
+    from .generate import SampleOptions
+
+    return SampleOptions(k=k, num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
+                         where=tuple(where), height=height, width=width, progress=not quiet)
+
+
+@main.command()
+@click.argument("prompt", required=False)
+@click.option("--db", "dbs", multiple=True, help=DB_HELP)
+@click.option("--image", "image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="query by image instead of a prompt")
+@click.option("--ref", "refs", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="reference image used directly as a neighbour (repeatable; no database)")
+@click.option("--out", type=click.Path(file_okay=False), default="outputs", show_default=True,
+              help="folder for the PNGs, their provenance JSON and the grid")
+@sampling_options
+@indexes_option
+@click.pass_context
+def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guidance, scheduler, seed, where, height,
+           width, device, dtype, quiet, indexes):
+    """Generate images for PROMPT, conditioned on its neighbours in the --db databases."""
+    from . import generate
+
+    options = _sample_options(k, num_images, steps, guidance, scheduler, seed, where, height, width, quiet)
+    result = generate.sample(prompt, model=model, databases=list(dbs), options=options, image=image, refs=list(refs),
+                             out=out, indexes=_home(ctx, indexes), device=device, dtype=dtype)
+    for png, record in zip(result.images, result.records):
+        click.echo(f"{png}  (seed {record['seed']}, {len(record['neighbours'])} neighbours)")
+    for note in result.records[0]["warnings"]:
+        click.echo(f"warning: {note}", err=True)
+    click.echo(f"grid: {result.grid}")
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--db", "dbs", multiple=True, required=True, help="a database per grid row (repeatable); none: a row "
+              "without retrieval")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="grid PNG (default: outputs/compare-PROMPT-SEED.png); the provenance JSON goes beside it")
+@sampling_options
+@indexes_option
+@click.pass_context
+def compare(ctx, prompt, dbs, out, model, k, num_images, steps, guidance, scheduler, seed, where, height, width,
+            device, dtype, quiet, indexes):
+    """Sample PROMPT with the same seeds and model once per --db, in one labelled grid."""
+    from . import generate
+
+    options = _sample_options(k, num_images, steps, guidance, scheduler, seed, where, height, width, quiet)
+    grid_path, provenance = generate.compare(prompt, list(dbs), model=model, options=options, out=out,
+                                             indexes=_home(ctx, indexes), device=device, dtype=dtype)
+    click.echo(f"grid: {grid_path}\nprovenance: {provenance}")
+
+
+@main.command()
+@click.argument("ckpt", type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "config", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="the checkpoint's CompVis config.yaml")
+@click.option("--clip", "clip", default="ViT-L-14:openai", show_default=True,
+              help="the CLIP the model was trained with (its identity is recorded in the model)")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="model folder to write")
+@click.option("--no-ema", "no_ema", is_flag=True, help="use the raw U-Net weights instead of the EMA copies")
+@click.option("-k", "k", type=click.IntRange(0), default=4, show_default=True, help="default neighbours per query")
+def convert(ckpt, config, clip, out, no_ema, k):
+    """Convert a CompVis RDM checkpoint (CKPT + config.yaml) into an rdm model folder (nothing in it is executed)."""
+    from . import generate
+
+    result = generate.convert(ckpt, config, clip, out, ema=not no_ema, k=k)
+    if result.note:
+        click.echo(result.note, err=True)
+    click.echo(f"model folder: {result.path}  (embedder {result.embedder['model']}, dim {result.embedder['dim']})")
 
 
 if __name__ == "__main__":  # pragma: no cover

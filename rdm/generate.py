@@ -1,0 +1,269 @@
+"""What `rdm sample`, `rdm compare` and `rdm convert` do, as functions a notebook can call too.
+
+They load a model folder into an RDMPipeline, sample, and write what a person wants to keep: the
+PNGs, a provenance JSON beside each (same stem), and labelled grids (rdm.sheets) that show which
+neighbours conditioned which images.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import diffusers
+import torch
+from PIL import Image
+
+from . import api
+from .conditioning import parse_database_spec
+from .convert.compvis import convert_compvis_checkpoint
+from .embedder import _parse_dtype
+from .errors import EmbedderUnavailable, RDMError
+from .modelformat import RDMConfig, read_rdm_config
+from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, RDMPipeline
+from .provenance import write_json
+from .sheets import grid
+
+MODEL_ENV = "RDM_MODEL"  # model folder used when --model is not given
+NO_DATABASE = "none"  # --db none: condition on the query alone
+GRID_TILE = 160  # pixels per grid tile
+
+
+@dataclass
+class SampleOptions:
+    """How to sample; shared by `rdm sample` and `rdm compare`."""
+
+    k: int | None = None  # neighbours per query (default: the model's rdm_config.k)
+    num_images: int = 1  # images per prompt; image i gets seed + i
+    steps: int = DEFAULT_STEPS  # denoising steps
+    guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale
+    scheduler: str | None = None  # None: the model's (CompVis DDIM); "dpm++", "euler", ... or a diffusers class
+    seed: int | None = None  # first image's seed; drawn at random (and recorded) when None
+    where: tuple[str, ...] = ()  # COLUMN=VALUE filters applied inside each search
+    height: int | None = None  # pixels (default: the model's resolution)
+    width: int | None = None  # pixels (default: the model's resolution)
+    progress: bool = True  # show a progress bar over the denoising steps
+
+
+@dataclass
+class SampleResult:
+    """Files written by `sample`."""
+
+    images: list[Path]  # one PNG per image
+    provenance: list[Path]  # one JSON per image, same stem
+    grid: Path  # neighbours beside the samples
+    records: list[dict] = field(default_factory=list)  # the provenance records themselves
+
+
+@dataclass
+class ConvertResult:
+    """What `convert` produced."""
+
+    path: Path  # the model folder
+    embedder: dict  # the embedder identity recorded in rdm_config.json
+    note: str | None = None  # set when the CLIP could not be loaded and only its id and dim were recorded
+
+
+# --- Models and databases --------------------------------------------------------------------------
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """The model folder: the argument, else $RDM_MODEL; a clear error when neither is given."""
+    chosen = model or os.environ.get(MODEL_ENV)
+    if not chosen:
+        raise RDMError(f"no model given: pass --model PATH or set ${MODEL_ENV} to an rdm model folder "
+                       "(make one from a CompVis checkpoint with `rdm convert CKPT --config YAML --clip ID --out DIR`)")
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        raise RDMError(f"model folder not found: {path}")
+    return path
+
+
+def default_device(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """CUDA in float16 when present, else CPU in float32 (bf16 on CPU is slower here, see scripts/bench_sampling.py)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype in (None, "auto"):
+        return dev, torch.float16 if dev.type == "cuda" else torch.float32
+    return dev, _parse_dtype(dtype)
+
+
+def load_pipeline(model: str | os.PathLike | None, device: str | None = None, dtype: str | None = None,
+                  progress: bool = True) -> RDMPipeline:
+    """An RDMPipeline for a model folder on the default (or given) device and dtype."""
+    path = resolve_model(model)
+    dev, dt = default_device(device, dtype)
+    was_enabled = diffusers.utils.logging.is_progress_bar_enabled()
+    diffusers.utils.logging.disable_progress_bar()  # no "Loading pipeline components" bar for three parts
+    try:
+        pipe = RDMPipeline.from_pretrained(path, dtype=dt)
+    finally:
+        if was_enabled:
+            diffusers.utils.logging.enable_progress_bar()
+    pipe.set_progress_bar_config(disable=not progress, leave=False)
+    return pipe.to(dev)
+
+
+def parse_databases(specs: Sequence[str]) -> list[tuple[str, float]]:
+    """--db values -> [(name, weight)]; [] for `--db none` (the query alone)."""
+    specs = list(specs)
+    if any(s.strip().lower() == NO_DATABASE for s in specs):
+        if len(specs) > 1:
+            raise RDMError("--db none conditions on the query alone; it cannot be combined with other databases")
+        return []
+    return [parse_database_spec(s) for s in specs]
+
+
+# --- Files -----------------------------------------------------------------------------------------
+
+def slug(text: str, max_len: int = 40) -> str:
+    """A file-name-safe, lower-case rendering of a prompt ('A cat, at dusk!' -> 'a-cat-at-dusk')."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:max_len].rstrip("-") or "sample"
+
+
+def free_stem(folder: Path, stem: str, suffixes: Sequence[str] = (".png", ".json")) -> str:
+    """`stem`, or `stem-2`, `stem-3` ... so that no existing file is overwritten."""
+    candidate, n = stem, 1
+    while any((folder / f"{candidate}{s}").exists() for s in suffixes):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
+def save_png(image: Image.Image, path: Path) -> Path:
+    """Save a PNG atomically (temp file, then os.replace)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
+
+
+def neighbour_tiles(hits: Sequence[dict], limit: int | None = None) -> list[tuple[str | None, str]]:
+    """Grid tiles (image path, caption) of the neighbours that conditioned an image."""
+    tiles = []
+    for h in list(hits)[:limit]:
+        label = h.get("id") or Path(str(h.get("ref", ""))).name
+        score = h.get("score")
+        tiles.append((h.get("path") or h.get("ref"), (f"{score:.3f} " if isinstance(score, float) else "") + str(label)))
+    return tiles
+
+
+def _query_label(prompt: str | None, image: str | None) -> str:
+    return prompt if prompt else f"image {Path(image).name}" if image else "refs"
+
+
+def _describe_databases(databases: Sequence[tuple[str, float]], refs: Sequence[str]) -> str:
+    if refs:
+        return f"refs: {len(refs)} image(s)"
+    if not databases:
+        return "no database"
+    return ", ".join(name if weight == 1.0 else f"{name}:{weight:g}" for name, weight in databases)
+
+
+def _run(pipe: RDMPipeline, prompt: str | None, databases: list[tuple[str, float]], options: SampleOptions,
+         image: str | None, refs: Sequence[str], indexes: str | None):
+    """One pipeline call with the options; returns the PIL images and their provenance dicts."""
+    out = pipe(prompt=prompt, image=image, refs=list(refs) or None, databases=databases or None,
+               where=list(options.where) or None, k=options.k, num_images_per_prompt=options.num_images,
+               num_inference_steps=options.steps, guidance_scale=options.guidance, scheduler=options.scheduler,
+               seed=options.seed, height=options.height, width=options.width, output_type="pil", indexes=indexes)
+    return out.images, [p.to_dict() for p in out.provenance]
+
+
+# --- Commands --------------------------------------------------------------------------------------
+
+def sample(prompt: str | None, model: str | None = None, databases: Sequence[str] = (),
+           options: SampleOptions = SampleOptions(), image: str | None = None, refs: Sequence[str] = (),
+           out: str | os.PathLike = "outputs", indexes: str | None = None, device: str | None = None,
+           dtype: str | None = None) -> SampleResult:
+    """`rdm sample`: images for a prompt (or image query), PNG + provenance JSON each, and a grid."""
+    # 1. Check what was asked for before loading anything heavy
+    if not databases and not refs:
+        raise RDMError("give --db NAME (repeatable, NAME:WEIGHT to weigh several), --db none for the query "
+                       "alone, or --ref IMAGE")
+    dbs = parse_databases(databases) if databases else []
+    if refs and dbs:
+        raise RDMError("--ref images are the neighbours themselves; leave out --db (or pass --db none)")
+    if options.seed is None:
+        options = replace(options, seed=secrets.randbelow(2**31 - options.num_images))
+
+    # 2. Sample
+    pipe = load_pipeline(model, device, dtype, options.progress)
+    images, records = _run(pipe, prompt, dbs, options, image, refs, indexes)
+
+    # 3. Write each image with its provenance, then the grid
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = slug(prompt) if prompt else slug(Path(image).stem) if image else "refs"
+    pngs, jsons = [], []
+    for im, record in zip(images, records):
+        stem = free_stem(folder, f"{base}-{record['seed']}")
+        pngs.append(save_png(im, folder / f"{stem}.png"))
+        jsons.append(write_json(folder / f"{stem}.json", record))
+    row = neighbour_tiles(records[0]["neighbours"]) + [(im, f"seed {r['seed']}") for im, r in zip(images, records)]
+    label = f"{_query_label(prompt, image)}\n{_describe_databases(dbs, refs)}"
+    sheet = grid([row], row_labels=[label], title=f"rdm sample: {_query_label(prompt, image)}", size=GRID_TILE)
+    grid_path = save_png(sheet, folder / f"{free_stem(folder, f'{base}-{options.seed}-grid', ('.png',))}.png")
+    return SampleResult(pngs, jsons, grid_path, records)
+
+
+def compare(prompt: str, databases: Sequence[str], model: str | None = None,
+            options: SampleOptions = SampleOptions(), out: str | os.PathLike | None = None,
+            indexes: str | None = None, device: str | None = None, dtype: str | None = None) -> tuple[Path, Path]:
+    """`rdm compare`: the same prompt, seeds and model with each database, one grid row per database."""
+    if not databases:
+        raise RDMError("give at least one --db to compare (--db none adds a row without retrieval)")
+    rows_specs = [parse_databases([spec]) for spec in databases]  # each --db is one row
+    if options.seed is None:
+        options = replace(options, seed=secrets.randbelow(2**31 - options.num_images))
+    out = Path(out) if out else Path("outputs") / f"compare-{slug(prompt)}-{options.seed}.png"
+    if out.suffix.lower() != ".png":
+        raise RDMError(f"--out must name a .png file, got {out}")
+
+    pipe = load_pipeline(model, device, dtype, options.progress)
+    tiles, labels, rows = [], [], []
+    for spec, dbs in zip(databases, rows_specs):
+        images, records = _run(pipe, prompt, dbs, options, None, (), indexes)
+        k = len(records[0]["neighbours"])
+        tiles.append(neighbour_tiles(records[0]["neighbours"])
+                     + [(im, f"seed {r['seed']}") for im, r in zip(images, records)])
+        fingerprints = " ".join((d.get("fingerprint") or "")[:8] for d in records[0]["databases"])
+        labels.append(f"{_describe_databases(dbs, ())}\n{fingerprints}\nk={k}")
+        rows.append({"db": spec, "images": records})
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet = grid(tiles, row_labels=labels, title=f"rdm compare: {prompt}", size=GRID_TILE)
+    save_png(sheet, out)
+    provenance = write_json(out.with_suffix(".json"), {
+        "format": "rdm-compare", "prompt": prompt, "seeds": [options.seed + i for i in range(options.num_images)],
+        "model": rows[0]["images"][0]["model"], "rows": rows})
+    return out, provenance
+
+
+def record_embedder(model_dir: Path, identity: dict) -> RDMConfig:
+    """Rewrite rdm_config.json with the embedder's full identity (weights checksum, preprocessing)."""
+    config = replace(read_rdm_config(model_dir), embedder=dict(identity))
+    write_json(model_dir / "rdm_config.json", config.to_dict())
+    return config
+
+
+def convert(ckpt: str | os.PathLike, config: str | os.PathLike, clip: str, out: str | os.PathLike, ema: bool = True,
+            k: int = 4) -> ConvertResult:
+    """`rdm convert`: a CompVis checkpoint -> an rdm model folder that records which CLIP it expects."""
+    # 1. Identify the CLIP (its weights checksum is what databases are checked against)
+    identity, note = None, None
+    try:
+        identity = api.load_embedder(clip, "cpu", "float32").identity.to_dict()
+    except EmbedderUnavailable as e:
+        note = (f"note: CLIP {clip} could not be loaded here ({str(e).splitlines()[0]}); the model records only "
+                "its id and dimension, so databases are matched by model id instead of weights checksum")
+    # 2. Convert (reads the checkpoint without running anything from its pickle)
+    path = convert_compvis_checkpoint(ckpt, config, out, clip=identity["model"] if identity else clip,
+                                      clip_dim=identity["dim"] if identity else None, ema=ema, k=k)
+    # 3. Record the full identity
+    if identity is not None:
+        record_embedder(path, identity)
+    return ConvertResult(path=path, embedder=read_rdm_config(path).embedder, note=note)

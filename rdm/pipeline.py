@@ -1,0 +1,476 @@
+"""RDMPipeline: retrieval-augmented latent diffusion as a diffusers pipeline.
+
+    pipe = RDMPipeline.from_pretrained("models/rdm768")               # an rdm model folder (rdm.modelformat)
+    out = pipe("a lighthouse at dusk", databases="artbench-ukiyo_e", seed=1)
+    out.images[0].save("lighthouse.png"); out.provenance[0]           # what made it
+
+The query (a prompt's or an image's CLIP embedding) retrieves k neighbours from one or several
+databases; [query, neighbours] are the U-Net's cross-attention context (rdm.conditioning), and DDIM
+with classifier-free guidance denoises from seeded noise exactly as CompVis `scripts/knn2img.py` does
+(the converted scheduler config reproduces `ldm/models/diffusion/ddim.py`; tests/test_pipeline.py
+checks it against the original code's outputs).
+
+Loading: diffusers' `DiffusionPipeline.from_pretrained` reads model_index.json (`_class_name`
+"RDMPipeline", vae [null, null] for pixel-space models: `vae` is an optional component) and loads
+unet, vae and scheduler; `RDMPipeline.from_pretrained` adds what diffusers does not know about,
+rdm_config.json and the learned null context. `save_pretrained` writes the same folder format.
+The CLIP embedder is loaded lazily, from the id the model records, on first use.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from safetensors.torch import load_file
+
+from . import conditioning as cond
+from .decode import DecodeOptions, Undecodable, decode_image
+from .embedder import Embedder
+from .errors import RDMError
+from .modelformat import NULL_CONTEXT_NAME, RDMConfig, model_fingerprint, read_rdm_config, save_model_folder
+from .provenance import Provenance, scheduler_record
+
+DEFAULT_STEPS = 50  # CompVis knn2img.py --ddim_steps
+DEFAULT_GUIDANCE = 5.0  # CompVis knn2img.py --scale
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Scheduler names a user may type -> (diffusers class name, config overrides).
+SCHEDULER_ALIASES = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),  # CompVis PLMSSampler
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+
+ImageInput = Image.Image | str | Path
+
+
+@dataclass
+class RDMPipelineOutput(BaseOutput):
+    """What RDMPipeline returns: the images and, for each, what made it."""
+
+    images: Any  # list of PIL images | np (B, H, W, 3) in [0, 1] | torch (B, 3, H, W) in [0, 1] | latents
+    provenance: list  # one rdm.provenance.Provenance per image
+    latents: torch.Tensor  # (B, C, h, w) final latents, as the U-Net sees them (before / scale_factor)
+
+
+# --- Small helpers ---------------------------------------------------------------------------------
+
+def make_scheduler(name: str | None, base: SchedulerMixin) -> SchedulerMixin:
+    """The scheduler to sample with: `base` (the model's, CompVis DDIM once converted) or one built from its config."""
+    if name is None:
+        return base
+    class_name, overrides = SCHEDULER_ALIASES.get(name.lower(), (name, {}))
+    compatible = {c.__name__: c for c in base.compatibles}
+    if class_name not in compatible:
+        raise RDMError(f"unknown scheduler '{name}'; use one of {', '.join(SCHEDULER_ALIASES)} or a diffusers class "
+                       f"compatible with {type(base).__name__}: {', '.join(sorted(compatible))}")
+    if type(base).__name__ == class_name and not overrides:
+        return base
+    return compatible[class_name].from_config(base.config, **overrides)
+
+
+def as_list(x: Any) -> list:
+    """None -> [], a single item -> [item], a list or tuple -> list."""
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def load_images(images: Sequence[ImageInput]) -> tuple[list[Image.Image], list[str]]:
+    """PIL images (paths decoded like database items) and a label for each."""
+    out, labels = [], []
+    for i, im in enumerate(images):
+        if isinstance(im, Image.Image):
+            out.append(im.convert("RGB"))
+            labels.append(getattr(im, "filename", "") or f"image[{i}]")
+            continue
+        try:
+            out.append(decode_image(str(im), DecodeOptions()))
+        except Undecodable as e:
+            raise RDMError(f"cannot read image {im}: {e.reason} ({e.detail})") from None
+        labels.append(str(im))
+    return out, labels
+
+
+def to_output(images: torch.Tensor, output_type: str):
+    """(B, 3, H, W) in [0, 1] -> PIL list (rounded to 8 bits) | np (B, H, W, 3) | torch, all float32."""
+    images = images.float()
+    if output_type == "pt":
+        return images
+    array = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    return array if output_type == "np" else DiffusionPipeline.numpy_to_pil(array)
+
+
+# --- The pipeline ----------------------------------------------------------------------------------
+
+class RDMPipeline(DiffusionPipeline):
+    """Retrieval-augmented diffusion: prompt or image -> neighbours from databases -> denoised image."""
+
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
+
+    def __init__(self, unet: UNet2DConditionModel, scheduler: SchedulerMixin, vae: AutoencoderKL | None = None,
+                 rdm_config: RDMConfig | None = None, null_context: torch.Tensor | None = None,
+                 embedder: Embedder | None = None):
+        super().__init__()
+        if rdm_config is None:
+            raise RDMError("RDMPipeline needs the model's RDMConfig (rdm_config.json); load a model folder with "
+                           "RDMPipeline.from_pretrained(PATH)")
+        self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
+        self.rdm_config = rdm_config
+        self.null_context = null_context  # (T, D) when rdm_config.unconditional == "learned"
+        self._embedder = embedder
+        self._folder: Path | None = None
+        self._fingerprint: str | None = None
+
+    # -- loading and saving ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, embedder: Embedder | None = None,
+                        **kwargs) -> "RDMPipeline":
+        """Load an rdm model folder (or a hub repo holding one); kwargs go to DiffusionPipeline.from_pretrained."""
+        folder = Path(pretrained_model_name_or_path).expanduser()
+        if not folder.is_dir():
+            folder = _download(str(pretrained_model_name_or_path), kwargs)
+        config = read_rdm_config(folder)
+        null_context = None
+        if config.unconditional == "learned":
+            if not (folder / NULL_CONTEXT_NAME).is_file():
+                raise RDMError(f"model folder {folder} is incomplete: missing {NULL_CONTEXT_NAME}")
+            null_context = load_file(str(folder / NULL_CONTEXT_NAME))["null_context"]
+        try:
+            pipe = super().from_pretrained(folder, rdm_config=config, null_context=null_context, embedder=embedder,
+                                           **kwargs)
+        except (OSError, ValueError) as e:
+            raise RDMError(f"cannot load the model folder {folder}: {e}") from e
+        pipe._folder = folder.resolve()
+        return pipe
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, **kwargs) -> None:
+        """Write an rdm model folder (diffusers' layout plus rdm_config.json), replacing what is there."""
+        if not safe_serialization or kwargs:
+            raise RDMError(f"rdm model folders hold safetensors only; unsupported options: "
+                           f"{', '.join(['safe_serialization=False'] * (not safe_serialization) + list(kwargs))}")
+        save_model_folder(save_directory, self.unet, self.vae, self.scheduler, self.rdm_config, self.null_context,
+                          overwrite=True)
+
+    # -- properties -----------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent along each side: 2 ** (autoencoder levels - 1); 1 in pixel space."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    @property
+    def name_or_path(self) -> str | None:
+        return str(self._folder) if self._folder else self.config.get("_name_or_path")
+
+    @property
+    def fingerprint(self) -> str | None:
+        """sha256 of the model folder's weights (rdm.modelformat.model_fingerprint); None if not loaded from one."""
+        if self._fingerprint is None and self._folder is not None:
+            self._fingerprint = model_fingerprint(self._folder)
+        return self._fingerprint
+
+    @property
+    def embedder(self) -> Embedder:
+        """The CLIP the model was trained with, loaded on first use from the id in rdm_config.json."""
+        if self._embedder is None:
+            from .api import load_embedder  # the CLIP is only needed for text/image queries and refs
+
+            device = self._execution_device
+            emb = load_embedder(self.rdm_config.embedder["model"], str(device),
+                                "float32" if device.type == "cpu" else "auto")
+            self.embedder = emb
+        return self._embedder
+
+    @embedder.setter
+    def embedder(self, emb: Embedder) -> None:
+        expected = self.rdm_config.embedder
+        if not cond.same_embedder(expected, emb.identity.to_dict()):
+            raise RDMError(f"the model was trained with {cond.describe_embedder(expected)}, but the embedder is "
+                           f"{cond.describe_embedder(emb.identity.to_dict())}")
+        self._embedder = emb
+
+    # -- steps of __call__ ----------------------------------------------------------------------------
+    def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width), the model's native resolution by default; each a multiple of the VAE factor."""
+        height = self.rdm_config.resolution if height is None else height
+        width = self.rdm_config.resolution if width is None else width
+        f = self.vae_scale_factor
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, int) or v <= 0 or v % f:
+                nearest = max(f, round(v / f) * f) if isinstance(v, (int, float)) and v > 0 else f
+                raise RDMError(f"{name} {v} is not a positive multiple of {f} (the autoencoder's downsampling "
+                               f"factor); use e.g. {nearest}")
+        return height, width
+
+    def encode_query(self, prompts: list[str], images: list[ImageInput]) -> tuple[torch.Tensor, list[dict]]:
+        """Prompts or images -> (P, D) CLIP unit vectors, with a provenance record for each query."""
+        if prompts:
+            return torch.from_numpy(self.embedder.encode_text(prompts)), [{"prompt": p} for p in prompts]
+        pil, labels = load_images(images)
+        return torch.from_numpy(self.embedder.encode_images(pil)), [{"image": label} for label in labels]
+
+    def sources(self, databases, indexes=None) -> list[tuple[Any, float]]:
+        """(retriever, weight) pairs from a name, 'name:weight', a Database/Retriever, or a list of those or of pairs."""
+        from .database import Database
+
+        items = databases if isinstance(databases, list) else [databases]
+        out = []
+        for item in items:
+            db, weight = item if isinstance(item, tuple) else (item, None)
+            if isinstance(db, (str, Path)):
+                name, parsed = cond.parse_database_spec(str(db))
+                db, weight = Database.open(name, indexes), parsed if weight is None else weight
+            if not hasattr(db, "search"):
+                raise RDMError(f"not a database: {db!r} (give a name, a Database or a (database, weight) pair)")
+            cond.check_embedder(self.rdm_config.embedder, db.identity.to_dict(), getattr(db, "name", repr(db)))
+            out.append((db, 1.0 if weight is None else float(weight)))
+        return out
+
+    def prepare_latents(self, batch: int, height: int, width: int, generator, latents: torch.Tensor | None,
+                        device, dtype) -> torch.Tensor:
+        """Initial noise (B, C, h, w): given, or drawn in float32 from the generator(s) on their device (randn_tensor)."""
+        shape = (batch, self.rdm_config.latent_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise RDMError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        else:
+            latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]: decode(z / scale_factor), then (x + 1) / 2 clamped."""
+        if self.vae is None:
+            x = latents
+        else:
+            x = self.vae.decode(latents.to(self.vae.dtype) / self.rdm_config.latent_scale_factor).sample
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    # -- sampling -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: ImageInput | list[ImageInput] | None = None,
+        refs: list[ImageInput] | None = None,
+        databases: Any = None,
+        where: dict | list[str] | None = None,
+        k: int | None = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        scheduler: str | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | list[int] | None = None,
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        output_type: str = "pil",
+        query_embeds: torch.Tensor | np.ndarray | None = None,
+        neighbor_embeds: torch.Tensor | np.ndarray | None = None,
+        indexes: str | Path | None = None,
+        callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        return_dict: bool = True,
+    ) -> RDMPipelineOutput | tuple:
+        """Generate images conditioned on a query and its neighbours.
+
+        Args:
+            prompt: text query (or one per batch row); its CLIP text embedding is the query.
+            image: image query (PIL or path, or a list); its CLIP image embedding is the query.
+            refs: images used directly as every query's neighbours (no database).
+            databases: None (the query alone), a name, "name:weight", a Database (any Retriever), or a list of
+                those or of (database, weight) pairs: k neighbours are drawn from each in proportion.
+            where: metadata filters applied inside each search ({"style": "neon"} or ["style=neon"]).
+            k: neighbours per query (default: the model's rdm_config.k).
+            num_images_per_prompt: images per query, each with its own seed.
+            num_inference_steps, guidance_scale, eta: sampler settings (CompVis: 50, 5.0, 0.0).
+            scheduler: None (the model's scheduler, CompVis DDIM once converted), "dpm++", an alias in
+                SCHEDULER_ALIASES or a compatible diffusers scheduler class name.
+            generator / seed: noise source; seed s gives image i the seed s + i. Without either a seed is drawn
+                from torch's global RNG and recorded.
+            latents: initial noise (B, C, h, w) instead of drawing it.
+            height, width: pixels, multiples of the autoencoder factor (default: the model's resolution).
+            output_type: "pil", "np" (B, H, W, 3), "pt" (B, 3, H, W), all in [0, 1], or "latent".
+            query_embeds: (P, D) query embeddings instead of a prompt or image.
+            neighbor_embeds: (P, k, D) neighbour embeddings instead of retrieval.
+            indexes: home of the databases named in `databases` (default $RDM_INDEXES or ./indexes).
+            callback: called as callback(step, timestep, latents) after each denoising step.
+        """
+        # 1. Check inputs
+        prompts, images, ref_images = as_list(prompt), as_list(image), as_list(refs)
+        if prompt is not None and not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+            raise RDMError("empty prompt: give some text, or query by --image")
+        given = [name for name, present in (("prompt", prompts), ("image", images),
+                                            ("query_embeds", query_embeds is not None)) if present]
+        retrieval = [name for name, present in (("databases", databases not in (None, [])), ("refs", ref_images),
+                                                ("neighbor_embeds", neighbor_embeds is not None)) if present]
+        if len(given) > 1:
+            raise RDMError(f"give one kind of query, not {' and '.join(given)}")
+        if not given and not retrieval:
+            raise RDMError("nothing to condition on: give a prompt, an image or query_embeds")
+        if len(retrieval) > 1:
+            raise RDMError(f"give neighbours one way, not {' and '.join(retrieval)}")
+        if output_type not in OUTPUT_TYPES:
+            raise RDMError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if num_images_per_prompt < 1 or num_inference_steps < 1:
+            raise RDMError("num_images_per_prompt and num_inference_steps must be at least 1")
+        k = self.rdm_config.k if k is None else k
+        if k < 0:
+            raise RDMError(f"k must be >= 0, got {k}")
+        height, width = self.check_size(height, width)
+        sampler = make_scheduler(scheduler, self.scheduler)
+        sources = self.sources(databases, indexes) if "databases" in retrieval else []
+        device, dtype = self._execution_device, self.unet.dtype
+        dim = self.rdm_config.embedding_dim
+
+        # 2. Encode the query: (P, D) from text, an image, or given embeddings
+        if query_embeds is not None:
+            query = torch.as_tensor(query_embeds, dtype=torch.float32).cpu()
+            queries = [{"embedding": True} for _ in range(len(query))]
+        elif prompts or images:
+            query, queries = self.encode_query(prompts, images)
+        else:  # a model conditioned on neighbours alone (query_token=False)
+            count = len(neighbor_embeds) if neighbor_embeds is not None else 1
+            query, queries = None, [{"neighbours_only": True} for _ in range(count)]
+        if query is not None and (query.dim() != 2 or query.shape[1] != dim):
+            raise RDMError(f"query embeddings must be (P, {dim}), got {tuple(query.shape)}")
+
+        # 3. Neighbours: (P, k, D) retrieved from the databases, embedded refs, or given
+        n_queries = len(queries)
+        if sources:
+            neighbours = cond.retrieve(query.numpy(), sources, k, where)
+        elif ref_images:
+            pil, labels = load_images(ref_images)
+            neighbours = cond.reference_neighbours(None if query is None else query.numpy(),
+                                                   self.embedder.encode_images(pil), labels)
+        elif neighbor_embeds is not None:
+            given_n = torch.as_tensor(neighbor_embeds, dtype=torch.float32).cpu().numpy()
+            if given_n.ndim != 3 or given_n.shape[0] != n_queries or given_n.shape[2] != dim:
+                raise RDMError(f"neighbor_embeds must be ({n_queries}, k, {dim}), got {tuple(given_n.shape)}")
+            neighbours = cond.Neighbours(given_n, np.full(given_n.shape[:2], np.nan, np.float32),
+                                         [[] for _ in range(n_queries)])
+        else:
+            neighbours = cond.Neighbours(np.zeros((n_queries, 0, dim), np.float32), np.zeros((n_queries, 0), np.float32),
+                                         [[] for _ in range(n_queries)])
+        if neighbours.embeddings.shape[0] == 1 and n_queries > 1:  # refs without a query: the same for all
+            neighbours = neighbours.repeat(n_queries)
+
+        # 4. Context tokens (B, T, D) for each image, and the unconditional context of the same shape
+        n = num_images_per_prompt
+        batch = n_queries * n
+        per_image = neighbours.repeat(n)
+        query_b = None if query is None else query.repeat_interleave(n, dim=0)  # (B, D)
+        context = cond.build_context(query_b, torch.from_numpy(per_image.embeddings), self.rdm_config.query_token)
+        context = context.to(device=device, dtype=dtype)  # (B, T, D)
+        do_guidance = guidance_scale != 1.0  # CompVis knn2img.py: `if opt.scale != 1.0: uc = zeros_like(c)`
+        if do_guidance:
+            uncond = cond.unconditional_context(context, self.rdm_config.unconditional, self.null_context)
+            context = torch.cat([uncond, context])  # (2B, T, D): unconditional first
+
+        # 5. Prepare timesteps
+        sampler.set_timesteps(num_inference_steps, device=device)
+        timesteps = sampler.timesteps
+
+        # 6. Prepare the initial latents (B, C, h, w): one CPU generator per image seed
+        seeds = image_seeds(batch, seed, generator, latents)
+        if seeds is not None:
+            generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        latents = self.prepare_latents(batch, height, width, generator, latents, device, dtype)
+
+        # 7. Denoising loop: one batched U-Net call per step, guidance eps_u + s * (eps_c - eps_u)
+        step_kwargs = _step_kwargs(sampler, eta, generator)
+        with self.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                x = torch.cat([latents, latents]) if do_guidance else latents  # (2B, C, h, w)
+                x = sampler.scale_model_input(x, t)
+                eps = self.unet(x, t, encoder_hidden_states=context).sample
+                if do_guidance:
+                    eps_u, eps_c = eps.chunk(2)
+                    eps = cond.guided_noise(eps_u, eps_c, guidance_scale)
+                latents = sampler.step(eps, t, latents, **step_kwargs).prev_sample
+                if callback is not None:
+                    callback(i, int(t), latents)
+                bar.update()
+
+        # 8. Decode and convert
+        images = latents if output_type == "latent" else to_output(self.decode_latents(latents), output_type)
+
+        # 9. Provenance, one record per image
+        model = {"name_or_path": self.name_or_path, "fingerprint": self.fingerprint,
+                 "embedder": self.rdm_config.embedder, "source": self.rdm_config.source}
+        records = [Provenance(
+            query=queries[b // n], seed=None if seeds is None else seeds[b], model=model,
+            databases=neighbours.drawn, neighbours=per_image.hits[b],
+            scheduler=scheduler_record(sampler, num_inference_steps, guidance_scale, eta),
+            size={"height": height, "width": width}, runtime={"device": str(device), "dtype": str(dtype)},
+            where=cond.parse_where(where) if sources else {}, k=None if neighbor_embeds is not None else
+            per_image.k, index=b, warnings=list(neighbours.notes)) for b in range(batch)]
+        if not return_dict:
+            return images, records
+        return RDMPipelineOutput(images=images, provenance=records, latents=latents)
+
+
+def image_seeds(batch: int, seed: int | Sequence[int] | None, generator, latents) -> list[int] | None:
+    """One seed per image: seed + i; drawn from torch's global RNG when nothing is given; None with a generator or latents."""
+    if seed is not None and (generator is not None or latents is not None):
+        raise RDMError("give a seed, a generator or latents, not several")
+    if isinstance(seed, int):
+        return [seed + i for i in range(batch)]
+    if seed is not None:
+        seeds = [int(s) for s in seed]
+        if len(seeds) != batch:
+            raise RDMError(f"{len(seeds)} seeds for {batch} images")
+        return seeds
+    if generator is None and latents is None:
+        base = int(torch.randint(0, 2**31 - batch, ()).item())  # recorded, so the image can be remade
+        return [base + i for i in range(batch)]
+    return None
+
+
+def _step_kwargs(scheduler: SchedulerMixin, eta: float, generator) -> dict:
+    """eta and generator for schedulers whose step() takes them (diffusers' prepare_extra_step_kwargs)."""
+    params = inspect.signature(scheduler.step).parameters
+    out = {}
+    if "eta" in params:
+        out["eta"] = eta
+    elif eta:
+        warnings.warn(f"{type(scheduler).__name__} has no eta; ignoring eta={eta}", stacklevel=3)
+    if "generator" in params and generator is not None:
+        out["generator"] = generator
+    return out
+
+
+def _download(repo_id: str, kwargs: dict) -> Path:
+    """A hub repository's snapshot folder (diffusers' own download does not know rdm_config.json)."""
+    import huggingface_hub
+
+    if repo_id.count("/") != 1 or Path(repo_id).exists():
+        raise RDMError(f"model folder not found: {repo_id}")
+    try:
+        return Path(huggingface_hub.snapshot_download(
+            repo_id, revision=kwargs.pop("revision", None), cache_dir=kwargs.pop("cache_dir", None),
+            local_files_only=bool(kwargs.pop("local_files_only", False)) or huggingface_hub.constants.HF_HUB_OFFLINE))
+    except Exception as e:  # offline, unknown repo, no access
+        raise RDMError(f"model folder not found: {repo_id} is not a local folder and could not be fetched from the "
+                       f"hub ({type(e).__name__}: {e})") from None
+
+
+__all__ = ["RDMPipeline", "RDMPipelineOutput", "make_scheduler", "SCHEDULER_ALIASES"]

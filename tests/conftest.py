@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny open_clip model in local-dir format, image folders, a databases home."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from imagezoo import base_picture, write_zoo  # noqa: E402
+
+from rdm.tiny import make_tiny_clip  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """Model id ('local-dir:PATH') of a random tiny open_clip model."""
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """(folder, good relative paths, {bad relative path: reason})."""
+    root = tmp_path_factory.mktemp("zoo")
+    good, bad = write_zoo(root)
+    return root, good, bad
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """An empty databases home, also set as $RDM_INDEXES."""
+    h = tmp_path / "indexes"
+    monkeypatch.setenv("RDM_INDEXES", str(h))
+    return h
+
+
+def make_folder(root: Path, n: int, seed: int = 100) -> list[str]:
+    """n distinct pictures as PNGs; returns their relative paths, sorted."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        name = f"img{i:03d}.png"
+        Image.fromarray(base_picture(seed + i)).save(root / name)
+        names.append(name)
+    return sorted(names)
+
+
+@pytest.fixture
+def pictures(tmp_path) -> tuple[Path, list[str]]:
+    root = tmp_path / "pictures"
+    return root, make_folder(root, 24)
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

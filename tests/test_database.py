@@ -1,0 +1,185 @@
+import json
+
+import numpy as np
+import pytest
+from conftest import make_folder
+
+from rdm import api, store
+from rdm.database import Database
+from rdm.errors import DatabaseBusy, DatabaseCorrupt, DatabaseError, RDMError
+from rdm.index import build_index, exact_topk, normalise, recall_at_k
+
+
+def build(source, name, clip, home, **kw):
+    kw.setdefault("workers", 0)
+    return api.build_index(str(source), name=name, clip=clip, indexes=str(home), progress=False, **kw)
+
+
+def test_every_item_is_its_own_nearest_neighbour(pictures, tiny_clip, home):
+    root, names = pictures
+    build(root, "pics", tiny_clip, home, batch_size=5)
+    db = Database.open("pics", home)
+    assert sorted(db.ids) == names
+    res = db.search(db.vectors, k=3)
+    assert [db.ids[r] for r in res.rows[:, 0]] == db.ids
+    assert np.allclose(res.scores[:, 0], 1.0, atol=1e-5)
+    # the neighbours come back with their exact stored vectors
+    assert np.array_equal(res.embeddings()[:, 0], db.vectors)
+
+
+def test_filters_apply_inside_the_search(tmp_path, tiny_clip, home):
+    root = tmp_path / "styled"
+    names = make_folder(root, 20)
+    rows = [{"file_name": n, "caption": f"picture {i}", "style": "neon" if i % 5 == 0 else "flat", "year": 1900 + i}
+            for i, n in enumerate(names)]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    build(root, "styled", tiny_clip, home)
+    db = Database.open("styled", home)
+    query = db.vectors[1:2]  # a flat item: its unfiltered top-4 holds few or no neon items
+    res = db.search(query, k=4, where=["style=neon"])
+    hits = res.hits(0)
+    assert len(hits) == 4 and all(h["style"] == "neon" for h in hits)
+    assert {h["id"] for h in hits} == {n for n, r in zip(names, rows) if r["style"] == "neon"}
+    # any of several values of one column; integer columns compare as text; captions kept
+    both = db.search(query, k=20, where={"style": ["neon", "flat"], "year": ["1901"]}).hits(0)
+    assert [h["id"] for h in both] == [names[1]] and both[0]["caption"] == "picture 1"
+    with pytest.raises(RDMError, match="no column 'colour'"):
+        db.search(query, k=2, where=["colour=red"])
+
+
+def test_k_larger_than_count_never_indexes_metadata_with_minus_one(pictures, tiny_clip, home):
+    root, names = pictures
+    build(root, "pics", tiny_clip, home)
+    db = Database.open("pics", home)
+    res = db.search(db.vectors[:2], k=len(names) + 5)
+    assert (res.rows[:, len(names):] == -1).all()
+    assert all(len(res.hits(q)) == len(names) for q in range(2))
+    assert np.isneginf(res.scores[:, len(names):]).all()
+    assert (res.embeddings()[:, len(names):] == 0).all()
+    filtered = db.search(db.vectors[:1], k=5, where=["id=" + names[3]])
+    assert [h["id"] for h in filtered.hits(0)] == [names[3]]
+
+
+def test_nan_and_dimension_mismatch_rejected(pictures, tiny_clip, home, tmp_path):
+    root, _ = pictures
+    build(root, "pics", tiny_clip, home)
+    db = Database.open("pics", home)
+    bad = db.vectors[:2].copy()
+    bad[1, 3] = np.nan
+    with pytest.raises(RDMError, match="NaN or Inf"):
+        db.search(bad, k=2)
+    with pytest.raises(RDMError, match="dimension mismatch"):
+        db.search(np.ones((1, 7), np.float32), k=2)
+    with pytest.raises(RDMError, match="NaN or Inf"):
+        db.add(bad, [{"id": "x"}, {"id": "y"}])
+    vectors = np.random.default_rng(0).standard_normal((10, 32)).astype(np.float32)
+    vectors[4] = np.inf
+    np.save(tmp_path / "vecs.npy", vectors)
+    with pytest.raises(RDMError, match="NaN or Inf"):
+        build(tmp_path / "vecs.npy", "vecs", tiny_clip, home)
+
+
+def test_corrupted_files_give_rebuild_message(pictures, tiny_clip, home):
+    root, _ = pictures
+    build(root, "pics", tiny_clip, home)
+    manifest = json.loads((home / "pics" / "manifest.json").read_text())
+    for kind in ("embeddings", "index", "metadata"):
+        path = home / "pics" / manifest["files"][kind]["name"]
+        original = path.read_bytes()
+        flipped = bytearray(original)
+        flipped[len(flipped) // 2] ^= 0xFF
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(DatabaseCorrupt, match="database pics is corrupt: .*rebuild it"):
+            Database.open("pics", home)
+        path.write_bytes(original)
+    Database.open("pics", home)
+    (home / "pics" / "manifest.json").write_text("{ not json")
+    with pytest.raises(DatabaseCorrupt, match="database pics is corrupt"):
+        Database.open("pics", home)
+
+
+def test_missing_database_lists_existing(pictures, tiny_clip, home):
+    root, _ = pictures
+    build(root, "pics", tiny_clip, home)
+    with pytest.raises(DatabaseError, match="no database 'nope'.*existing: pics"):
+        Database.open("nope", home)
+
+
+def test_concurrent_writer_is_refused(pictures, tiny_clip, home):
+    root, _ = pictures
+    with store.writer_lock(home / "pics", "pics"):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            err = pool.apply(_try_lock, (str(home / "pics"),))
+    assert "being written by pid" in err
+
+
+def _try_lock(path):
+    from pathlib import Path
+
+    try:
+        with store.writer_lock(Path(path), "pics"):
+            return "acquired"
+    except DatabaseBusy as e:
+        return str(e)
+
+
+def test_existing_database_needs_append_or_overwrite(pictures, tiny_clip, home):
+    root, _ = pictures
+    build(root, "pics", tiny_clip, home)
+    with pytest.raises(DatabaseError, match="already exists.*--append.*--overwrite"):
+        build(root, "pics", tiny_clip, home)
+    report = build(root, "pics", tiny_clip, home, overwrite=True)
+    assert report.total == 24
+
+
+def test_append_adds_only_new_items(tmp_path, tiny_clip, home):
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_folder(a, 6, seed=1)
+    make_folder(b, 9, seed=1)  # the same first 6 pictures plus 3 new ones
+    build(a, "grow", tiny_clip, home)
+    report = build(b, "grow", tiny_clip, home, append=True)
+    db = Database.open("grow", home)
+    assert report.embedded == 3 and db.count == 9 and len(set(db.ids)) == 9  # only the new ones embedded
+    assert len(db.manifest["sources"]) == 2
+    res = db.search(db.vectors, k=1)
+    assert (res.rows[:, 0] == np.arange(9)).all()
+
+
+def test_remove_by_id_and_by_filter(tmp_path, tiny_clip, home):
+    root = tmp_path / "takedown"
+    names = make_folder(root, 10)
+    rows = [{"file_name": n, "licence": "cc0" if i < 7 else "restricted"} for i, n in enumerate(names)]
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    build(root, "take", tiny_clip, home)
+    db = Database.open("take", home)
+    gone_vec = db.vectors[db.ids.index(names[2])].copy()
+    assert db.remove(ids=[names[2]]) == [names[2]]
+    assert sorted(db.remove(where=["licence=restricted"])) == names[7:]
+    db = Database.open("take", home)
+    assert db.count == 6 and names[2] not in db.ids
+    hits = db.search(gone_vec[None], k=6).hits(0)
+    assert names[2] not in {h["id"] for h in hits}
+    assert db.search(db.vectors, k=1).rows[:, 0].tolist() == list(range(6))
+    with pytest.raises(RDMError, match="no item"):
+        db.remove(ids=["not-there.png"])
+    files = {p.name for p in (home / "take").iterdir() if p.is_file() and p.suffix in (".npy", ".faiss", ".parquet")}
+    assert files == {e["name"] for e in db.manifest["files"].values()}  # old generations deleted
+
+
+def test_approximate_index_reaches_recall_target():
+    rng = np.random.default_rng(0)
+    centres = normalise(rng.standard_normal((50, 64)).astype(np.float32))
+    vectors = normalise(centres[rng.integers(0, 50, 20000)] + 0.4 * rng.standard_normal((20000, 64)).astype(np.float32) / 8)
+    index, spec = build_index(vectors, "IVF128,SQ8", seed=0)
+    assert spec.recall_at_10 >= 0.95 and spec.nprobe is not None
+    from rdm.index import _held_out_queries, search_index
+
+    queries = _held_out_queries(vectors, seed=7)
+    _, truth = exact_topk(queries, vectors, 10)
+    _, found = search_index(index, spec, vectors, queries, 10)
+    assert recall_at_k(found, truth) >= 0.93
+    with pytest.raises(RDMError, match="invalid FAISS factory"):
+        build_index(vectors, "NotAnIndex", seed=0)
