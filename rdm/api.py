@@ -11,7 +11,7 @@ import numpy as np
 from . import store
 from .build import BuildOptions, BuildReport, build_database
 from .database import Database
-from .decode import DecodeOptions, Undecodable, decode_image
+from .decode import Undecodable
 from .embedder import DEFAULT_CLIP, Embedder
 from .errors import DatabaseError, RDMError, SourceError
 from .sheets import search_sheet
@@ -127,14 +127,14 @@ def embed_queries(embedder: Embedder, texts: Sequence[str], images: Sequence[str
         if not t.strip():
             raise RDMError("empty text query")
     vectors = [embedder.encode_text(list(texts))] if texts else []
-    decoded = []
+    pixels = []
     for path in images:
         try:
-            decoded.append(decode_image(path, DecodeOptions()))
+            pixels.append(embedder.pixel_transform.load(path)[0])
         except Undecodable as e:
             raise RDMError(f"cannot read query image {path}: {e.reason} ({e.detail})") from None
-    if decoded:
-        vectors.append(embedder.encode_images(decoded))
+    if pixels:
+        vectors.append(embedder.encode_pixels(np.stack(pixels)))
     if not vectors:
         raise RDMError("give at least one query: TEXT arguments or --image PATH")
     return list(texts) + [f"image: {p}" for p in images], np.concatenate(vectors)

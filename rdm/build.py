@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import index as faiss_index
 from . import store
 from .database import Database, rows_to_table, skipped_table, write_generation
-from .decode import SKIP_REASONS, DecodeOptions, Undecodable, decode_image
+from .decode import SKIP_REASONS, DecodeOptions, Undecodable
 from .embedder import Embedder, PixelTransform
 from .errors import DatabaseError, RDMError
 from .sources import Item, Source
@@ -101,9 +101,8 @@ def decode_one(payload, transform: PixelTransform, options: DecodeOptions):
     """payload -> (uint8 pixels, width, height) or raise Undecodable."""
     if payload is None:
         raise Undecodable("missing", "no image in this row")
-    image = decode_image(payload, options)
-    width, height = image.size
-    return transform(image), width, height
+    pixels, (width, height) = transform.load(payload, options)
+    return pixels, width, height
 
 
 def decode_batch(payloads: list, transform: PixelTransform | None = None, options: DecodeOptions | None = None):

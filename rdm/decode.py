@@ -127,8 +127,17 @@ def crop_aspect(im: Image.Image, max_aspect: float) -> Image.Image:
     return im
 
 
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # orientations that swap width and height
+
+
 def decode_image(source: ImageInput, options: DecodeOptions = DecodeOptions()) -> Image.Image:
     """Decode a path, bytes or PIL image into a normalised 8-bit RGB image; raise Undecodable."""
+    return decode_with_size(source, options)[0]
+
+
+def decode_with_size(source: ImageInput, options: DecodeOptions = DecodeOptions()) -> tuple[Image.Image, tuple[int, int]]:
+    """decode_image, plus the upright (width, height) of the original (before any JPEG draft scaling)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -140,6 +149,7 @@ def decode_image(source: ImageInput, options: DecodeOptions = DecodeOptions()) -
                 raise Undecodable("degenerate", f"{w}x{h}")
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
+            upright = (h, w) if im.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS else (w, h)
             if options.draft_size and im.format == "JPEG":
                 scale = min(w, h) / options.draft_size
                 if scale >= 2:
@@ -149,7 +159,7 @@ def decode_image(source: ImageInput, options: DecodeOptions = DecodeOptions()) -
             im = _to_rgb(_to_8bit(im))
             if options.max_aspect is not None:
                 im = crop_aspect(im, options.max_aspect)
-            return im
+            return im, upright
     except Undecodable:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

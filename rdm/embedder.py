@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,7 +32,7 @@ from open_clip.pretrained import get_pretrained_cfg
 from PIL import Image
 from torchvision import transforms as T
 
-from .decode import DEFAULT_MAX_ASPECT, crop_aspect
+from .decode import DEFAULT_MAX_ASPECT, DecodeOptions, crop_aspect, decode_with_size
 from .errors import EmbedderUnavailable, RDMError
 
 DEFAULT_CLIP = "ViT-L-14:openai"
@@ -225,6 +225,15 @@ class PixelTransform:
         self.pil_ops = pil_ops
         self.size = size
         self.resize_mode = resize_mode
+
+    def load(self, source, options: DecodeOptions = DecodeOptions()) -> tuple[np.ndarray, tuple[int, int]]:
+        """Decode (JPEGs at >= 2x the model's size, via libjpeg's DCT scaling) and transform; raise Undecodable.
+
+        Every path into the embedder — database builds and image queries alike — goes through here,
+        so an image always gets the same pixels.
+        """
+        image, size = decode_with_size(source, replace(options, draft_size=options.draft_size or 2 * self.size))
+        return self(image), size
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         if self.resize_mode == "shortest":
