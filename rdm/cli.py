@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from . import api
+from .demo import toyart
 from .errors import RDMError
 
 INDEXES_HELP = "home of the databases (default: $RDM_INDEXES or ./indexes)"
@@ -145,6 +146,21 @@ def remove(ctx, db, ids, where, indexes):
     click.echo(f"removed {len(removed)} item(s) from {db}; {left} left")
 
 
+@main.command("toyart")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("-n", "count", default=240, show_default=True, type=click.IntRange(1), help="images to draw")
+@click.option("--styles", default=None, help="comma-separated subset of: " + ", ".join(toyart.STYLES))
+@click.option("--size", default=64, show_default=True, type=click.IntRange(16, 1024), help="image side in pixels")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--start", default=0, show_default=True, type=click.IntRange(0), help="index of the first item")
+def toyart_cmd(out, count, styles, size, seed, start):
+    """Draw a captioned toy-art image set (shapes x colours x styles) into OUT, with metadata.jsonl."""
+    chosen = tuple(s.strip() for s in styles.split(",")) if styles else None
+    spec = toyart.ToyArtSpec(size=size, seed=seed)
+    path = toyart.generate(spec, count, out, styles=chosen, start=start)
+    click.echo(f"{count} images in {path} (metadata.jsonl holds captions and labels)")
+
+
 # -- sampling ------------------------------------------------------------------------------------
 # rdm.generate imports diffusers (seconds); it is imported by the commands that sample, so that
 # `rdm list` and friends stay quick.
@@ -248,6 +264,129 @@ def convert(ckpt, config, clip, out, no_ema, k):
     if result.note:
         click.echo(result.note, err=True)
     click.echo(f"model folder: {result.path}  (embedder {result.embedder['model']}, dim {result.embedder['dim']})")
+
+
+# -- training ------------------------------------------------------------------------------------
+# rdm.train imports accelerate and diffusers (seconds): imported by the commands that train.
+PRESET_HELP = "model size: tiny (tests), small (the 64x64 demo) or base (GPU)"
+
+
+def _preset(preset: str | None, config: str | None) -> str:
+    if preset and config:
+        raise click.UsageError("give --preset or --config, not both")
+    return config or preset or "small"
+
+
+@main.command()
+@click.option("--data", required=True, help="training images: a folder, hf:ORG/NAME or a local dataset")
+@click.option("--db", "db", required=True, help="retrieval database (name or folder) the neighbours come from")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="run folder: model/ (the trained model), checkpoints/, samples/, metrics.jsonl")
+@click.option("--preset", default=None, help=PRESET_HELP + " [default: small]")
+@click.option("--config", "config", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="a preset JSON file instead of --preset (see rdm/train/configs/)")
+@click.option("--init", "init", default=None, type=click.Path(exists=True, file_okay=False),
+              help="fine-tune this rdm model folder (its architecture, autoencoder and latent scale are kept)")
+@click.option("--vae", default=None, help="AutoencoderKL folder (rdm train-vae), or none for pixel space "
+              "[default: the preset's]")
+@click.option("--clip", default=None, help="must be the database's CLIP (checked) [default: the database's]")
+@click.option("--resolution", type=click.IntRange(1), default=None, help="image side in pixels")
+@click.option("-k", "k", type=click.IntRange(1), default=None, help="neighbours per training image")
+@click.option("--steps", type=click.IntRange(1), default=None, help="total optimizer steps")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="images per process per micro-batch")
+@click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True,
+              help="micro-batches per optimizer step")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate")
+@click.option("--lr-schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(0), default=None, help="linear learning-rate warm-up")
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
+@click.option("--ema-decay", type=float, default=None, help="EMA decay of the exported weights")
+@click.option("--cond-drop", type=float, default=0.1, show_default=True,
+              help="probability of an all-zeros context (classifier-free guidance)")
+@click.option("--fixed-k", is_flag=True, help="always use all k neighbours (default: a random k' in [1, k] per image)")
+@click.option("--dedup-threshold", type=float, default=0.95, show_default=True,
+              help="database items at least this similar (cosine) to a training image are not its neighbours")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="[default: epsilon, or the --init model's]")
+@click.option("--checkpoint-every", type=click.IntRange(0), default=None, help="steps between checkpoints")
+@click.option("--sample-every", type=click.IntRange(-1), default=None,
+              help="steps between sample grids (0: at the end only, -1: never)")
+@click.option("--resume", is_flag=True, help="continue from the latest checkpoint in --out")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None, help="use only the first N training images")
+@click.option("--split", default="train", show_default=True, help="dataset split (Hugging Face sources)")
+@click.option("--image-column", default=None, help="image column (Hugging Face sources)")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="training-data cache [default: $RDM_CACHE/train or ~/.cache/rdm/train]")
+@click.option("--cpu", is_flag=True, help="train on the CPU even when a GPU is present")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@indexes_option
+@click.pass_context
+def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, steps, batch_size, grad_accum, lr,
+          lr_schedule, warmup_steps, mixed_precision, ema_decay, cond_drop, fixed_k, dedup_threshold, prediction_type,
+          checkpoint_every, sample_every, resume, seed, limit, split, image_column, cache_dir, cpu, quiet, indexes):
+    """Train (or fine-tune, or resume) a retrieval-augmented diffusion model.
+
+    On several GPUs: accelerate launch -m rdm.cli train ... (--batch-size is per GPU).
+    """
+    from .train import TrainConfig
+    from .train import train as run_training
+
+    cfg = TrainConfig(
+        data=data, db=db, out=out, preset=_preset(preset, config), init=init, vae=vae, clip=clip,
+        indexes=_home(ctx, indexes), resolution=resolution, k=k, steps=steps, batch_size=batch_size,
+        grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+        mixed_precision=mixed_precision, ema_decay=ema_decay, cond_drop=cond_drop, random_k=not fixed_k,
+        dedup_threshold=dedup_threshold, prediction_type=prediction_type, checkpoint_every=checkpoint_every,
+        sample_every=sample_every, resume=resume, seed=seed, limit=limit, split=split, image_column=image_column,
+        cache_dir=cache_dir, cpu=cpu, progress=not quiet)
+    result = run_training(cfg)
+    tail = result.losses[-10:]
+    d = result.data
+    click.echo(f"model      {result.model_dir}\n"
+               f"steps      {result.start_step} -> {result.step}"
+               + (f", loss {sum(tail) / len(tail):.4f} (mean of the last {len(tail)})" if tail else "") + "\n"
+               f"speed      {result.images_per_second:.1f} images/s "
+               f"({100 * result.data_seconds / max(result.seconds, 1e-9):.1f}% assembling batches)\n"
+               f"data       {d['images']} images; neighbours left out: {d['excluded_self']} self, "
+               f"{d['excluded_duplicates']} near-duplicates; {d['fewer_than_k']} images with fewer than k")
+
+
+@main.command("train-vae")
+@click.option("--data", required=True, help="training images: a folder, hf:ORG/NAME or a local dataset")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="AutoencoderKL folder to write")
+@click.option("--preset", default=None, help=PRESET_HELP + " (its 'vae' section) [default: small]")
+@click.option("--config", "config", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="a preset JSON file instead of --preset")
+@click.option("--resolution", type=click.IntRange(1), default=None, help="image side in pixels")
+@click.option("--steps", type=click.IntRange(1), default=None)
+@click.option("--batch-size", type=click.IntRange(1), default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--kl-weight", type=float, default=None, help="weight of the KL term (LDM: 1e-6)")
+@click.option("--loss", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
+@click.option("--no-hflip", is_flag=True, help="no random horizontal flips")
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None, help="use only the first N images")
+@click.option("--split", default="train", show_default=True, help="dataset split (Hugging Face sources)")
+@click.option("--image-column", default=None, help="image column (Hugging Face sources)")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out folder")
+@click.option("--cpu", is_flag=True, help="train on the CPU even when a GPU is present")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def train_vae(data, out, preset, config, resolution, steps, batch_size, lr, kl_weight, loss, no_hflip,
+              mixed_precision, seed, limit, split, image_column, overwrite, cpu, quiet):
+    """Train the small KL autoencoder a latent-space preset needs (use it with rdm train --vae OUT)."""
+    from .train import VAETrainConfig
+    from .train import train_vae as run_vae_training
+
+    result = run_vae_training(VAETrainConfig(
+        data=data, out=out, preset=_preset(preset, config), resolution=resolution, steps=steps, batch_size=batch_size,
+        lr=lr, kl_weight=kl_weight, loss=loss, hflip=not no_hflip, mixed_precision=mixed_precision, seed=seed,
+        limit=limit, split=split, image_column=image_column, overwrite=overwrite, cpu=cpu, progress=not quiet))
+    click.echo(f"autoencoder {result.path}\n"
+               f"steps       {result.steps} in {result.seconds:.1f} s\n"
+               f"latents     {'x'.join(map(str, result.latent_shape))}, scale factor {result.latent_scale_factor:.5f}\n"
+               f"recon. L1   {result.reconstruction:.4f} (mean per pixel value in [-1, 1])")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -33,7 +33,8 @@ def thumbnail(image: Image.Image | str | None, size: int = THUMB) -> Image.Image
     tile = Image.new("RGB", (size, size), PLACEHOLDER if image is None else BACKGROUND)
     if image is not None:
         im = image.convert("RGB")
-        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        scale = size / max(im.size)
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.Resampling.LANCZOS)
         tile.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
     return tile
 
@@ -74,8 +75,11 @@ def grid(rows: Sequence[Sequence[tuple[Image.Image | str | None, str]]], row_lab
 
 def search_sheet(queries: Sequence[str], hits: Sequence[Sequence[dict]], out: str | Path,
                  title: str = "") -> Path:
-    """Contact sheet of search results: a row per query, its neighbours with id and score."""
-    rows = [[(h.get("path"), f"{h['score']:.3f}\n{h['id']}") for h in qh] for qh in hits]
+    """Contact sheet of search results: a row per query (image queries first show themselves), its hits."""
+    rows = []
+    for label, qh in zip(queries, hits):
+        query_tile = [(label.removeprefix("image: "), "query")] if label.startswith("image: ") else []
+        rows.append(query_tile + [(h.get("path"), f"{h['score']:.3f}\n{h['id']}") for h in qh])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid(rows, row_labels=list(queries), title=title).save(out)
