@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -172,7 +173,8 @@ def sampling_options(f):
     """Options shared by `rdm sample` and `rdm compare`."""
     options = [
         click.option("--model", default=None, help=MODEL_HELP),
-        click.option("-k", "k", type=click.IntRange(0), default=None, help="neighbours per query (default: the model's)"),
+        click.option("-k", "k", type=click.IntRange(0), default=None,
+                     help="neighbours per query (default: the model's)"),
         click.option("-n", "num_images", type=click.IntRange(1), default=1, show_default=True,
                      help="images per prompt (seeds SEED, SEED+1, ...)"),
         click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="denoising steps"),
@@ -191,6 +193,18 @@ def sampling_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _retrieval_warnings(run):
+    """Call run(); print its retrieval warnings (k clamped, filters matching few items) once each, plainly."""
+    from .conditioning import RetrievalWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RetrievalWarning)
+        result = run()
+    for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RetrievalWarning)):
+        click.echo(f"warning: {message}", err=True)
+    return result
 
 
 def _sample_options(k, num_images, steps, guidance, scheduler, seed, where, height, width, quiet):
@@ -218,12 +232,11 @@ def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guid
     from . import generate
 
     options = _sample_options(k, num_images, steps, guidance, scheduler, seed, where, height, width, quiet)
-    result = generate.sample(prompt, model=model, databases=list(dbs), options=options, image=image, refs=list(refs),
-                             out=out, indexes=_home(ctx, indexes), device=device, dtype=dtype)
+    result = _retrieval_warnings(lambda: generate.sample(
+        prompt, model=model, databases=list(dbs), options=options, image=image, refs=list(refs), out=out,
+        indexes=_home(ctx, indexes), device=device, dtype=dtype))
     for png, record in zip(result.images, result.records):
         click.echo(f"{png}  (seed {record['seed']}, {len(record['neighbours'])} neighbours)")
-    for note in result.records[0]["warnings"]:
-        click.echo(f"warning: {note}", err=True)
     click.echo(f"grid: {result.grid}")
 
 
@@ -242,8 +255,9 @@ def compare(ctx, prompt, dbs, out, model, k, num_images, steps, guidance, schedu
     from . import generate
 
     options = _sample_options(k, num_images, steps, guidance, scheduler, seed, where, height, width, quiet)
-    grid_path, provenance = generate.compare(prompt, list(dbs), model=model, options=options, out=out,
-                                             indexes=_home(ctx, indexes), device=device, dtype=dtype)
+    grid_path, provenance = _retrieval_warnings(lambda: generate.compare(
+        prompt, list(dbs), model=model, options=options, out=out, indexes=_home(ctx, indexes), device=device,
+        dtype=dtype))
     click.echo(f"grid: {grid_path}\nprovenance: {provenance}")
 
 
@@ -268,13 +282,13 @@ def convert(ckpt, config, clip, out, no_ema, k):
 
 # -- training ------------------------------------------------------------------------------------
 # rdm.train imports accelerate and diffusers (seconds): imported by the commands that train.
-PRESET_HELP = "model size: tiny (tests), small (the 64x64 demo) or base (GPU)"
+PRESET_HELP = "model size: tiny (tests), small (the 64x64 demo, pixel space), small-latent or base (GPU)"
 
 
-def _preset(preset: str | None, config: str | None) -> str:
+def _preset(preset: str | None, config: str | None, default: str = "small") -> str:
     if preset and config:
         raise click.UsageError("give --preset or --config, not both")
-    return config or preset or "small"
+    return config or preset or default
 
 
 @main.command()
@@ -355,7 +369,8 @@ def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, st
 @main.command("train-vae")
 @click.option("--data", required=True, help="training images: a folder, hf:ORG/NAME or a local dataset")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="AutoencoderKL folder to write")
-@click.option("--preset", default=None, help=PRESET_HELP + " (its 'vae' section) [default: small]")
+@click.option("--preset", default=None, help="preset whose 'vae' section to train: small-latent (64x64 -> 16x16x4), "
+              "tiny or base [default: small-latent]")
 @click.option("--config", "config", default=None, type=click.Path(exists=True, dir_okay=False),
               help="a preset JSON file instead of --preset")
 @click.option("--resolution", type=click.IntRange(1), default=None, help="image side in pixels")
@@ -380,7 +395,8 @@ def train_vae(data, out, preset, config, resolution, steps, batch_size, lr, kl_w
     from .train import train_vae as run_vae_training
 
     result = run_vae_training(VAETrainConfig(
-        data=data, out=out, preset=_preset(preset, config), resolution=resolution, steps=steps, batch_size=batch_size,
+        data=data, out=out, preset=_preset(preset, config, "small-latent"), resolution=resolution, steps=steps,
+        batch_size=batch_size,
         lr=lr, kl_weight=kl_weight, loss=loss, hflip=not no_hflip, mixed_precision=mixed_precision, seed=seed,
         limit=limit, split=split, image_column=image_column, overwrite=overwrite, cpu=cpu, progress=not quiet))
     click.echo(f"autoencoder {result.path}\n"

@@ -29,6 +29,10 @@ from .database import Retriever, parse_where
 from .errors import DatabaseError, RDMError
 
 
+class RetrievalWarning(UserWarning):
+    """Fewer neighbours than asked for (k beyond a database's size, or filters matching few items)."""
+
+
 @dataclass
 class Neighbours:
     """The neighbours of each query, in context order (most similar first)."""
@@ -136,7 +140,8 @@ def retrieve(queries: np.ndarray, sources: Sequence[tuple[Retriever, float]], k:
         asked = share
         count = getattr(retriever, "count", None)
         if count is not None and share > count:
-            notes.append(f"k={share} neighbours asked of database {name}, which holds only {count} items; using {count}")
+            notes.append(f"k={share} neighbours asked of database {name}, which holds only {count} items; "
+                         f"using {count}")
             share = count
         got = 0
         if share > 0:
@@ -144,7 +149,8 @@ def retrieve(queries: np.ndarray, sources: Sequence[tuple[Retriever, float]], k:
             valid = _valid_columns(result.rows)
             got = min(len(v) for v in valid)
             if got < share:
-                notes.append(f"only {got} item(s) of database {name} match the filters {where}; "
+                notes.append(f"only {got} item(s) of database {name} "
+                             f"{f'match the filters {where}' if where else 'were found'}; "
                              f"using {got} instead of {share} neighbours")
             cols = np.array([v[:got] for v in valid], np.int64).reshape(len(queries), got)  # (Q, got)
             scores = np.take_along_axis(result.scores, cols, 1).astype(np.float32)
@@ -155,8 +161,8 @@ def retrieve(queries: np.ndarray, sources: Sequence[tuple[Retriever, float]], k:
         drawn.append({"name": name, "fingerprint": getattr(retriever, "fingerprint", None), "weight": weight,
                       "count": count, "k_asked": asked, "k_drawn": got})
     for note in notes:
-        warnings.warn(note, stacklevel=2)
-    if k > 0 and not parts:
+        warnings.warn(note, RetrievalWarning, stacklevel=2)
+    if k > 0 and sum(d["k_drawn"] for d in drawn) == 0:
         raise RDMError(f"no neighbours: the databases hold no items matching {where or 'the query'}")
     dim = queries.shape[1]
     embeddings = np.concatenate([p[0] for p in parts], 1) if parts else np.zeros((len(queries), 0, dim), np.float32)

@@ -253,7 +253,7 @@ class Database:
         allowed = self.filter_rows(where)
         if allowed is not None and (self.spec.factory == "Flat" or len(allowed) <= FILTER_EXACT_MAX):
             scores, pos = faiss_index.exact_topk(queries, self.vectors[allowed], k)
-            rows = np.where(pos >= 0, allowed[np.maximum(pos, 0)], -1)
+            rows = np.where(pos >= 0, allowed[np.maximum(pos, 0)], -1) if len(allowed) else pos
         else:
             scores, rows = faiss_index.search_index(self.index, self.spec, self.vectors, queries, k, allowed)
         return SearchResult(scores=scores, rows=rows, database=self)

@@ -83,7 +83,7 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
 
 
 def default_device(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
-    """CUDA in float16 when present, else CPU in float32 (bf16 on CPU is slower here, see scripts/bench_sampling.py)."""
+    """CUDA in float16 when present, else CPU in float32 (see scripts/bench_sampling.py for bfloat16 on CPU)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype in (None, "auto"):
         return dev, torch.float16 if dev.type == "cuda" else torch.float32
@@ -114,6 +114,14 @@ def parse_databases(specs: Sequence[str]) -> list[tuple[str, float]]:
             raise RDMError("--db none conditions on the query alone; it cannot be combined with other databases")
         return []
     return [parse_database_spec(s) for s in specs]
+
+
+def check_query(prompt: str | None, image: str | None, refs: Sequence[str]) -> None:
+    """Refuse an empty prompt, or no query at all, before a model is loaded."""
+    if prompt is not None and not prompt.strip():
+        raise RDMError("empty prompt: give some text, or query by --image")
+    if prompt is None and image is None and not refs:
+        raise RDMError("give a PROMPT, an --image query or --ref images")
 
 
 # --- Files -----------------------------------------------------------------------------------------
@@ -147,7 +155,8 @@ def neighbour_tiles(hits: Sequence[dict], limit: int | None = None) -> list[tupl
     for h in list(hits)[:limit]:
         label = h.get("id") or Path(str(h.get("ref", ""))).name
         score = h.get("score")
-        tiles.append((h.get("path") or h.get("ref"), (f"{score:.3f} " if isinstance(score, float) else "") + str(label)))
+        caption = str(label) + (f"\n{score:.3f}" if isinstance(score, float) else "")
+        tiles.append((h.get("path") or h.get("ref"), caption))
     return tiles
 
 
@@ -178,9 +187,13 @@ def _run(pipe: RDMPipeline, prompt: str | None, databases: list[tuple[str, float
 def sample(prompt: str | None, model: str | None = None, databases: Sequence[str] = (),
            options: SampleOptions = SampleOptions(), image: str | None = None, refs: Sequence[str] = (),
            out: str | os.PathLike = "outputs", indexes: str | None = None, device: str | None = None,
-           dtype: str | None = None) -> SampleResult:
-    """`rdm sample`: images for a prompt (or image query), PNG + provenance JSON each, and a grid."""
+           dtype: str | None = None, pipe: RDMPipeline | None = None) -> SampleResult:
+    """`rdm sample`: images for a prompt (or image query), PNG + provenance JSON each, and a grid.
+
+    `pipe` reuses a loaded pipeline (then model, device and dtype are not used).
+    """
     # 1. Check what was asked for before loading anything heavy
+    check_query(prompt, image, refs)
     if not databases and not refs:
         raise RDMError("give --db NAME (repeatable, NAME:WEIGHT to weigh several), --db none for the query "
                        "alone, or --ref IMAGE")
@@ -191,7 +204,7 @@ def sample(prompt: str | None, model: str | None = None, databases: Sequence[str
         options = replace(options, seed=secrets.randbelow(2**31 - options.num_images))
 
     # 2. Sample
-    pipe = load_pipeline(model, device, dtype, options.progress)
+    pipe = pipe or load_pipeline(model, device, dtype, options.progress)
     images, records = _run(pipe, prompt, dbs, options, image, refs, indexes)
 
     # 3. Write each image with its provenance, then the grid
@@ -212,8 +225,10 @@ def sample(prompt: str | None, model: str | None = None, databases: Sequence[str
 
 def compare(prompt: str, databases: Sequence[str], model: str | None = None,
             options: SampleOptions = SampleOptions(), out: str | os.PathLike | None = None,
-            indexes: str | None = None, device: str | None = None, dtype: str | None = None) -> tuple[Path, Path]:
+            indexes: str | None = None, device: str | None = None, dtype: str | None = None,
+            pipe: RDMPipeline | None = None) -> tuple[Path, Path]:
     """`rdm compare`: the same prompt, seeds and model with each database, one grid row per database."""
+    check_query(prompt, None, ())
     if not databases:
         raise RDMError("give at least one --db to compare (--db none adds a row without retrieval)")
     rows_specs = [parse_databases([spec]) for spec in databases]  # each --db is one row
@@ -223,18 +238,19 @@ def compare(prompt: str, databases: Sequence[str], model: str | None = None,
     if out.suffix.lower() != ".png":
         raise RDMError(f"--out must name a .png file, got {out}")
 
-    pipe = load_pipeline(model, device, dtype, options.progress)
-    tiles, labels, rows = [], [], []
+    pipe = pipe or load_pipeline(model, device, dtype, options.progress)
+    neighbours, samples, labels, rows = [], [], [], []
     for spec, dbs in zip(databases, rows_specs):
         images, records = _run(pipe, prompt, dbs, options, None, (), indexes)
-        k = len(records[0]["neighbours"])
-        tiles.append(neighbour_tiles(records[0]["neighbours"])
-                     + [(im, f"seed {r['seed']}") for im, r in zip(images, records)])
+        neighbours.append(neighbour_tiles(records[0]["neighbours"]))
+        samples.append([(im, f"seed {r['seed']}") for im, r in zip(images, records)])
         fingerprints = " ".join((d.get("fingerprint") or "")[:8] for d in records[0]["databases"])
-        labels.append(f"{_describe_databases(dbs, ())}\n{fingerprints}\nk={k}")
+        labels.append(f"{_describe_databases(dbs, ())}\n{fingerprints}\nk={len(neighbours[-1])}")
         rows.append({"db": spec, "images": records})
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    width = max(len(n) for n in neighbours)  # blank tiles keep the samples of every row in the same columns
+    tiles = [n + [(None, "")] * (width - len(n)) + s for n, s in zip(neighbours, samples)]
     sheet = grid(tiles, row_labels=labels, title=f"rdm compare: {prompt}", size=GRID_TILE)
     save_png(sheet, out)
     provenance = write_json(out.with_suffix(".json"), {

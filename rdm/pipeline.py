@@ -14,7 +14,9 @@ Loading: diffusers' `DiffusionPipeline.from_pretrained` reads model_index.json (
 "RDMPipeline", vae [null, null] for pixel-space models: `vae` is an optional component) and loads
 unet, vae and scheduler; `RDMPipeline.from_pretrained` adds what diffusers does not know about,
 rdm_config.json and the learned null context. `save_pretrained` writes the same folder format.
-The CLIP embedder is loaded lazily, from the id the model records, on first use.
+(`DiffusionPipeline.from_pretrained(path)` on the base class cannot load it: diffusers looks the
+class name up in its own package.) The CLIP embedder is loaded lazily, from the id the model records,
+on first use, and must match it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from . import conditioning as cond
+from . import store
+from .database import Database
 from .decode import DecodeOptions, Undecodable, decode_image
 from .embedder import Embedder
 from .errors import RDMError
@@ -109,7 +113,7 @@ def load_images(images: Sequence[ImageInput]) -> tuple[list[Image.Image], list[s
 
 
 def to_output(images: torch.Tensor, output_type: str):
-    """(B, 3, H, W) in [0, 1] -> PIL list (rounded to 8 bits) | np (B, H, W, 3) | torch, all float32."""
+    """(B, 3, H, W) in [0, 1] -> PIL list (rounded to 8 bits as diffusers does; CompVis truncates) | np | torch."""
     images = images.float()
     if output_type == "pt":
         return images
@@ -135,9 +139,12 @@ class RDMPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
         self.rdm_config = rdm_config
         self.null_context = null_context  # (T, D) when rdm_config.unconditional == "learned"
-        self._embedder = embedder
+        self._embedder = None
+        if embedder is not None:
+            self.embedder = embedder  # checked against the model's recorded embedder
         self._folder: Path | None = None
         self._fingerprint: str | None = None
+        self._databases: dict[str, tuple[tuple, Database]] = {}  # resolved path -> (manifest stamp, Database)
 
     # -- loading and saving ---------------------------------------------------------------------------
     @classmethod
@@ -226,26 +233,37 @@ class RDMPipeline(DiffusionPipeline):
         pil, labels = load_images(images)
         return torch.from_numpy(self.embedder.encode_images(pil)), [{"image": label} for label in labels]
 
-    def sources(self, databases, indexes=None) -> list[tuple[Any, float]]:
-        """(retriever, weight) pairs from a name, 'name:weight', a Database/Retriever, or a list of those or of pairs."""
-        from .database import Database
+    def open_database(self, name: str, indexes=None) -> Database:
+        """A database by name or folder, kept open between calls until a writer commits a new generation."""
+        path = store.resolve(name, indexes)
+        try:
+            stat = (path / store.MANIFEST).stat()
+            stamp = (stat.st_ino, stat.st_mtime_ns)  # the commit os.replace()s manifest.json
+        except OSError:
+            return Database.open(name, indexes)  # raises the store's clear error (missing, unfinished ...)
+        key = str(path.resolve())
+        if key not in self._databases or self._databases[key][0] != stamp:
+            self._databases[key] = (stamp, Database.open(name, indexes))
+        return self._databases[key][1]
 
+    def sources(self, databases, indexes=None) -> list[tuple[Any, float]]:
+        """(retriever, weight) pairs from a name, 'name:weight', a Database/Retriever, or a list of those or pairs."""
         items = databases if isinstance(databases, list) else [databases]
         out = []
         for item in items:
             db, weight = item if isinstance(item, tuple) else (item, None)
             if isinstance(db, (str, Path)):
                 name, parsed = cond.parse_database_spec(str(db))
-                db, weight = Database.open(name, indexes), parsed if weight is None else weight
+                db, weight = self.open_database(name, indexes), parsed if weight is None else weight
             if not hasattr(db, "search"):
                 raise RDMError(f"not a database: {db!r} (give a name, a Database or a (database, weight) pair)")
             cond.check_embedder(self.rdm_config.embedder, db.identity.to_dict(), getattr(db, "name", repr(db)))
             out.append((db, 1.0 if weight is None else float(weight)))
         return out
 
-    def prepare_latents(self, batch: int, height: int, width: int, generator, latents: torch.Tensor | None,
-                        device, dtype) -> torch.Tensor:
-        """Initial noise (B, C, h, w): given, or drawn in float32 from the generator(s) on their device (randn_tensor)."""
+    def prepare_latents(self, sampler: SchedulerMixin, batch: int, height: int, width: int, generator,
+                        latents: torch.Tensor | None, device) -> torch.Tensor:
+        """Initial noise (B, C, h, w) in float32: given, or drawn from the generator(s) (diffusers' randn_tensor)."""
         shape = (batch, self.rdm_config.latent_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         if latents is not None:
@@ -253,14 +271,14 @@ class RDMPipeline(DiffusionPipeline):
                 raise RDMError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
         else:
             latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
-        return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        return latents.to(device=device, dtype=torch.float32) * sampler.init_noise_sigma
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (B, C, h, w) -> images (B, 3, H, W) in [0, 1]: decode(z / scale_factor), then (x + 1) / 2 clamped."""
         if self.vae is None:
             x = latents
         else:
-            x = self.vae.decode(latents.to(self.vae.dtype) / self.rdm_config.latent_scale_factor).sample
+            x = self.vae.decode((latents / self.rdm_config.latent_scale_factor).to(self.vae.dtype)).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
     # -- sampling -------------------------------------------------------------------------------------
@@ -299,7 +317,7 @@ class RDMPipeline(DiffusionPipeline):
             databases: None (the query alone), a name, "name:weight", a Database (any Retriever), or a list of
                 those or of (database, weight) pairs: k neighbours are drawn from each in proportion.
             where: metadata filters applied inside each search ({"style": "neon"} or ["style=neon"]).
-            k: neighbours per query (default: the model's rdm_config.k).
+            k: neighbours per query from the databases (default: the model's rdm_config.k); refs are all used.
             num_images_per_prompt: images per query, each with its own seed.
             num_inference_steps, guidance_scale, eta: sampler settings (CompVis: 50, 5.0, 0.0).
             scheduler: None (the model's scheduler, CompVis DDIM once converted), "dpm++", an alias in
@@ -332,8 +350,7 @@ class RDMPipeline(DiffusionPipeline):
             raise RDMError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if num_images_per_prompt < 1 or num_inference_steps < 1:
             raise RDMError("num_images_per_prompt and num_inference_steps must be at least 1")
-        k = self.rdm_config.k if k is None else k
-        if k < 0:
+        if k is not None and k < 0:
             raise RDMError(f"k must be >= 0, got {k}")
         height, width = self.check_size(height, width)
         sampler = make_scheduler(scheduler, self.scheduler)
@@ -356,8 +373,10 @@ class RDMPipeline(DiffusionPipeline):
         # 3. Neighbours: (P, k, D) retrieved from the databases, embedded refs, or given
         n_queries = len(queries)
         if sources:
-            neighbours = cond.retrieve(query.numpy(), sources, k, where)
+            neighbours = cond.retrieve(query.numpy(), sources, self.rdm_config.k if k is None else k, where)
         elif ref_images:
+            if k not in (None, len(ref_images)):
+                raise RDMError(f"every --ref image is a neighbour: k={k} does not apply to {len(ref_images)} refs")
             pil, labels = load_images(ref_images)
             neighbours = cond.reference_neighbours(None if query is None else query.numpy(),
                                                    self.embedder.encode_images(pil), labels)
@@ -368,10 +387,8 @@ class RDMPipeline(DiffusionPipeline):
             neighbours = cond.Neighbours(given_n, np.full(given_n.shape[:2], np.nan, np.float32),
                                          [[] for _ in range(n_queries)])
         else:
-            neighbours = cond.Neighbours(np.zeros((n_queries, 0, dim), np.float32), np.zeros((n_queries, 0), np.float32),
-                                         [[] for _ in range(n_queries)])
-        if neighbours.embeddings.shape[0] == 1 and n_queries > 1:  # refs without a query: the same for all
-            neighbours = neighbours.repeat(n_queries)
+            neighbours = cond.Neighbours(np.zeros((n_queries, 0, dim), np.float32),
+                                         np.zeros((n_queries, 0), np.float32), [[] for _ in range(n_queries)])
 
         # 4. Context tokens (B, T, D) for each image, and the unconditional context of the same shape
         n = num_images_per_prompt
@@ -393,15 +410,16 @@ class RDMPipeline(DiffusionPipeline):
         seeds = image_seeds(batch, seed, generator, latents)
         if seeds is not None:
             generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        latents = self.prepare_latents(batch, height, width, generator, latents, device, dtype)
+        latents = self.prepare_latents(sampler, batch, height, width, generator, latents, device)
 
-        # 7. Denoising loop: one batched U-Net call per step, guidance eps_u + s * (eps_c - eps_u)
+        # 7. Denoising loop: one batched U-Net call per step, guidance eps_u + s * (eps_c - eps_u); the latents
+        #    stay float32 between steps, only the U-Net runs in the model's dtype
         step_kwargs = _step_kwargs(sampler, eta, generator)
         with self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 x = torch.cat([latents, latents]) if do_guidance else latents  # (2B, C, h, w)
-                x = sampler.scale_model_input(x, t)
-                eps = self.unet(x, t, encoder_hidden_states=context).sample
+                x = sampler.scale_model_input(x, t).to(dtype)
+                eps = self.unet(x, t, encoder_hidden_states=context).sample.float()
                 if do_guidance:
                     eps_u, eps_c = eps.chunk(2)
                     eps = cond.guided_noise(eps_u, eps_c, guidance_scale)
@@ -416,20 +434,20 @@ class RDMPipeline(DiffusionPipeline):
         # 9. Provenance, one record per image
         model = {"name_or_path": self.name_or_path, "fingerprint": self.fingerprint,
                  "embedder": self.rdm_config.embedder, "source": self.rdm_config.source}
+        settings = scheduler_record(sampler, num_inference_steps, guidance_scale, eta)
         records = [Provenance(
             query=queries[b // n], seed=None if seeds is None else seeds[b], model=model,
-            databases=neighbours.drawn, neighbours=per_image.hits[b],
-            scheduler=scheduler_record(sampler, num_inference_steps, guidance_scale, eta),
+            databases=neighbours.drawn, neighbours=per_image.hits[b], scheduler=settings,
             size={"height": height, "width": width}, runtime={"device": str(device), "dtype": str(dtype)},
-            where=cond.parse_where(where) if sources else {}, k=None if neighbor_embeds is not None else
-            per_image.k, index=b, warnings=list(neighbours.notes)) for b in range(batch)]
+            where=cond.parse_where(where) if sources else {}, k=None if neighbor_embeds is not None else per_image.k,
+            index=b, warnings=list(neighbours.notes)) for b in range(batch)]
         if not return_dict:
             return images, records
         return RDMPipelineOutput(images=images, provenance=records, latents=latents)
 
 
 def image_seeds(batch: int, seed: int | Sequence[int] | None, generator, latents) -> list[int] | None:
-    """One seed per image: seed + i; drawn from torch's global RNG when nothing is given; None with a generator or latents."""
+    """Per-image seeds seed + i; drawn from torch's global RNG when none is given; None with a generator or latents."""
     if seed is not None and (generator is not None or latents is not None):
         raise RDMError("give a seed, a generator or latents, not several")
     if isinstance(seed, int):

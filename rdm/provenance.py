@@ -13,6 +13,7 @@ import os
 import platform
 import secrets
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,11 @@ class Provenance:
 
 def package_versions() -> dict[str, str]:
     """Installed versions of the packages that shape an image (None when one is missing), and Python's."""
+    return dict(_versions())
+
+
+@lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
     out = {}
     for name in PACKAGES:
         try:

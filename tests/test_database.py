@@ -58,6 +58,8 @@ def test_k_larger_than_count_never_indexes_metadata_with_minus_one(pictures, tin
     assert (res.embeddings()[:, len(names):] == 0).all()
     filtered = db.search(db.vectors[:1], k=5, where=["id=" + names[3]])
     assert [h["id"] for h in filtered.hits(0)] == [names[3]]
+    nothing = db.search(db.vectors[:1], k=5, where=["id=not-there"])
+    assert (nothing.rows == -1).all() and nothing.hits(0) == []
 
 
 def test_nan_and_dimension_mismatch_rejected(pictures, tiny_clip, home, tmp_path):

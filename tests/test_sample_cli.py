@@ -1,0 +1,193 @@
+"""`rdm convert`, `rdm sample` and `rdm compare` end to end on CPU, with tiny databases and the golden model."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_folder
+from PIL import Image
+
+from rdm.cli import main
+from rdm.sheets import LABEL_H, PAD
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+GOLDEN = SHARED / "golden" / "compvis_rdm_small"
+FAST = ["--seed", "1", "--steps", "5", "--quiet"]
+FASTER = ["--seed", "1", "--steps", "2", "--height", "64", "--width", "64", "--quiet"]  # checks of conditioning only
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and lose a lot when other processes share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared reference data not available: {path}")
+    return path
+
+
+def rdm(*args: str, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_clip):
+    """Databases A and B (different pictures) and the converted golden model, all made with the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    make_folder(root / "picsA", 12, seed=100)
+    make_folder(root / "picsB", 12, seed=500)
+    home = root / "indexes"
+    for name in ("A", "B"):
+        rdm("--indexes", home, "build-index", root / f"pics{name}", "--name", name, "--clip", tiny_clip,
+            "--workers", "0")
+    result = rdm("convert", _need(GOLDEN / "model.ckpt"), "--config", GOLDEN / "config.yaml", "--clip", tiny_clip,
+                 "--out", root / "model")
+    assert "model folder:" in result.output
+    return {"root": root, "home": home, "model": root / "model", "clip": tiny_clip}
+
+
+def sample(setup, out: Path, *args: str, ok: bool = True):
+    return rdm("--indexes", setup["home"], "sample", "a red circle", "--model", setup["model"], "--out", out, *args,
+               ok=ok)
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), np.int16)
+
+
+def test_convert_records_the_full_embedder_identity(setup):
+    config = json.loads((setup["model"] / "rdm_config.json").read_text())
+    assert config["embedder"]["model"] == setup["clip"] and len(config["embedder"]["weights_sha256"]) == 64
+    assert config["embedder"]["dim"] == config["embedding_dim"] == 32
+
+
+def test_sample_writes_images_provenance_and_grid_deterministically(setup, tmp_path):
+    sample(setup, tmp_path / "one", "--db", "A", "-n", "2", *FAST)
+    sample(setup, tmp_path / "two", "--db", "A", "-n", "2", *FAST)
+    pngs = sorted((tmp_path / "one").glob("a-red-circle-[0-9].png"))
+    assert [p.name for p in pngs] == ["a-red-circle-1.png", "a-red-circle-2.png"]
+    assert (tmp_path / "one" / "a-red-circle-1-grid.png").is_file()
+    for png in pngs:
+        record = json.loads(png.with_suffix(".json").read_text())
+        assert record["query"] == {"prompt": "a red circle"} and record["seed"] == int(png.stem[-1])
+        assert record["model"]["fingerprint"] and record["model"]["name_or_path"] == str(setup["model"].resolve())
+        assert [d["name"] for d in record["databases"]] == ["A"] and record["databases"][0]["fingerprint"]
+        assert len(record["neighbours"]) == 4 and all(Path(h["path"]).parent.name == "picsA"
+                                                      for h in record["neighbours"])
+        assert record["scheduler"]["name"] == "DDIMScheduler" and record["scheduler"]["num_inference_steps"] == 5
+        assert record["scheduler"]["guidance_scale"] == 5.0 and record["size"] == {"height": 128, "width": 128}
+        assert {"torch", "diffusers", "open_clip_torch", "rdm"} <= record["versions"].keys()
+        assert png.read_bytes() == (tmp_path / "two" / png.name).read_bytes()  # same seed, same file
+    assert not np.array_equal(pixels(pngs[0]), pixels(pngs[1]))  # seeds 1 and 2
+
+
+def test_another_database_gives_other_neighbours_and_image(setup, tmp_path):
+    sample(setup, tmp_path / "a", "--db", "A", *FAST)
+    sample(setup, tmp_path / "b", "--db", "B", *FAST)
+    a, b = (json.loads((tmp_path / d / "a-red-circle-1.json").read_text()) for d in ("a", "b"))
+    assert {h["database"] for h in b["neighbours"]} == {"B"}
+    assert {h["path"] for h in a["neighbours"]}.isdisjoint(h["path"] for h in b["neighbours"])
+    image_a, image_b = (pixels(tmp_path / d / "a-red-circle-1.png") for d in ("a", "b"))
+    assert not np.array_equal(image_a, image_b)
+
+
+def test_weighted_databases_and_no_database(setup, tmp_path):
+    sample(setup, tmp_path / "w", "--db", "A", "--db", "B:0.3", *FASTER)
+    record = json.loads((tmp_path / "w" / "a-red-circle-1.json").read_text())
+    assert [(d["name"], d["k_drawn"]) for d in record["databases"]] == [("A", 3), ("B", 1)]
+    sample(setup, tmp_path / "none", "--db", "none", *FASTER)
+    record = json.loads((tmp_path / "none" / "a-red-circle-1.json").read_text())
+    assert record["neighbours"] == [] and record["databases"] == []
+
+
+def test_k_beyond_the_database_warns_once_and_is_recorded(setup, tmp_path):
+    result = sample(setup, tmp_path, "--db", "A", "-k", "40", *FASTER)
+    assert result.output.count("warning: k=40 neighbours asked of database A, which holds only 12 items") == 1
+    record = json.loads((tmp_path / "a-red-circle-1.json").read_text())
+    assert record["k"] == 12 and "only 12 items" in record["warnings"][0]
+
+
+def test_image_query_and_reference_images(setup, tmp_path):
+    query = setup["root"] / "picsB" / "img003.png"
+    rdm("--indexes", setup["home"], "sample", "--image", query, "--db", "B", "--model", setup["model"], "--out",
+        tmp_path / "img", *FASTER)
+    record = json.loads((tmp_path / "img" / "img003-1.json").read_text())
+    assert record["query"] == {"image": str(query)} and record["neighbours"][0]["id"] == "img003.png"
+    refs = [setup["root"] / "picsA" / f"img00{i}.png" for i in (1, 2)]
+    sample(setup, tmp_path / "refs", "--ref", refs[0], "--ref", refs[1], *FASTER)
+    record = json.loads((tmp_path / "refs" / "a-red-circle-1.json").read_text())
+    assert sorted(h["ref"] for h in record["neighbours"]) == sorted(map(str, refs))
+    result = sample(setup, tmp_path / "bad", "--ref", refs[0], "--db", "A", *FASTER, ok=False)
+    assert result.exit_code == 1 and "--ref" in result.output
+
+
+def test_compare_writes_one_grid_row_per_database(setup, tmp_path):
+    out = tmp_path / "cmp" / "grid.png"
+    rdm("--indexes", setup["home"], "compare", "a red circle", "--db", "A", "--db", "B", "--db", "none", "--model",
+        setup["model"], "-n", "2", "--out", out, *FASTER)
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert [r["db"] for r in record["rows"]] == ["A", "B", "none"] and record["seeds"] == [1, 2]
+    assert [len(r["images"]) for r in record["rows"]] == [2, 2, 2]
+    assert [r["images"][0]["seed"] for r in record["rows"]] == [1, 1, 1]
+    with Image.open(out) as sheet:
+        assert sheet.height == 30 + PAD + 3 * (160 + LABEL_H + PAD)  # title, then three rows of 160 px tiles
+
+
+def test_errors_are_clear(setup, tmp_path, monkeypatch):
+    monkeypatch.delenv("RDM_MODEL", raising=False)
+    result = rdm("--indexes", setup["home"], "sample", "a red circle", "--db", "A", ok=False)
+    assert result.exit_code == 1 and "--model PATH or set $RDM_MODEL" in result.output
+    result = rdm("--indexes", setup["home"], "sample", "a red circle", "--model", setup["model"], ok=False)
+    assert result.exit_code == 1 and "--db none" in result.output
+    result = rdm("--indexes", setup["home"], "sample", "a red circle", "--model", setup["model"], "--db", "C",
+                 ok=False)
+    assert result.exit_code == 1 and "existing: A, B" in result.output
+    result = rdm("--indexes", setup["home"], "sample", "a red circle", "--model", setup["model"], "--db", "A",
+                 "--height", "100", ok=False)
+    assert result.exit_code == 1 and "multiple of 16" in result.output and "Traceback" not in result.output
+
+
+class RunsShell:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_convert_refuses_a_checkpoint_that_would_run_a_command(setup, tmp_path):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "hook": RunsShell(marker)}, ckpt)
+    result = rdm("convert", ckpt, "--config", GOLDEN / "config.yaml", "--clip", setup["clip"], "--out",
+                 tmp_path / "m", ok=False)
+    assert result.exit_code == 1 and "error:" in result.output and "system" in result.output
+    assert not marker.exists() and not (tmp_path / "m").exists()
+
+
+def test_convert_without_the_clip_records_its_id_and_dim(tmp_path, monkeypatch):
+    from rdm import api
+    from rdm.errors import EmbedderUnavailable
+
+    def offline(model_id, *args):
+        raise EmbedderUnavailable(f"cannot load CLIP '{model_id}': the hub is unreachable")
+
+    monkeypatch.setattr(api, "load_embedder", offline)
+    result = rdm("convert", _need(GOLDEN / "model.ckpt"), "--config", GOLDEN / "config.yaml", "--out", tmp_path / "m")
+    assert "note: CLIP ViT-L-14:openai could not be loaded" in result.output
+    config = json.loads((tmp_path / "m" / "rdm_config.json").read_text())
+    assert config["embedder"] == {"model": "ViT-L-14:openai", "dim": 32}
