@@ -333,12 +333,15 @@ def _preset(preset: str | None, config: str | None, default: str = "small") -> s
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="training-data cache [default: $RDM_CACHE/train or ~/.cache/rdm/train]")
 @click.option("--cpu", is_flag=True, help="train on the CPU even when a GPU is present")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (1 is fastest on a busy, "
+              "shared CPU) [default: torch's]")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @indexes_option
 @click.pass_context
 def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, steps, batch_size, grad_accum, lr,
           lr_schedule, warmup_steps, mixed_precision, ema_decay, cond_drop, fixed_k, dedup_threshold, prediction_type,
-          checkpoint_every, sample_every, resume, seed, limit, split, image_column, cache_dir, cpu, quiet, indexes):
+          checkpoint_every, sample_every, resume, seed, limit, split, image_column, cache_dir, cpu, threads, quiet,
+          indexes):
     """Train (or fine-tune, or resume) a retrieval-augmented diffusion model.
 
     On several GPUs: accelerate launch -m rdm.cli train ... (--batch-size is per GPU).
@@ -353,7 +356,7 @@ def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, st
         mixed_precision=mixed_precision, ema_decay=ema_decay, cond_drop=cond_drop, random_k=not fixed_k,
         dedup_threshold=dedup_threshold, prediction_type=prediction_type, checkpoint_every=checkpoint_every,
         sample_every=sample_every, resume=resume, seed=seed, limit=limit, split=split, image_column=image_column,
-        cache_dir=cache_dir, cpu=cpu, progress=not quiet)
+        cache_dir=cache_dir, cpu=cpu, threads=threads, progress=not quiet)
     result = run_training(cfg)
     tail = result.losses[-10:]
     d = result.data
@@ -387,9 +390,10 @@ def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, st
 @click.option("--image-column", default=None, help="image column (Hugging Face sources)")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out folder")
 @click.option("--cpu", is_flag=True, help="train on the CPU even when a GPU is present")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads [default: torch's]")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def train_vae(data, out, preset, config, resolution, steps, batch_size, lr, kl_weight, loss, no_hflip,
-              mixed_precision, seed, limit, split, image_column, overwrite, cpu, quiet):
+              mixed_precision, seed, limit, split, image_column, overwrite, cpu, threads, quiet):
     """Train the small KL autoencoder a latent-space preset needs (use it with rdm train --vae OUT)."""
     from .train import VAETrainConfig
     from .train import train_vae as run_vae_training
@@ -398,7 +402,8 @@ def train_vae(data, out, preset, config, resolution, steps, batch_size, lr, kl_w
         data=data, out=out, preset=_preset(preset, config, "small-latent"), resolution=resolution, steps=steps,
         batch_size=batch_size,
         lr=lr, kl_weight=kl_weight, loss=loss, hflip=not no_hflip, mixed_precision=mixed_precision, seed=seed,
-        limit=limit, split=split, image_column=image_column, overwrite=overwrite, cpu=cpu, progress=not quiet))
+        limit=limit, split=split, image_column=image_column, overwrite=overwrite, cpu=cpu, threads=threads,
+        progress=not quiet))
     click.echo(f"autoencoder {result.path}\n"
                f"steps       {result.steps} in {result.seconds:.1f} s\n"
                f"latents     {'x'.join(map(str, result.latent_shape))}, scale factor {result.latent_scale_factor:.5f}\n"

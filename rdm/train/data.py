@@ -1,0 +1,380 @@
+"""Training examples for a retrieval-augmented diffusion model, computed once and cached.
+
+Each training image becomes (as in RDM training, Blattmann et al. 2022, Sec. 3.2):
+  1. a square crop at the model's resolution                     (reader: `read_crops`)
+  2. its own CLIP image embedding, the query token, computed from
+     the full-resolution image exactly as the database embeds it,
+     so that the image and its copies score 1.0 against it      (mapper: `Embedder.encode_images`)
+  3. its autoencoder posterior (mean, logvar), or in pixel space
+     the uint8 pixels themselves                                 (mapper: `encode_latents`)
+  4. the rows of its k nearest database items, leaving out the
+     image itself and near-duplicates above a cosine threshold,
+     which would let the model learn to copy a neighbour         (`mine_neighbours`)
+
+The cache (writer) has two levels, so that a second database reuses the embeddings and latents:
+
+    CACHE/images-<key>/               key: source content + embedder weights + autoencoder weights + resolution
+        manifest.json                 what the key was made of, count, skipped images
+        ids.json  query.npy (N, D)  latents.npy (N, 2C, h, w) float32 or (N, 3, R, R) uint8
+        neighbours-<key>/             key: database fingerprint + k + threshold
+            manifest.json  rows.npy (N, k) int64, -1 = none  scores.npy (N, k)  ids.json
+
+Every folder is written to a temporary name and renamed when complete, so a reader never finds a
+half-written cache. CACHE is `cache_dir`, else $RDM_CACHE/train, else ~/.cache/rdm/train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..database import Database
+from ..decode import DecodeOptions, Undecodable, decode_image
+from ..embedder import Embedder, weights_checksum
+from ..errors import RDMError, SourceError
+from ..sources import Source
+
+BLOCK = 64  # images decoded, embedded and encoded together
+CACHE_VERSION = 1  # bumped when the cached arrays change meaning
+LOGVAR_RANGE = (-30.0, 20.0)  # diffusers DiagonalGaussianDistribution clamps logvar to this range
+
+
+@dataclass
+class Neighbours:
+    """The database rows that condition each training image."""
+
+    rows: np.ndarray  # (N, k) int64 database rows, nearest first, -1 where fewer than k qualify
+    scores: np.ndarray  # (N, k) float32 cosine similarities, -inf where rows are -1
+    ids: list[list[str]]  # database ids of the rows, for inspection
+    excluded_self: int  # hits left out because they were the training image itself (same id)
+    excluded_duplicates: int  # hits left out because their similarity reached the threshold
+
+    @property
+    def counts(self) -> np.ndarray:
+        """(N,) number of valid neighbours of each image."""
+        return (self.rows >= 0).sum(1)
+
+
+@dataclass
+class TrainingData:
+    """Everything a training step reads, in memory (or memory-mapped)."""
+
+    ids: list[str]  # source ids of the training images
+    query: np.ndarray  # (N, D) float32 unit CLIP embeddings of the images
+    latents: np.ndarray  # (N, 2C, h, w) float32 posterior mean and logvar, or (N, 3, R, R) uint8 pixels
+    neighbours: Neighbours  # (N, k) database rows
+    neighbour_vectors: np.ndarray  # (N, k, D) float32 stored vectors of the neighbours, zeros for -1
+    space: str  # "latent" or "pixel"
+    cache: Path  # the images-<key> folder
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def k(self) -> int:
+        return self.neighbours.rows.shape[1]
+
+    def x0(self, index: np.ndarray, generator: torch.Generator, scale: float) -> torch.Tensor:
+        """(B, C, h, w) clean U-Net inputs: a posterior sample times `scale`, or pixels in [-1, 1]."""
+        batch = torch.from_numpy(np.ascontiguousarray(self.latents[index]))
+        if self.space == "pixel":
+            return batch.float().div_(127.5).sub_(1.0)
+        mean, logvar = batch.float().chunk(2, dim=1)
+        eps = torch.randn(mean.shape, generator=generator)
+        return (mean + torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE)) * eps) * scale
+
+
+# --- keys and the cache --------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    """$RDM_CACHE/train, else ~/.cache/rdm/train."""
+    return Path(os.environ.get("RDM_CACHE") or Path.home() / ".cache" / "rdm").expanduser() / "train"
+
+
+def digest(obj) -> str:
+    """Short sha256 of a JSON-able object (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def source_fingerprint(source: Source) -> dict:
+    """What identifies a source's content: its description plus names, sizes and mtimes (folders) or
+    the dataset's own fingerprint (Hugging Face datasets)."""
+    desc = {k: v for k, v in source.describe().items() if k != "added"}
+    if source.kind != "images":
+        raise SourceError(f"training needs images, but {desc.get('path') or desc} holds precomputed embeddings")
+    files = getattr(source, "files", None)
+    if files is not None:  # FolderSource
+        h = hashlib.sha256()
+        for rel in files:
+            st = (source.root / rel).stat()
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return dict(desc, content=h.hexdigest())
+    dataset = getattr(source, "dataset", None)
+    return dict(desc, content=getattr(dataset, "_fingerprint", None), count=len(source))
+
+
+def vae_checksum(vae) -> str:
+    """sha256 of the autoencoder's float32 weights, "pixel" without one."""
+    return "pixel" if vae is None else weights_checksum(vae)
+
+
+def _write_folder(final: Path, files: dict[str, object]) -> Path:
+    """Write {name: ndarray | JSON-able} into `final` atomically (temporary folder, then rename)."""
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for name, value in files.items():
+            if isinstance(value, np.ndarray):
+                np.save(tmp / name, value, allow_pickle=False)
+            else:
+                (tmp / name).write_text(json.dumps(value, indent=1) + "\n")
+        if final.exists():  # another process finished first: theirs is as good as ours
+            return final
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
+
+
+def _complete(folder: Path, names: Sequence[str]) -> bool:
+    return all((folder / n).is_file() for n in names)
+
+
+# --- 1. reading crops ----------------------------------------------------------------------------
+
+def center_crop(image: Image.Image, resolution: int) -> np.ndarray:
+    """The centre square of an image, resized to `resolution` (bicubic, antialiased): uint8 (R, R, 3),
+    the view LDM trains on and the one CLIP's shortest-side resize + centre crop embeds."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    square = image.crop((left, top, left + side, top + side))
+    if side != resolution:
+        square = square.resize((resolution, resolution), Image.BICUBIC, reducing_gap=3.0)
+    return np.asarray(square.convert("RGB"), np.uint8)
+
+
+def read_images(source: Source, limit: int | None = None, block: int = BLOCK, skipped: list | None = None
+                ) -> Iterator[tuple[list[str], list[Image.Image]]]:
+    """Blocks of (ids, decoded RGB images) in source order, decoded as databases decode them;
+    undecodable images go to `skipped`."""
+    ids, images = [], []
+    for n, item in enumerate(source.iter_items()):
+        if limit is not None and n >= limit:
+            break
+        try:
+            images.append(decode_image(item.payload, DecodeOptions()))
+            ids.append(item.id)
+        except Undecodable as e:
+            if skipped is not None:
+                skipped.append({"id": item.id, "reason": e.reason, "detail": e.detail})
+            continue
+        if len(ids) == block:
+            yield ids, images
+            ids, images = [], []
+    if ids:
+        yield ids, images
+
+
+def read_crops(source: Source, resolution: int, limit: int | None = None, block: int = BLOCK,
+               skipped: list | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Blocks of (ids, uint8 (n, R, R, 3) centre crops) in source order."""
+    for ids, images in read_images(source, limit, block, skipped):
+        yield ids, np.stack([center_crop(im, resolution) for im in images])
+
+
+# --- 2./3. embeddings and latents ----------------------------------------------------------------
+
+def to_unit_range(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (n, H, W, 3) -> float32 (n, 3, H, W) in [-1, 1], the autoencoder's input range."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: np.ndarray, device: torch.device, batch_size: int = 32) -> np.ndarray:
+    """Posterior parameters (n, 2C, h, w) = cat(mean, logvar) of uint8 crops (n, R, R, 3)."""
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        x = to_unit_range(pixels[i:i + batch_size]).to(device, vae.dtype)
+        dist = vae.encode(x).latent_dist
+        out.append(torch.cat([dist.mean, dist.logvar], dim=1).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def latent_scale_factor(latents: np.ndarray, seed: int = 0, max_items: int = 4096) -> float:
+    """1 / std of posterior samples, so that scaled latents have unit variance (LDM `scale_by_std`,
+    `ldm/models/diffusion/ddpm.py` LatentDiffusion.on_train_batch_start)."""
+    rng = np.random.default_rng(seed)
+    pick = latents[: max_items]
+    mean, logvar = np.split(np.asarray(pick, np.float64), 2, axis=1)
+    sample = mean + np.exp(0.5 * np.clip(logvar, *LOGVAR_RANGE)) * rng.standard_normal(mean.shape)
+    std = float(sample.std())
+    if not np.isfinite(std) or std <= 0:
+        raise RDMError(f"the autoencoder's latents have standard deviation {std}; is it a trained AutoencoderKL?")
+    return 1.0 / std
+
+
+# --- 4. neighbours -------------------------------------------------------------------------------
+
+def exclude_self_and_duplicates(scores: np.ndarray, rows: np.ndarray, own_ids: Sequence[str] | None,
+                                db_ids: Sequence[str], k: int, threshold: float
+                                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the k best hits of each query that are not the query itself (same id, when `own_ids` is
+    given) and whose similarity is below `threshold`.
+
+    Returns (scores (Q, k), rows (Q, k), self hits (Q,), duplicate hits (Q,)); rows are -1 where
+    fewer than k hits qualify.
+    """
+    q = len(rows)
+    out_rows = np.full((q, k), -1, np.int64)
+    out_scores = np.full((q, k), -np.inf, np.float32)
+    n_self, n_dup = np.zeros(q, np.int64), np.zeros(q, np.int64)
+    for i in range(q):
+        kept = 0
+        for r, s in zip(rows[i], scores[i]):
+            if r < 0 or kept == k:
+                break
+            if own_ids is not None and db_ids[r] == own_ids[i]:
+                n_self[i] += 1
+            elif s >= threshold:
+                n_dup[i] += 1
+            else:
+                out_rows[i, kept], out_scores[i, kept] = r, s
+                kept += 1
+    return out_scores, out_rows, n_self, n_dup
+
+
+def same_collection(source_desc: dict, db: Database) -> bool:
+    """True when the database was built from this source, so that equal ids mean the same image."""
+    keys = ("type", "path", "name", "split")
+    mine = {key: source_desc.get(key) for key in keys}
+    return any({key: s.get(key) for key in keys} == mine for s in db.manifest.get("sources", []))
+
+
+def mine_neighbours(queries: np.ndarray, own_ids: Sequence[str] | None, db: Database, k: int,
+                    threshold: float) -> Neighbours:
+    """The k nearest database items of each query, without itself and near-duplicates (>= threshold).
+
+    Searches k plus a margin, and searches again, four times deeper, for the queries that lost too
+    many hits, until each has k neighbours or the whole database was looked at.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise RDMError(f"the near-duplicate threshold is a cosine similarity in (0, 1], got {threshold}")
+    if k < 1:
+        raise RDMError(f"k must be at least 1, got {k}")
+    db_ids = db.ids
+    n = len(queries)
+    scores = np.full((n, k), -np.inf, np.float32)
+    rows = np.full((n, k), -1, np.int64)
+    n_self = n_dup = 0
+    todo = np.arange(n)
+    depth = min(db.count, 2 * k + 8)
+    while len(todo):
+        found = db.search(queries[todo], k=depth)
+        own = [own_ids[i] for i in todo] if own_ids is not None else None
+        s, r, ns, nd = exclude_self_and_duplicates(found.scores, found.rows, own, db_ids, k, threshold)
+        done = ~((r < 0).any(1) & (depth < db.count))
+        scores[todo[done]], rows[todo[done]] = s[done], r[done]
+        n_self, n_dup = n_self + int(ns[done].sum()), n_dup + int(nd[done].sum())
+        todo = todo[~done]
+        depth = min(db.count, depth * 4)
+    ids = [[db_ids[r] for r in row if r >= 0] for row in rows]
+    return Neighbours(rows=rows, scores=scores, ids=ids, excluded_self=n_self, excluded_duplicates=n_dup)
+
+
+# --- the whole preparation -----------------------------------------------------------------------
+
+def image_cache_key(source: Source, embedder: Embedder, vae, resolution: int, limit: int | None) -> dict:
+    """What the images-<key> folder depends on."""
+    ident = embedder.identity
+    return {"version": CACHE_VERSION, "source": source_fingerprint(source),
+            "embedder": {"model": ident.model, "weights_sha256": ident.weights_sha256, "preprocess": ident.preprocess},
+            "vae": vae_checksum(vae), "resolution": resolution, "limit": limit}
+
+
+def prepare_images(source: Source, embedder: Embedder, vae, resolution: int, cache_dir: Path,
+                   limit: int | None = None, device: torch.device | str = "cpu", progress: bool = True) -> Path:
+    """Compute (or find) the images-<key> cache folder: ids, query embeddings, latents."""
+    key = image_cache_key(source, embedder, vae, resolution, limit)
+    folder = Path(cache_dir) / f"images-{digest(key)}"
+    if _complete(folder, ("manifest.json", "ids.json", "query.npy", "latents.npy")):
+        return folder
+    device = torch.device(device)
+    ids, queries, latents, skipped = [], [], [], []
+    total = len(source) if limit is None else min(limit, len(source))
+    bar = tqdm(total=total if total >= 0 else None, desc="embedding training images", unit="img",
+               disable=not progress)
+    for block_ids, block in read_images(source, limit, skipped=skipped):
+        ids += block_ids
+        crops = np.stack([center_crop(im, resolution) for im in block])  # (n, R, R, 3)
+        queries.append(embedder.encode_images(block))  # at full resolution, as the database embeds
+        latents.append(crops.transpose(0, 3, 1, 2).copy() if vae is None else encode_latents(vae, crops, device))
+        bar.update(len(block_ids))
+    bar.close()
+    if not ids:
+        raise SourceError(f"no training image could be read from {source.describe()} "
+                          f"({len(skipped)} skipped, e.g. {skipped[:3]})")
+    if len(set(ids)) != len(ids):
+        raise SourceError("the training source has repeated ids")
+    manifest = dict(key, count=len(ids), skipped=skipped, space="pixel" if vae is None else "latent")
+    return _write_folder(folder, {"manifest.json": manifest, "ids.json": ids,
+                                  "query.npy": np.concatenate(queries).astype(np.float32),
+                                  "latents.npy": np.concatenate(latents)})
+
+
+def prepare_neighbours(images: Path, db: Database, k: int, threshold: float) -> Path:
+    """Compute (or find) the neighbours-<key> folder inside an images cache folder."""
+    manifest = json.loads((images / "manifest.json").read_text())
+    key = {"database": db.fingerprint, "k": k, "threshold": threshold,
+           "same_collection": same_collection(manifest["source"], db)}
+    folder = images / f"neighbours-{digest(key)}"
+    if _complete(folder, ("manifest.json", "rows.npy", "scores.npy", "ids.json")):
+        return folder
+    own_ids = json.loads((images / "ids.json").read_text()) if key["same_collection"] else None
+    nb = mine_neighbours(np.load(images / "query.npy"), own_ids, db, k, threshold)
+    info = dict(key, database_name=db.name, excluded_self=nb.excluded_self,
+                excluded_duplicates=nb.excluded_duplicates, fewer_than_k=int((nb.counts < k).sum()))
+    return _write_folder(folder, {"manifest.json": info, "rows.npy": nb.rows, "scores.npy": nb.scores,
+                                  "ids.json": nb.ids})
+
+
+def load_training_data(images: Path, neighbours: Path, db: Database, mmap: bool = False) -> TrainingData:
+    """Read a prepared cache; neighbour vectors are gathered from the database (same fingerprint)."""
+    info = json.loads((neighbours / "manifest.json").read_text())
+    if info["database"] != db.fingerprint:
+        raise RDMError(f"neighbour cache {neighbours} belongs to another version of database {db.name}")
+    rows = np.load(neighbours / "rows.npy")
+    nb = Neighbours(rows=rows, scores=np.load(neighbours / "scores.npy"),
+                    ids=json.loads((neighbours / "ids.json").read_text()),
+                    excluded_self=info["excluded_self"], excluded_duplicates=info["excluded_duplicates"])
+    manifest = json.loads((images / "manifest.json").read_text())
+    return TrainingData(ids=json.loads((images / "ids.json").read_text()),
+                        query=np.load(images / "query.npy"),
+                        latents=np.load(images / "latents.npy", mmap_mode="r" if mmap else None),
+                        neighbours=nb, neighbour_vectors=db.vectors_at(rows), space=manifest["space"], cache=images)
+
+
+def prepare_training_data(source: Source, db: Database, embedder: Embedder, vae, resolution: int, k: int,
+                          threshold: float, cache_dir: str | Path | None = None, limit: int | None = None,
+                          device: torch.device | str = "cpu", progress: bool = True) -> TrainingData:
+    """Crops, query embeddings, latents and neighbours of every training image, cached (see module doc)."""
+    if not embedder.identity.same_vectors_as(db.identity):
+        raise RDMError(f"database {db.name} was built with {db.identity.describe()}, but the training queries "
+                       f"would be embedded with {embedder.identity.describe()}; use the database's CLIP")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    images = prepare_images(source, embedder, vae, resolution, cache, limit, device, progress)
+    neighbours = prepare_neighbours(images, db, k, threshold)
+    return load_training_data(images, neighbours, db)
