@@ -181,7 +181,8 @@ def sampling_options(f):
         click.option("--guidance", type=float, default=5.0, show_default=True, help="classifier-free guidance scale"),
         click.option("--scheduler", default=None, help="ddim (default, as CompVis), dpm++, euler, ... or a diffusers "
                      "scheduler class"),
-        click.option("--seed", type=click.IntRange(0), default=None, help="seed of the first image (default: random)"),
+        click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
+                     help="seed of the first image (deterministic by default)"),
         click.option("--where", "where", multiple=True, help="COLUMN=VALUE filter applied inside the search"),
         click.option("--height", type=click.IntRange(1), default=None, help="pixels (default: the model's size)"),
         click.option("--width", type=click.IntRange(1), default=None, help="pixels (default: the model's size)"),

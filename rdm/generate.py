@@ -42,7 +42,7 @@ class SampleOptions:
     steps: int = DEFAULT_STEPS  # denoising steps
     guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale
     scheduler: str | None = None  # None: the model's (CompVis DDIM); "dpm++", "euler", ... or a diffusers class
-    seed: int | None = None  # first image's seed; drawn at random (and recorded) when None
+    seed: int | None = 0  # first image's seed (deterministic by default); None draws one at random (recorded)
     where: tuple[str, ...] = ()  # COLUMN=VALUE filters applied inside each search
     height: int | None = None  # pixels (default: the model's resolution)
     width: int | None = None  # pixels (default: the model's resolution)
