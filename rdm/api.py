@@ -11,7 +11,7 @@ import numpy as np
 from . import store
 from .build import BuildOptions, BuildReport, build_database
 from .database import Database
-from .decode import Undecodable
+from .decode import SKIP_REASONS, Undecodable
 from .embedder import DEFAULT_CLIP, Embedder
 from .errors import DatabaseError, RDMError, SourceError
 from .sheets import search_sheet
@@ -90,6 +90,8 @@ def format_report(r: BuildReport) -> str:
              + (" (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(r.skipped.items())) + ")" if r.skipped else ""),
              f"  index      {r.index_factory}" + (f", recall@10 {r.recall_at_10:.3f}" if r.recall_at_10 is not None else ""),
              f"  on disk    {_size(r.bytes_on_disk)}"]
+    for reason in sorted(r.skipped):
+        lines.append(f"    {reason}: {SKIP_REASONS.get(reason, '')}")
     for s in r.skipped_items[:20]:
         lines.append(f"    skipped {s['path']}: {s['reason']}")
     if len(r.skipped_items) > 20:

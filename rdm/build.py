@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import index as faiss_index
 from . import store
 from .database import Database, rows_to_table, skipped_table, write_generation
-from .decode import SKIP_REASONS, DecodeOptions, Undecodable
+from .decode import DecodeOptions, Undecodable
 from .embedder import Embedder, PixelTransform
 from .errors import DatabaseError, RDMError
 from .sources import Item, Source
@@ -336,6 +336,3 @@ def _check_finite(vectors: list, ids: list[str]) -> None:
         raise RDMError(f"the embedder produced NaN/Inf vectors for {len(bad)} image(s) (first: {bad[0]}); "
                        "nothing was written for them. Try --dtype float32.")
 
-
-def describe_reasons() -> dict[str, str]:
-    return dict(SKIP_REASONS)
