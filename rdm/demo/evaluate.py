@@ -1,0 +1,265 @@
+"""The style-swap proof: same weights, same prompts, same seeds; only the retrieval database changes.
+
+For each per-style database, content-only prompts ("a red star") are sampled with a fixed list of
+seeds, and the toy-art classifier (rdm.demo.classifier) judges every sample:
+
+* style-swap accuracy: share of samples in the database's style (goal >= 90%);
+* content accuracy: share with the prompted shape and colour (goal >= 80%);
+* the control: the same prompts and seeds with no database (the query alone), and the style mix it gives;
+* a confusion matrix, database style x predicted style.
+
+The sampler is a parameter, `sampler(prompts, database, seeds) -> images` (database None is the
+control), so the bookkeeping is testable without a trained model; `pipeline_sampler` adapts an
+`rdm.pipeline.RDMPipeline`. The judge is anything with `predict(images) -> [{style, shape, colour}]`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+from PIL import Image
+
+from rdm import api
+from rdm.database import Database
+from rdm.demo.toyart import COLOURS, SHAPES, STYLES, ToyArtSpec, generate, make_caption
+from rdm.errors import RDMError
+from rdm.sheets import grid
+
+CONTROL = "control (no database)"  # the row of samples drawn from the query alone
+STYLE_SWAP_GOAL = 0.90
+CONTENT_GOAL = 0.80
+
+Sampler = Callable[[list[str], Any, list[int]], list[Image.Image]]  # (prompts, database or None, seeds) -> images
+
+
+class Judge(Protocol):
+    """What labels samples: rdm.demo.classifier.ToyArtClassifier, or a stand-in in tests."""
+
+    def predict(self, images: Sequence[Image.Image]) -> list[dict]: ...
+
+
+@dataclass(frozen=True)
+class StyleSwapConfig:
+    """Which samples the proof draws: every content pair x every seed, for each database and the control."""
+
+    contents: tuple[tuple[str, str], ...] = ()  # (shape, colour) pairs; empty: content_grid(16)
+    seeds: tuple[int, ...] = (0, 1, 2, 3)  # sample seeds; (content c, seed s) is drawn with seed s * 10_000 + c
+    batch_size: int = 32  # prompts per sampler call
+    control: bool = True  # also sample the query alone (database None)
+
+    def __post_init__(self):
+        object.__setattr__(self, "contents", tuple(tuple(c) for c in self.contents) or content_grid(16))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        for shape, colour in self.contents:
+            if shape not in SHAPES or colour not in COLOURS:
+                raise RDMError(f"unknown content ({shape}, {colour}); shapes: {', '.join(SHAPES)}; "
+                               f"colours: {', '.join(COLOURS)}")
+        if not self.seeds:
+            raise RDMError("the style-swap evaluation needs at least one seed")
+
+
+def content_grid(n: int) -> tuple[tuple[str, str], ...]:
+    """n (shape, colour) pairs: every shape and colour equally often, pairings varied (all 64 at n = 64)."""
+    if not 1 <= n <= len(SHAPES) * len(COLOURS):
+        raise RDMError(f"content_grid takes 1 to {len(SHAPES) * len(COLOURS)} pairs, got {n}")
+    colours = tuple(COLOURS)
+    return tuple((SHAPES[i % 8], colours[(i % 8 + 3 * (i // 8)) % 8]) for i in range(n))
+
+
+def sample_seed(content: int, seed: int) -> int:
+    """The seed of content pair `content` under evaluation seed `seed`: the same for every database."""
+    return seed * 10_000 + content
+
+
+# ---------------------------------------------------------------- running
+
+
+def draw_samples(sampler: Sampler, database: Any, config: StyleSwapConfig) -> list[dict]:
+    """One record per (content, seed): prompt, shape, colour, seed and the sampled image."""
+    jobs = [{"content": c, "shape": shape, "colour": colour, "prompt": make_caption(shape, colour),
+             "eval_seed": s, "seed": sample_seed(c, s)}
+            for s in config.seeds for c, (shape, colour) in enumerate(config.contents)]
+    for i in range(0, len(jobs), config.batch_size):
+        batch = jobs[i:i + config.batch_size]
+        images = sampler([j["prompt"] for j in batch], database, [j["seed"] for j in batch])
+        if len(images) != len(batch):
+            raise RDMError(f"the sampler returned {len(images)} images for {len(batch)} prompts")
+        for job, image in zip(batch, images):
+            job["image"] = image
+    return jobs
+
+
+def judge_samples(judge: Judge, samples: list[dict], batch_size: int = 256) -> None:
+    """Add the judge's predicted style, shape and colour (and their probabilities) to each sample record."""
+    for i in range(0, len(samples), batch_size):
+        chunk = samples[i:i + batch_size]
+        for sample, pred in zip(chunk, judge.predict([s["image"] for s in chunk])):
+            sample.update({f"pred_{k}": v for k, v in pred.items()})
+
+
+def summarise(samples: list[dict], style: str | None) -> dict:
+    """Accuracies and the predicted-style counts of one database's samples (style None: the control)."""
+    n = len(samples)
+    shape_ok = [s["pred_shape"] == s["shape"] for s in samples]
+    colour_ok = [s["pred_colour"] == s["colour"] for s in samples]
+    counts = {st: sum(s["pred_style"] == st for s in samples) for st in STYLES}
+    out = {"n": n, "shape_accuracy": sum(shape_ok) / n, "colour_accuracy": sum(colour_ok) / n,
+           "content_accuracy": sum(a and b for a, b in zip(shape_ok, colour_ok)) / n,
+           "predicted_styles": counts, "style_shares": {st: c / n for st, c in counts.items()}}
+    if style is not None:
+        out["style_swap_accuracy"] = counts.get(style, 0) / n
+    return out
+
+
+def run_style_swap(sampler: Sampler, databases: Mapping[str, Any], judge: Judge,
+                   config: StyleSwapConfig = StyleSwapConfig(), keep_images: bool = False,
+                   log: Callable[[str], None] | None = None) -> dict:
+    """The style-swap proof: sample every database (keyed by the style it holds) and the control; judge; tabulate."""
+    # 1. Check inputs
+    unknown = [style for style in databases if style not in STYLES]
+    if unknown or not databases:
+        raise RDMError(f"databases must be keyed by the style they hold ({', '.join(STYLES)}); got "
+                       f"{', '.join(map(str, databases)) or 'none'}")
+
+    # 2. Sample each database, then the control, with the same prompts and seeds
+    rows: dict[str, list[dict]] = {}
+    for style, database in databases.items():
+        rows[style] = draw_samples(sampler, database, config)
+        if log:
+            log(f"sampled {len(rows[style])} images with the {style} database")
+    if config.control:
+        rows[CONTROL] = draw_samples(sampler, None, config)
+        if log:
+            log(f"sampled {len(rows[CONTROL])} images with no database")
+
+    # 3. Judge every sample
+    for samples in rows.values():
+        judge_samples(judge, samples)
+
+    # 4. Tabulate
+    per_database = {name: summarise(samples, None if name == CONTROL else name) for name, samples in rows.items()}
+    styles = [s for s in databases]
+    swap = [per_database[s]["style_swap_accuracy"] for s in styles]
+    content = [per_database[s]["content_accuracy"] for s in styles]
+    pairs = {(j["content"], j["eval_seed"]) for j in rows[styles[0]]}
+    all_swapped = sum(all(next(j for j in rows[s] if (j["content"], j["eval_seed"]) == p)["pred_style"] == s
+                          for s in styles) for p in pairs) / len(pairs)
+    report = {
+        "config": {**asdict(config), "contents": [list(c) for c in config.contents]},
+        "styles": styles,
+        "summary": {
+            "style_swap_accuracy": sum(swap) / len(swap),  # mean over databases
+            "style_swap_accuracy_min": min(swap),
+            "content_accuracy": sum(content) / len(content),
+            "shape_accuracy": sum(per_database[s]["shape_accuracy"] for s in styles) / len(styles),
+            "colour_accuracy": sum(per_database[s]["colour_accuracy"] for s in styles) / len(styles),
+            "all_styles_swapped": all_swapped,  # share of (prompt, seed) whose samples took every database's style
+            "style_swap_goal": STYLE_SWAP_GOAL, "content_goal": CONTENT_GOAL,
+            "style_swap_passed": sum(swap) / len(swap) >= STYLE_SWAP_GOAL,
+            "content_passed": sum(content) / len(content) >= CONTENT_GOAL,
+        },
+        "per_database": per_database,
+        "confusion": {"rows": list(rows), "columns": list(STYLES),
+                      "counts": [[per_database[r]["predicted_styles"][c] for c in STYLES] for r in rows]},
+        "samples": [{k: v for k, v in j.items() if k != "image"} | {"database": name}
+                    for name, samples in rows.items() for j in samples],
+    }
+    if CONTROL in per_database:
+        report["summary"]["control_style_shares"] = per_database[CONTROL]["style_shares"]
+        report["summary"]["control_content_accuracy"] = per_database[CONTROL]["content_accuracy"]
+    report["markdown"] = markdown(report)
+    if keep_images:
+        report["images"] = {name: [j["image"] for j in samples] for name, samples in rows.items()}
+    return report
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def markdown(report: dict) -> str:
+    """The figures of a style-swap report as markdown: a per-database table, then the confusion matrix."""
+    s = report["summary"]
+    lines = ["| database | samples | style-swap acc. | shape acc. | colour acc. | content acc. | predicted styles |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for name, row in report["per_database"].items():
+        mix = ", ".join(f"{st} {_pct(v)}" for st, v in sorted(row["style_shares"].items(), key=lambda kv: -kv[1]) if v)
+        swap = _pct(row["style_swap_accuracy"]) if "style_swap_accuracy" in row else "-"
+        lines.append(f"| {name} | {row['n']} | {swap} | {_pct(row['shape_accuracy'])} | "
+                     f"{_pct(row['colour_accuracy'])} | {_pct(row['content_accuracy'])} | {mix} |")
+    lines.append(f"| **mean over databases** | | **{_pct(s['style_swap_accuracy'])}** | {_pct(s['shape_accuracy'])} "
+                 f"| {_pct(s['colour_accuracy'])} | **{_pct(s['content_accuracy'])}** | |")
+    lines += ["", f"Style-swap accuracy {_pct(s['style_swap_accuracy'])} (goal {_pct(s['style_swap_goal'])}: "
+              f"{'passed' if s['style_swap_passed'] else 'not reached'}), content accuracy "
+              f"{_pct(s['content_accuracy'])} (goal {_pct(s['content_goal'])}: "
+              f"{'passed' if s['content_passed'] else 'not reached'}); every database's style on the same prompt "
+              f"and seed: {_pct(s['all_styles_swapped'])}.", "",
+              "Confusion matrix (rows: database, columns: predicted style):", "",
+              "| database | " + " | ".join(report["confusion"]["columns"]) + " |",
+              "|---|" + "---:|" * len(report["confusion"]["columns"])]
+    for name, counts in zip(report["confusion"]["rows"], report["confusion"]["counts"]):
+        lines.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
+    return "\n".join(lines)
+
+
+def contact_sheet(report: dict, out: str | Path, columns: int = 16, size: int = 96) -> Path:
+    """A grid of the first `columns` samples per database (same prompt and seed down each column); needs keep_images."""
+    if "images" not in report:
+        raise RDMError("the report holds no images: run run_style_swap(..., keep_images=True)")
+    rows, labels = [], []
+    for name, images in report["images"].items():
+        records = [r for r in report["samples"] if r["database"] == name][:columns]
+        rows.append([(im, f"{r['pred_style']} {r['pred_colour']}\n{r['pred_shape']}")
+                     for im, r in zip(images[:columns], records)])
+        labels.append(name)
+    prompts = [r["prompt"] for r in report["samples"][:columns]]
+    sheet = grid(rows, row_labels=labels, size=size,
+                 title="same prompts and seeds down each column: " + "; ".join(prompts[:4]) + " ...")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+# ---------------------------------------------------------------- the real sampler and databases
+
+
+def pipeline_sampler(pipe, k: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+                     scheduler: str | None = None, indexes: str | None = None) -> Sampler:
+    """A Sampler drawing from an rdm.pipeline.RDMPipeline: one image per prompt, seeded per image."""
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample(prompts: list[str], database: Any, seeds: list[int]) -> list[Image.Image]:
+        out = pipe(prompt=list(prompts), databases=database, k=k, num_inference_steps=num_inference_steps,
+                   guidance_scale=guidance_scale, scheduler=scheduler, seed=list(seeds), indexes=indexes,
+                   output_type="pil")
+        return out.images
+
+    return sample
+
+
+def open_style_databases(template: str, styles: Sequence[str] = STYLES, indexes: str | None = None) -> dict:
+    """{style: Database} for database names made from `template` (e.g. 'toyart-{style}')."""
+    if "{style}" not in template:
+        raise RDMError(f"the database name template must contain {{style}}, e.g. toyart-{{style}}; got {template!r}")
+    return {style: Database.open(template.format(style=style), indexes) for style in styles}
+
+
+def build_style_databases(clip: str, root: str | Path, n_per_style: int, template: str = "toyart-{style}",
+                          styles: Sequence[str] = STYLES, indexes: str | None = None, start: int = 0,
+                          spec: ToyArtSpec = ToyArtSpec(), overwrite: bool = False) -> dict:
+    """Render n toy-art items per style into root/<style>/ and build one database per style; {style: name}."""
+    names = {}
+    for style in styles:
+        folder = Path(root) / style
+        if not (folder / "metadata.jsonl").is_file() or overwrite:
+            generate(spec, n_per_style, folder, styles=[style], start=start, overwrite=overwrite)
+        names[style] = template.format(style=style)
+        api.build_index(str(folder), name=names[style], clip=clip, indexes=indexes, workers=0, progress=False,
+                        overwrite=True)
+    return names

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""The style-swap proof for the demo RDM: the toy-art judge, the per-style databases, the evaluation.
+
+    # 1. the judge (a small CNN: style, shape and colour heads), held-out accuracy printed and saved
+    python scripts/eval_style_swap.py classifier --out models/toyart-judge
+    # 2. one database per style, embedded with the demo CLIP (skip if the demo's databases exist)
+    python scripts/eval_style_swap.py databases --clip local-dir:models/demo-clip --root data/toyart-styles \\
+        --n-per-style 2000 --template toyart-{style}
+    # 3. same weights and seeds, only the database changes; a JSON report, a markdown table, a contact sheet
+    python scripts/eval_style_swap.py evaluate --model models/demo-rdm --databases toyart-{style} \\
+        --classifier models/toyart-judge --contents 16 --seeds 0 1 2 3 --out reports/style_swap.json
+
+See rdm/demo/evaluate.py for what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rdm.demo.classifier import Augment, ClassifierConfig, ClassifierTrainConfig, ToyArtClassifier, train_classifier
+from rdm.demo.evaluate import (StyleSwapConfig, build_style_databases, contact_sheet, content_grid,
+                               open_style_databases, pipeline_sampler, run_style_swap)
+from rdm.demo.toyart import STYLES
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def cmd_classifier(a: argparse.Namespace) -> None:
+    config = ClassifierTrainConfig(n_train=a.n_train, n_eval=a.n_eval, epochs=a.epochs, batch_size=a.batch_size,
+                                   lr=a.lr, render_sizes=tuple(a.sizes), seed=a.seed, device=a.device,
+                                   augment=Augment())
+    _, metrics = train_classifier(config, ClassifierConfig(image_size=a.image_size), out=a.out, log=say)
+    say(json.dumps(metrics, indent=2))
+    worst = min(metrics["heldout"].values())
+    verdict = "passed" if worst >= 0.98 else "NOT reached"
+    say(f"saved {a.out}; worst held-out head accuracy {worst:.4f} (goal 0.98: {verdict})")
+
+
+def cmd_databases(a: argparse.Namespace) -> None:
+    names = build_style_databases(a.clip, a.root, a.n_per_style, a.template, a.styles, a.indexes, start=a.start)
+    say("built " + ", ".join(names.values()))
+
+
+def cmd_evaluate(a: argparse.Namespace) -> None:
+    from rdm.pipeline import RDMPipeline  # diffusers is only needed here
+
+    pipe = RDMPipeline.from_pretrained(a.model)
+    if a.device:
+        pipe = pipe.to(a.device)
+    sampler = pipeline_sampler(pipe, k=a.k, num_inference_steps=a.steps, guidance_scale=a.guidance,
+                               scheduler=a.scheduler, indexes=a.indexes)
+    databases = open_style_databases(a.databases, a.styles, a.indexes)
+    judge = ToyArtClassifier.load(a.classifier)
+    config = StyleSwapConfig(contents=content_grid(a.contents), seeds=tuple(a.seeds), batch_size=a.batch_size,
+                             control=not a.no_control)
+    report = run_style_swap(sampler, databases, judge, config, keep_images=bool(a.sheet), log=say)
+    report["model"] = {"path": str(Path(a.model).resolve()), "fingerprint": pipe.fingerprint}
+    report["sampling"] = {"k": a.k, "steps": a.steps, "guidance": a.guidance, "scheduler": a.scheduler}
+    report["databases"] = {s: getattr(db, "fingerprint", None) for s, db in databases.items()}
+    report["judge"] = {"path": str(Path(a.classifier).resolve()), "heldout": judge.metrics.get("heldout")}
+    if a.sheet:
+        say(f"contact sheet {contact_sheet(report, a.sheet)}")
+        report.pop("images")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text(report["markdown"] + "\n")
+    say(report["markdown"])
+    say(f"report {out} (and {out.with_suffix('.md')})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    defaults = ClassifierTrainConfig()
+
+    c = sub.add_parser("classifier", help="train the toy-art judge (style, shape, colour)")
+    c.add_argument("--out", required=True, help="folder to write (classifier.safetensors + classifier.json)")
+    c.add_argument("--n-train", type=int, default=defaults.n_train)
+    c.add_argument("--n-eval", type=int, default=defaults.n_eval)
+    c.add_argument("--epochs", type=int, default=defaults.epochs)
+    c.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    c.add_argument("--lr", type=float, default=defaults.lr)
+    c.add_argument("--sizes", type=int, nargs="+", default=list(defaults.render_sizes),
+                   help="toy-art sides rendered for training, e.g. 64 128")
+    c.add_argument("--image-size", type=int, default=ClassifierConfig().image_size, help="the network's input side")
+    c.add_argument("--seed", type=int, default=defaults.seed)
+    c.add_argument("--device", default=defaults.device)
+    c.set_defaults(run=cmd_classifier)
+
+    d = sub.add_parser("databases", help="render toy art per style and build one database per style")
+    d.add_argument("--clip", required=True, help="the demo CLIP, e.g. local-dir:models/demo-clip")
+    d.add_argument("--root", required=True, help="folder for the rendered images (ROOT/<style>/)")
+    d.add_argument("--n-per-style", type=int, default=2000)
+    d.add_argument("--template", default="toyart-{style}", help="database name, with {style}")
+    d.add_argument("--styles", nargs="+", default=list(STYLES), choices=STYLES)
+    d.add_argument("--start", type=int, default=0, help="first toy-art index")
+    d.add_argument("--indexes", default=None, help="databases home (default $RDM_INDEXES or ./indexes)")
+    d.set_defaults(run=cmd_databases)
+
+    e = sub.add_parser("evaluate", help="sample with every style's database and the control; judge; report")
+    e.add_argument("--model", required=True, help="rdm model folder")
+    e.add_argument("--databases", default="toyart-{style}", help="database name template, with {style}")
+    e.add_argument("--classifier", required=True, help="judge folder from the `classifier` command")
+    e.add_argument("--styles", nargs="+", default=list(STYLES), choices=STYLES)
+    e.add_argument("--contents", type=int, default=16, help="content prompts (shape x colour pairs, 1-64)")
+    e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    e.add_argument("--k", type=int, default=None, help="neighbours per query (default: the model's)")
+    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--guidance", type=float, default=5.0)
+    e.add_argument("--scheduler", default=None)
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--no-control", action="store_true", help="skip the query-alone control")
+    e.add_argument("--device", default=None, help="move the pipeline there (cuda, cpu)")
+    e.add_argument("--indexes", default=None)
+    e.add_argument("--out", default="style_swap.json", help="report JSON (a .md with the tables goes beside it)")
+    e.add_argument("--sheet", default=None, help="also write a contact sheet PNG")
+    e.set_defaults(run=cmd_evaluate)
+
+    a = p.parse_args(argv)
+    a.run(a)
+
+
+if __name__ == "__main__":
+    main()
