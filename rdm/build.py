@@ -19,9 +19,12 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from multiprocessing import get_context
@@ -34,9 +37,10 @@ from tqdm.auto import tqdm
 from . import index as faiss_index
 from . import store
 from .database import Database, rows_to_table, skipped_table, write_generation
-from .decode import DecodeOptions, Undecodable
-from .embedder import Embedder, PixelTransform
+from .decode import DecodeOptions
+from .embedder import Embedder
 from .errors import DatabaseError, RDMError
+from .pixels import PixelTransform, decode_batch, init_worker
 from .sources import Item, Source
 
 BUILD_DIR = ".build"
@@ -88,36 +92,24 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-# -- decode stage (runs in worker processes) ----------------------------------------------------
-_WORKER: dict[str, Any] = {}
+# -- decode stage -------------------------------------------------------------------------------
+@contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Hide __main__'s file and spec while spawning, so workers import only rdm.pixels.
 
-
-def _init_worker(transform: PixelTransform, options: DecodeOptions) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _WORKER["transform"], _WORKER["options"] = transform, options
-
-
-def decode_one(payload, transform: PixelTransform, options: DecodeOptions):
-    """payload -> (uint8 pixels, width, height) or raise Undecodable."""
-    if payload is None:
-        raise Undecodable("missing", "no image in this row")
-    pixels, (width, height) = transform.load(payload, options)
-    return pixels, width, height
-
-
-def decode_batch(payloads: list, transform: PixelTransform | None = None, options: DecodeOptions | None = None):
-    """Decode a batch; never raises for a bad image: [(pixels, w, h) or (None, reason, detail)]."""
-    transform = transform or _WORKER["transform"]
-    options = options or _WORKER["options"]
-    out = []
-    for payload in payloads:
-        try:
-            out.append(decode_one(payload, transform, options))
-        except Undecodable as e:
-            out.append((None, e.reason, e.detail))
-        except Exception as e:  # a decoder bug must not kill the build: count it, list it
-            out.append((None, "truncated", f"{type(e).__name__}: {e}"))
-    return out
+    A spawned child re-imports the parent's main module (here the `rdm` script, which imports
+    torch, open_clip and faiss: seconds per worker). The workers run functions of rdm.pixels only,
+    which needs PIL and numpy; with the main module hidden they start in a fraction of a second.
+    """
+    main = sys.modules["__main__"]
+    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
+    main.__dict__.update(__spec__=None)
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 def _decoded_batches(batches: Iterator[list[Item]], transform: PixelTransform, options: DecodeOptions,
@@ -128,17 +120,25 @@ def _decoded_batches(batches: Iterator[list[Item]], transform: PixelTransform, o
             yield batch, decode_batch([it.payload for it in batch], transform, options)
         return
     ctx = get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(transform, options)) as pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append((batch, pool.submit(decode_batch, [it.payload for it in batch])))
-            if len(pending) >= 2 * workers + 1:
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
+                                 initargs=(transform, options)) as pool:
+            with _main_module_hidden():  # start every worker now, without re-importing __main__
+                for f in [pool.submit(os.getpid) for _ in range(workers)]:
+                    f.result()
+            pending: deque = deque()
+            for batch in batches:
+                pending.append((batch, pool.submit(decode_batch, [it.payload for it in batch])))
+                if len(pending) >= 2 * workers + 1:
+                    b, fut = pending.popleft()
+                    yield b, fut.result()
+            while pending:
                 b, fut = pending.popleft()
                 yield b, fut.result()
-        while pending:
-            b, fut = pending.popleft()
-            yield b, fut.result()
+    except BrokenProcessPool:
+        raise RDMError("a decoding worker process died (out of memory, or a program run from stdin that "
+                       "spawned workers cannot re-import); finished shards are kept: rerun with --resume, "
+                       "or with --workers 0 to decode in-process") from None
 
 
 # -- shards -------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,8 +32,8 @@ from open_clip.pretrained import get_pretrained_cfg
 from PIL import Image
 from torchvision import transforms as T
 
-from .decode import DEFAULT_MAX_ASPECT, DecodeOptions, crop_aspect, decode_with_size
 from .errors import EmbedderUnavailable, RDMError
+from .pixels import PixelTransform
 
 DEFAULT_CLIP = "ViT-L-14:openai"
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -213,33 +213,15 @@ def _split_preprocess(preprocess: T.Compose) -> tuple[T.Compose, tuple, tuple]:
     return T.Compose(ops[:cut]), tuple(norm.mean), tuple(norm.std)
 
 
-class PixelTransform:
-    """Picklable PIL image -> uint8 (H, W, 3) array: the embedder's resize and crop, nothing else.
-
-    With open_clip's default 'shortest' resize only the central square survives the centre crop, so
-    over-long images are first cut to DEFAULT_MAX_ASPECT around the centre: same pixels out, but a
-    1x20000 strip no longer becomes a 224x4,480,000 intermediate (3.5 GB).
-    """
-
-    def __init__(self, pil_ops: T.Compose, size: int, resize_mode: str = "shortest"):
-        self.pil_ops = pil_ops
-        self.size = size
-        self.resize_mode = resize_mode
-
-    def load(self, source, options: DecodeOptions = DecodeOptions()) -> tuple[np.ndarray, tuple[int, int]]:
-        """Decode (JPEGs at >= 2x the model's size, via libjpeg's DCT scaling) and transform; raise Undecodable.
-
-        Every path into the embedder — database builds and image queries alike — goes through here,
-        so an image always gets the same pixels.
-        """
-        image, size = decode_with_size(source, replace(options, draft_size=options.draft_size or 2 * self.size))
-        return self(image), size
-
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        if self.resize_mode == "shortest":
-            image = crop_aspect(image, DEFAULT_MAX_ASPECT)
-        out = self.pil_ops(image)
-        return np.asarray(out.convert("RGB") if out.mode != "RGB" else out, dtype=np.uint8)
+def pixel_transform_for(pre: dict, pil_ops: T.Compose) -> PixelTransform:
+    """rdm.pixels' torch-free transform for square 'shortest'/'squash' preprocessing, else open_clip's ops."""
+    size = pre.get("size", 224)
+    square = not isinstance(size, (list, tuple)) or size[0] == size[1]
+    side = int(size[0] if isinstance(size, (list, tuple)) else size)
+    mode, interp = pre.get("resize_mode", "shortest"), pre.get("interpolation", "bicubic")
+    if square and mode in ("shortest", "squash") and interp in ("bicubic", "bilinear"):
+        return PixelTransform(side, mode, interp)
+    return PixelTransform(side, mode, interp, fallback_ops=pil_ops)
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
@@ -272,8 +254,8 @@ class Embedder:
         self.device = device
         self.dtype = dtype
         pil_ops, mean, std = _split_preprocess(preprocess)
-        self.pixel_transform = PixelTransform(pil_ops, self.image_size,
-                                              identity.preprocess.get("resize_mode", "shortest"))
+        self.reference_pil_ops = pil_ops  # open_clip's own resize/crop, which pixel_transform reproduces
+        self.pixel_transform = pixel_transform_for(identity.preprocess, pil_ops)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 

@@ -91,6 +91,34 @@ def test_centre_crop_keeps_the_pixels_that_survive_the_resize(tiny_clip):
     emb = Embedder.load(tiny_clip)
     rng = np.random.default_rng(0)
     wide = Image.fromarray(rng.integers(0, 256, (64, 64 * 6, 3), dtype=np.uint8))
-    direct = np.asarray(emb.pixel_transform.pil_ops(wide), np.int16)
+    direct = np.asarray(emb.reference_pil_ops(wide), np.int16)
     cropped = emb.pixel_transform(wide).astype(np.int16)
     assert np.abs(direct - cropped).max() <= 2
+
+
+@pytest.mark.parametrize("size,mode", [(32, "shortest"), (224, "shortest"), (224, "squash"), (336, "shortest")])
+def test_torch_free_pixel_transform_matches_open_clip_exactly(size, mode):
+    """rdm.pixels reproduces open_clip's Resize + CenterCrop pixel for pixel (workers skip importing torch)."""
+    import open_clip
+
+    from rdm.embedder import _split_preprocess, pixel_transform_for
+
+    ops = _split_preprocess(open_clip.image_transform(size, is_train=False, resize_mode=mode))[0]
+    fast = pixel_transform_for({"size": size, "resize_mode": mode, "interpolation": "bicubic"}, ops)
+    assert fast.fallback_ops is None
+    rng = np.random.default_rng(size)
+    for w, h in [(size, size), (size + 1, size), (640, 480), (480, 640), (97, 1000), (1000, 97), (33, 35), (3, 2)]:
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        if max(w, h) / min(w, h) > 2 and mode == "shortest":
+            continue  # over-long images are centre-cut first (tested above)
+        assert np.array_equal(fast(im), np.asarray(ops(im))), (w, h)
+    longest = pixel_transform_for({"size": size, "resize_mode": "longest"}, ops)
+    assert longest.fallback_ops is not None
+
+
+def test_decoding_workers_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, rdm.pixels, rdm.decode; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
