@@ -162,6 +162,40 @@ def toyart_cmd(out, count, styles, size, seed, start):
     click.echo(f"{count} images in {path} (metadata.jsonl holds captions and labels)")
 
 
+@main.command("demo")
+@click.option("--out", type=click.Path(file_okay=False), default="outputs/demo", show_default=True,
+              help="folder for the toy art, the databases (OUT/indexes), the grid PNG and its provenance JSON")
+@click.option("--model", default=None, type=click.Path(exists=True, file_okay=False),
+              help="rdm model folder [default: the bundled demo model, rdm/assets/demo/rdm]")
+@click.option("--clip", default=None, help="the model's CLIP: a folder or an id [default: the bundled demo CLIP, "
+              "or the one --model records]")
+@click.option("--prompt", "--prompts", "prompts", multiple=True,
+              help="content-only prompt (repeatable) [default: 'a red star', 'a blue circle', 'a green heart', "
+              "'a yellow square']")
+@click.option("--seeds", default=2, show_default=True, type=click.IntRange(1), help="images per prompt")
+@click.option("--seed", default=0, show_default=True, type=int, help="first seed")
+@click.option("--steps", default=25, show_default=True, type=click.IntRange(1), help="denoising steps")
+@click.option("--guidance", default=3.0, show_default=True, type=float, help="classifier-free guidance scale")
+@click.option("-k", "k", default=None, type=click.IntRange(1), help="neighbours per query [default: the model's]")
+@click.option("--n-per-style", default=48, show_default=True, type=click.IntRange(1),
+              help="toy-art images in each style's database")
+@click.option("--styles", default=None, help="comma-separated subset of: " + ", ".join(toyart.STYLES))
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+@click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
+              help="torch CPU threads (0: torch's default); the demo's small batches gain little from more, and a "
+              "busy CPU makes more much slower")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+def demo(out, model, clip, prompts, seeds, seed, steps, guidance, k, n_per_style, styles, device, threads, quiet):
+    """Swap the style by swapping the database: one grid of the same prompts and seeds, a row per toy-art style."""
+    from .demo.run import DemoConfig, run_demo
+
+    chosen = {"styles": tuple(s.strip() for s in styles.split(","))} if styles else {}
+    chosen.update({"prompts": tuple(prompts)} if prompts else {})
+    run_demo(DemoConfig(out=out, model=model, clip=clip, seeds=seeds, seed=seed, steps=steps, guidance=guidance, k=k,
+                        n_per_style=n_per_style, device=device, threads=threads or None, progress=not quiet, **chosen),
+             log=click.echo)
+
+
 # -- sampling ------------------------------------------------------------------------------------
 # rdm.generate imports diffusers (seconds); it is imported by the commands that sample, so that
 # `rdm list` and friends stay quick.
@@ -307,6 +341,10 @@ def _preset(preset: str | None, config: str | None, default: str = "small") -> s
 @click.option("--clip", default=None, help="must be the database's CLIP (checked) [default: the database's]")
 @click.option("--resolution", type=click.IntRange(1), default=None, help="image side in pixels")
 @click.option("-k", "k", type=click.IntRange(1), default=None, help="neighbours per training image")
+@click.option("--query", type=click.Choice(["image", "text", "mixed"]), default=None,
+              help="query token of each training image: its own CLIP embedding, its caption's text embedding (what "
+              "prompts give at inference, so the style must come from the neighbours), or either at random "
+              "[default: the preset's, else image]")
 @click.option("--steps", type=click.IntRange(1), default=None, help="total optimizer steps")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="images per process per micro-batch")
 @click.option("--grad-accum", type=click.IntRange(1), default=1, show_default=True,
@@ -331,6 +369,8 @@ def _preset(preset: str | None, config: str | None, default: str = "small") -> s
 @click.option("--limit", type=click.IntRange(1), default=None, help="use only the first N training images")
 @click.option("--split", default="train", show_default=True, help="dataset split (Hugging Face sources)")
 @click.option("--image-column", default=None, help="image column (Hugging Face sources)")
+@click.option("--caption-column", default=None, help="caption column for --query text (Hugging Face sources) "
+              "[default: detected]")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="training-data cache [default: $RDM_CACHE/train or ~/.cache/rdm/train]")
 @click.option("--cpu", is_flag=True, help="train on the CPU even when a GPU is present")
@@ -339,10 +379,10 @@ def _preset(preset: str | None, config: str | None, default: str = "small") -> s
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @indexes_option
 @click.pass_context
-def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, steps, batch_size, grad_accum, lr,
-          lr_schedule, warmup_steps, mixed_precision, ema_decay, cond_drop, fixed_k, dedup_threshold, prediction_type,
-          checkpoint_every, sample_every, resume, seed, limit, split, image_column, cache_dir, cpu, threads, quiet,
-          indexes):
+def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, query, steps, batch_size, grad_accum,
+          lr, lr_schedule, warmup_steps, mixed_precision, ema_decay, cond_drop, fixed_k, dedup_threshold,
+          prediction_type, checkpoint_every, sample_every, resume, seed, limit, split, image_column, caption_column,
+          cache_dir, cpu, threads, quiet, indexes):
     """Train (or fine-tune, or resume) a retrieval-augmented diffusion model.
 
     On several GPUs: accelerate launch -m rdm.cli train ... (--batch-size is per GPU).
@@ -352,12 +392,12 @@ def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, st
 
     cfg = TrainConfig(
         data=data, db=db, out=out, preset=_preset(preset, config), init=init, vae=vae, clip=clip,
-        indexes=_home(ctx, indexes), resolution=resolution, k=k, steps=steps, batch_size=batch_size,
+        indexes=_home(ctx, indexes), resolution=resolution, k=k, query=query, steps=steps, batch_size=batch_size,
         grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
         mixed_precision=mixed_precision, ema_decay=ema_decay, cond_drop=cond_drop, random_k=not fixed_k,
         dedup_threshold=dedup_threshold, prediction_type=prediction_type, checkpoint_every=checkpoint_every,
         sample_every=sample_every, resume=resume, seed=seed, limit=limit, split=split, image_column=image_column,
-        cache_dir=cache_dir, cpu=cpu, threads=threads, progress=not quiet)
+        caption_column=caption_column, cache_dir=cache_dir, cpu=cpu, threads=threads or None, progress=not quiet)
     result = run_training(cfg)
     tail = result.losses[-10:]
     d = result.data
@@ -367,7 +407,10 @@ def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, st
                f"speed      {result.images_per_second:.1f} images/s "
                f"({100 * result.data_seconds / max(result.seconds, 1e-9):.1f}% assembling batches)\n"
                f"data       {d['images']} images; neighbours left out: {d['excluded_self']} self, "
-               f"{d['excluded_duplicates']} near-duplicates; {d['fewer_than_k']} images with fewer than k")
+               f"{d['excluded_duplicates']} near-duplicates; {d['fewer_than_k']} images with fewer than k\n"
+               f"queries    {d['query']}"
+               + (f" ({d['without_caption']} images without a caption use their image embedding)"
+                  if d["without_caption"] else ""))
 
 
 @main.command("train-vae")

@@ -24,7 +24,7 @@ from rdm.pipeline import RDMPipeline
 from rdm.sources import open_source
 from rdm.train import TrainConfig, VAETrainConfig, list_presets, load_preset, mine_neighbours, train, train_vae
 from rdm.train.data import exclude_self_and_duplicates, prepare_training_data
-from rdm.train.loop import batch_indices, neighbour_keep, step_generator, training_context
+from rdm.train.loop import batch_indices, make_batch, neighbour_keep, step_generator, training_context
 from rdm.train.presets import CONFIG_DIR
 
 GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "compvis_rdm_small"
@@ -49,6 +49,25 @@ def toy(tmp_path_factory, tiny_clip):
                     progress=False)
     return {"root": root, "data": str(root / "pics"), "db": "pics", "indexes": str(root / "indexes"),
             "cache": str(root / "cache")}
+
+
+def write_captions(folder: Path, captions: dict[str, str]) -> None:
+    """metadata.jsonl (imagefolder convention) giving some of a folder's images a caption."""
+    rows = [json.dumps({"file_name": name, "caption": text}) for name, text in captions.items()]
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory, tiny_clip):
+    """8 pictures, 7 of them captioned (img007.png has none), and a database built from them."""
+    root = tmp_path_factory.mktemp("captioned")
+    names = make_folder(root / "pics", 8)
+    captions = {name: f"a picture number {i}" for i, name in enumerate(names[:7])}
+    write_captions(root / "pics", captions)
+    api.build_index(str(root / "pics"), name="pics", clip=tiny_clip, indexes=str(root / "indexes"), workers=0,
+                    progress=False)
+    return {"root": root, "data": str(root / "pics"), "db": "pics", "indexes": str(root / "indexes"),
+            "cache": str(root / "cache"), "captions": captions, "names": names}
 
 
 def config(toy, out, **kw) -> TrainConfig:
@@ -138,6 +157,81 @@ def test_neighbour_mining_excludes_self_and_a_planted_duplicate(tmp_path, tiny_c
     np.testing.assert_array_equal(again.neighbours.rows, data.neighbours.rows)
 
 
+def test_text_queries_are_the_captions_text_embeddings(captioned, tmp_path):
+    db = Database.open(captioned["db"], captioned["indexes"])
+    embedder = api.embedder_for(db)
+    args = (db, embedder, None, 16, 4, DUP_THRESHOLD)
+    image = prepare_training_data(open_source(captioned["data"]), *args, cache_dir=tmp_path / "cache", progress=False)
+    assert image.text_query is None
+    text = prepare_training_data(open_source(captioned["data"]), *args, cache_dir=tmp_path / "cache", progress=False,
+                                 query="text")
+    assert text.cache == image.cache  # the text queries are added beside query.npy
+    names, captions = captioned["names"], captioned["captions"]
+    assert text.ids == names and text.has_caption.tolist() == [True] * 7 + [False]
+    np.testing.assert_allclose(text.text_query[:7], embedder.encode_text([captions[n] for n in names[:7]]),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(text.text_query[7], text.query[7])  # no caption: the image embedding
+    # Neighbours are still mined with the image embeddings, so both kinds share them.
+    np.testing.assert_array_equal(text.neighbours.rows, image.neighbours.rows)
+    assert np.abs((text.text_query * text.query).sum(1)[:7] - 1).min() > 1e-3  # really another vector
+
+    # Cached: a second preparation embeds nothing.
+    calls = []
+    original = embedder.encode_text
+    embedder.encode_text = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        again = prepare_training_data(open_source(captioned["data"]), *args, cache_dir=tmp_path / "cache",
+                                      progress=False, query="text")
+    finally:
+        embedder.encode_text = original
+    assert calls == [] and again.cache == text.cache
+    np.testing.assert_array_equal(again.text_query, text.text_query)
+
+    # Other captions -> another cache key, and the new captions' embeddings.
+    pics = tmp_path / "pics"
+    shutil.copytree(captioned["data"], pics)
+    changed = dict(captions, **{names[0]: "a completely different caption"})
+    write_captions(pics, changed)
+    before = prepare_training_data(open_source(captioned["data"]), *args, cache_dir=tmp_path / "c2", progress=False,
+                                   query="text")
+    after = prepare_training_data(open_source(str(pics)), *args, cache_dir=tmp_path / "c2", progress=False,
+                                  query="text")
+    assert after.cache != before.cache
+    np.testing.assert_allclose(after.text_query[0], embedder.encode_text([changed[names[0]]])[0], rtol=1e-5,
+                               atol=1e-6)
+
+    # No caption at all: text queries are refused, not silently replaced by image embeddings.
+    make_folder(tmp_path / "bare", 3)
+    with pytest.raises(RDMError, match="no training image has a caption"):
+        prepare_training_data(open_source(str(tmp_path / "bare")), *args, cache_dir=tmp_path / "cache",
+                              progress=False, query="text")
+
+
+def test_the_batch_uses_the_configured_query(captioned, tmp_path):
+    db = Database.open(captioned["db"], captioned["indexes"])
+    data = prepare_training_data(open_source(captioned["data"]), db, api.embedder_for(db), None, 16, 4,
+                                 DUP_THRESHOLD, cache_dir=captioned["cache"], progress=False, query="text")
+    index = np.arange(8)
+    batches = {}
+    for kind in ("image", "text", "mixed"):
+        cfg = config(captioned, tmp_path / kind, query=kind, cond_drop=0.0)
+        batches[kind] = make_batch(data, index, step_generator(0, 5, 0, 0), 1.0, cfg, 1000, torch.device("cpu"))
+    image_q, text_q = torch.from_numpy(data.query), torch.from_numpy(data.text_query)
+    torch.testing.assert_close(batches["image"]["context"][:, 0], image_q)
+    torch.testing.assert_close(batches["text"]["context"][:, 0], text_q)
+    mixed = batches["mixed"]["context"][:, 0]
+    from_text = (mixed == text_q).all(1)
+    assert ((mixed == image_q).all(1) | from_text).all()
+    assert 0 < from_text[:7].sum() < 7  # both kinds drawn (captioned rows; row 7 has text == image)
+    for kind in ("text", "mixed"):  # the query is drawn last: the other draws are those of an image-query run
+        for name in ("x0", "noise", "t", "mask"):
+            torch.testing.assert_close(batches[kind][name], batches["image"][name])
+        torch.testing.assert_close(batches[kind]["context"][:, 1:], batches["image"]["context"][:, 1:])
+    again = make_batch(data, index, step_generator(0, 5, 0, 0), 1.0, config(captioned, tmp_path, query="mixed",
+                       cond_drop=0.0), 1000, torch.device("cpu"))
+    torch.testing.assert_close(again["context"], batches["mixed"]["context"])  # a pure function of the step
+
+
 # --- training ---------------------------------------------------------------------------------------
 
 def test_train_overfits_and_writes_a_loadable_model(toy, tmp_path):
@@ -176,8 +270,11 @@ def _state(run: Path, step: int) -> dict:
             "exported": load_file(str(run / "model" / "unet" / "diffusion_pytorch_model.safetensors"))}
 
 
-def test_resume_reaches_the_same_state_as_an_uninterrupted_run(toy, tmp_path):
-    settings = dict(grad_accum=2, batch_size=4, warmup_steps=5, steps=6, checkpoint_every=3)
+@pytest.mark.parametrize("query", ["image", "mixed"])
+@pytest.mark.filterwarnings("ignore:1 of 8 training images have no caption")
+def test_resume_reaches_the_same_state_as_an_uninterrupted_run(toy, captioned, tmp_path, query):
+    toy = toy if query == "image" else captioned
+    settings = dict(grad_accum=2, batch_size=4, warmup_steps=5, steps=6, checkpoint_every=3, query=query)
     straight = train(config(toy, tmp_path / "straight", **settings))
     first = train(config(toy, tmp_path / "resumed", **dict(settings, steps=3)))
     with pytest.raises(RDMError, match="already holds a training run"):
@@ -216,6 +313,22 @@ def test_cli_train(toy, tmp_path, monkeypatch):
     bad = CliRunner().invoke(cli, ["--indexes", toy["indexes"], "train", "--data", toy["data"], "--db", toy["db"],
                                    "--out", str(tmp_path / "x"), "--preset", "nope", "--quiet"])
     assert bad.exit_code == 1 and "no preset 'nope'" in bad.output
+
+
+def test_cli_train_with_text_queries(captioned, tmp_path, monkeypatch):
+    monkeypatch.setenv("RDM_CACHE", captioned["cache"])
+    out = tmp_path / "cli-text"
+    with pytest.warns(UserWarning, match="1 of 8 training images have no caption"):
+        result = CliRunner().invoke(cli, ["--indexes", captioned["indexes"], "train", "--data", captioned["data"],
+                                          "--db", captioned["db"], "--out", str(out), "--preset", "tiny", "--steps",
+                                          "2", "--batch-size", "4", "--query", "text", "--dedup-threshold",
+                                          str(DUP_THRESHOLD), "--sample-every", "0", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "queries    text (1 images without a caption use their image embedding)" in result.output
+    _, _, _, cfg, _ = load_model_components(out / "model")
+    assert cfg.source["query"] == "text" and (out / "samples" / "step-0000002.png").is_file()  # text val queries
+    assert json.loads((out / "train_config.json").read_text())["query"] == "text"
+    assert load_preset("small").train["query"] == "text"  # the demo preset trains on text queries
 
 
 def test_presets_are_data(tmp_path):

@@ -2,9 +2,12 @@
 
 Each training image becomes (as in RDM training, Blattmann et al. 2022, Sec. 3.2):
   1. a square crop at the model's resolution                     (reader: `read_crops`)
-  2. its own CLIP image embedding, the query token, computed from
-     the full-resolution image exactly as the database embeds it,
-     so that the image and its copies score 1.0 against it      (mapper: `Embedder.encode_images`)
+  2. its own CLIP image embedding, computed from the full-resolution
+     image exactly as the database embeds it, so that the image and
+     its copies score 1.0 against it; the neighbours are mined
+     with it, and it is the query token of query="image"         (mapper: `Embedder.encode_images`)
+     with query="text" or "mixed", also the CLIP text embedding
+     of its caption: the kind of query a prompt gives            (mapper: `prepare_text_queries`)
   3. its autoencoder posterior (mean, logvar), or in pixel space
      the uint8 pixels themselves                                 (mapper: `encode_latents`)
   4. the rows of its k nearest database items, leaving out the
@@ -13,14 +16,15 @@ Each training image becomes (as in RDM training, Blattmann et al. 2022, Sec. 3.2
 
 The cache (writer) has two levels, so that a second database reuses the embeddings and latents:
 
-    CACHE/images-<key>/               key: source content + embedder weights + autoencoder weights + resolution
-        manifest.json                 what the key was made of, count, skipped images
-        ids.json  query.npy (N, D)  latents.npy (N, 2C, h, w) float32 or (N, 3, R, R) uint8
+    CACHE/images-<key>/               key: source content (captions included) + embedder weights + autoencoder
+        manifest.json                      weights + resolution; manifest: what the key was made of, count, skipped
+        ids.json  captions.json  query.npy (N, D)  latents.npy (N, 2C, h, w) float32 or (N, 3, R, R) uint8
+        text_query.npy (N, D)  has_caption.npy (N,)   added when a run first trains on text queries
         neighbours-<key>/             key: database fingerprint + k + threshold
             manifest.json  rows.npy (N, k) int64, -1 = none  scores.npy (N, k)  ids.json
 
-Every folder is written to a temporary name and renamed when complete, so a reader never finds a
-half-written cache. CACHE is `cache_dir`, else $RDM_CACHE/train, else ~/.cache/rdm/train.
+Every folder (and each file added later) is written to a temporary name and renamed when complete, so
+a reader never finds a half-written cache. CACHE is `cache_dir`, else $RDM_CACHE/train, else ~/.cache/rdm/train.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ from ..errors import RDMError, SourceError
 from ..sources import Source
 
 BLOCK = 64  # images decoded, embedded and encoded together
-CACHE_VERSION = 1  # bumped when the cached arrays change meaning
+CACHE_VERSION = 2  # bumped when the cached arrays change meaning (2: captions.json; metadata files in the key)
+QUERY_KINDS = ("image", "text", "mixed")  # what the query token of a training example is (TrainingData.query_tokens)
+MIXED_TEXT_PROB = 0.5  # "mixed": chance that an example's query is its caption's text embedding
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers DiagonalGaussianDistribution clamps logvar to this range
 
 
@@ -70,12 +76,15 @@ class TrainingData:
     """Everything a training step reads, in memory (or memory-mapped)."""
 
     ids: list[str]  # source ids of the training images
-    query: np.ndarray  # (N, D) float32 unit CLIP embeddings of the images
+    query: np.ndarray  # (N, D) float32 unit CLIP embeddings of the images (the neighbours were mined with these)
     latents: np.ndarray  # (N, 2C, h, w) float32 posterior mean and logvar, or (N, 3, R, R) uint8 pixels
     neighbours: Neighbours  # (N, k) database rows
     neighbour_vectors: np.ndarray  # (N, k, D) float32 stored vectors of the neighbours, zeros for -1
     space: str  # "latent" or "pixel"
     cache: Path  # the images-<key> folder
+    text_query: np.ndarray | None = None  # (N, D) float32 unit CLIP text embeddings of the captions, the image's
+    #                                       embedding where an image has no caption; None unless loaded
+    has_caption: np.ndarray | None = None  # (N,) bool: which images have a caption (text_query is theirs)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -83,6 +92,23 @@ class TrainingData:
     @property
     def k(self) -> int:
         return self.neighbours.rows.shape[1]
+
+    def query_tokens(self, index: np.ndarray, kind: str, generator: torch.Generator) -> torch.Tensor:
+        """(B, D) query tokens: the images' CLIP embeddings ("image"), their captions' ("text"), or per example
+        the caption's with probability MIXED_TEXT_PROB, else the image's ("mixed", drawn from `generator`)."""
+        if kind not in QUERY_KINDS:
+            raise RDMError(f"the query must be one of {QUERY_KINDS}, got {kind!r}")
+        image = torch.from_numpy(self.query[index])  # (B, D)
+        if kind == "image":
+            return image
+        if self.text_query is None:
+            raise RDMError(f"{kind} queries need the captions' text embeddings: prepare the training data with "
+                           f"query={kind!r}")
+        text = torch.from_numpy(self.text_query[index])  # (B, D)
+        if kind == "text":
+            return text
+        pick = torch.rand(len(index), generator=generator) < MIXED_TEXT_PROB  # (B,)
+        return torch.where(pick[:, None], text, image)
 
     def x0(self, index: np.ndarray, generator: torch.Generator, scale: float) -> torch.Tensor:
         """(B, C, h, w) clean U-Net inputs: a posterior sample times `scale`, or pixels in [-1, 1]."""
@@ -106,9 +132,12 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # a folder's captions (rdm.sources.FolderSource)
+
+
 def source_fingerprint(source: Source) -> dict:
-    """What identifies a source's content: its description plus names, sizes and mtimes (folders) or
-    the dataset's own fingerprint (Hugging Face datasets)."""
+    """What identifies a source's content: its description plus names, sizes and mtimes, and the
+    captions file's bytes (folders), or the dataset's own fingerprint (Hugging Face datasets)."""
     desc = {k: v for k, v in source.describe().items() if k != "added"}
     if source.kind != "images":
         raise SourceError(f"training needs images, but {desc.get('path') or desc} holds precomputed embeddings")
@@ -118,6 +147,9 @@ def source_fingerprint(source: Source) -> dict:
         for rel in files:
             st = (source.root / rel).stat()
             h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for name in METADATA_FILES:  # captions change -> key changes
+            if (source.root / name).is_file():
+                h.update(f"{name}\0".encode() + hashlib.sha256((source.root / name).read_bytes()).digest())
         return dict(desc, content=h.hexdigest())
     dataset = getattr(source, "dataset", None)
     return dict(desc, content=getattr(dataset, "_fingerprint", None), count=len(source))
@@ -167,10 +199,17 @@ def center_crop(image: Image.Image, resolution: int) -> np.ndarray:
     return np.asarray(square.convert("RGB"), np.uint8)
 
 
-def read_images(source: Source, limit: int | None = None, block: int = BLOCK, skipped: list | None = None
-                ) -> Iterator[tuple[list[str], list[Image.Image]]]:
+def caption_text(value) -> str | None:
+    """An item's caption as one string: the text, the first non-empty one of a list, None when there is none."""
+    if isinstance(value, (list, tuple)):
+        value = next((v for v in value if isinstance(v, str) and v.strip()), None)
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def read_images(source: Source, limit: int | None = None, block: int = BLOCK, skipped: list | None = None,
+                captions: list | None = None) -> Iterator[tuple[list[str], list[Image.Image]]]:
     """Blocks of (ids, decoded RGB images) in source order, decoded as databases decode them;
-    undecodable images go to `skipped`."""
+    undecodable images go to `skipped`, the captions of the decoded ones (None: none) to `captions`."""
     ids, images = [], []
     for n, item in enumerate(source.iter_items()):
         if limit is not None and n >= limit:
@@ -178,6 +217,8 @@ def read_images(source: Source, limit: int | None = None, block: int = BLOCK, sk
         try:
             images.append(decode_image(item.payload, DecodeOptions()))
             ids.append(item.id)
+            if captions is not None:
+                captions.append(caption_text(item.meta.get("caption")))
         except Undecodable as e:
             if skipped is not None:
                 skipped.append({"id": item.id, "reason": e.reason, "detail": e.detail})
@@ -307,17 +348,17 @@ def image_cache_key(source: Source, embedder: Embedder, vae, resolution: int, li
 
 def prepare_images(source: Source, embedder: Embedder, vae, resolution: int, cache_dir: Path,
                    limit: int | None = None, device: torch.device | str = "cpu", progress: bool = True) -> Path:
-    """Compute (or find) the images-<key> cache folder: ids, query embeddings, latents."""
+    """Compute (or find) the images-<key> cache folder: ids, captions, image embeddings, latents."""
     key = image_cache_key(source, embedder, vae, resolution, limit)
     folder = Path(cache_dir) / f"images-{digest(key)}"
-    if _complete(folder, ("manifest.json", "ids.json", "query.npy", "latents.npy")):
+    if _complete(folder, ("manifest.json", "ids.json", "captions.json", "query.npy", "latents.npy")):
         return folder
     device = torch.device(device)
-    ids, queries, latents, skipped = [], [], [], []
+    ids, captions, queries, latents, skipped = [], [], [], [], []
     total = len(source) if limit is None else min(limit, len(source))
     bar = tqdm(total=total if total >= 0 else None, desc="embedding training images", unit="img",
                disable=not progress)
-    for block_ids, block in read_images(source, limit, skipped=skipped):
+    for block_ids, block in read_images(source, limit, skipped=skipped, captions=captions):
         ids += block_ids
         crops = np.stack([center_crop(im, resolution) for im in block])  # (n, R, R, 3)
         queries.append(embedder.encode_images(block))  # at full resolution, as the database embeds
@@ -329,10 +370,37 @@ def prepare_images(source: Source, embedder: Embedder, vae, resolution: int, cac
                           f"({len(skipped)} skipped, e.g. {skipped[:3]})")
     if len(set(ids)) != len(ids):
         raise SourceError("the training source has repeated ids")
-    manifest = dict(key, count=len(ids), skipped=skipped, space="pixel" if vae is None else "latent")
-    return _write_folder(folder, {"manifest.json": manifest, "ids.json": ids,
+    manifest = dict(key, count=len(ids), skipped=skipped, space="pixel" if vae is None else "latent",
+                    captions=sum(c is not None for c in captions))
+    return _write_folder(folder, {"manifest.json": manifest, "ids.json": ids, "captions.json": captions,
                                   "query.npy": np.concatenate(queries).astype(np.float32),
                                   "latents.npy": np.concatenate(latents)})
+
+
+def _add_array(folder: Path, name: str, array: np.ndarray) -> None:
+    """Add one array to a finished cache folder atomically (temporary file, then rename)."""
+    tmp = folder / f".{name}.tmp-{os.getpid()}.npy"
+    np.save(tmp, array, allow_pickle=False)
+    os.replace(tmp, folder / name)
+
+
+def prepare_text_queries(images: Path, embedder: Embedder) -> Path:
+    """Add the captions' CLIP text embeddings to an images cache folder (once): text_query.npy (N, D), the
+    image's own embedding where an image has no caption, and has_caption.npy (N,) bool.
+
+    The folder's key already covers the captions (source_fingerprint) and the embedder's weights, so
+    the added files stay as valid as the rest of the folder.
+    """
+    if _complete(images, ("text_query.npy", "has_caption.npy")):
+        return images
+    captions = json.loads((images / "captions.json").read_text())
+    has_caption = np.array([c is not None for c in captions], bool)
+    text_query = np.load(images / "query.npy")  # (N, D), rows without a caption keep the image embedding
+    if has_caption.any():
+        text_query[has_caption] = embedder.encode_text([c for c in captions if c is not None])
+    _add_array(images, "has_caption.npy", has_caption)
+    _add_array(images, "text_query.npy", text_query.astype(np.float32))  # last: its presence marks completion
+    return images
 
 
 def prepare_neighbours(images: Path, db: Database, k: int, threshold: float) -> Path:
@@ -352,7 +420,8 @@ def prepare_neighbours(images: Path, db: Database, k: int, threshold: float) -> 
 
 
 def load_training_data(images: Path, neighbours: Path, db: Database, mmap: bool = False) -> TrainingData:
-    """Read a prepared cache; neighbour vectors are gathered from the database (same fingerprint)."""
+    """Read a prepared cache; neighbour vectors are gathered from the database (same fingerprint); the text
+    queries when they were prepared."""
     info = json.loads((neighbours / "manifest.json").read_text())
     if info["database"] != db.fingerprint:
         raise RDMError(f"neighbour cache {neighbours} belongs to another version of database {db.name}")
@@ -361,20 +430,33 @@ def load_training_data(images: Path, neighbours: Path, db: Database, mmap: bool 
                     ids=json.loads((neighbours / "ids.json").read_text()),
                     excluded_self=info["excluded_self"], excluded_duplicates=info["excluded_duplicates"])
     manifest = json.loads((images / "manifest.json").read_text())
+    text = _complete(images, ("text_query.npy", "has_caption.npy"))
     return TrainingData(ids=json.loads((images / "ids.json").read_text()),
                         query=np.load(images / "query.npy"),
                         latents=np.load(images / "latents.npy", mmap_mode="r" if mmap else None),
-                        neighbours=nb, neighbour_vectors=db.vectors_at(rows), space=manifest["space"], cache=images)
+                        neighbours=nb, neighbour_vectors=db.vectors_at(rows), space=manifest["space"], cache=images,
+                        text_query=np.load(images / "text_query.npy") if text else None,
+                        has_caption=np.load(images / "has_caption.npy") if text else None)
 
 
 def prepare_training_data(source: Source, db: Database, embedder: Embedder, vae, resolution: int, k: int,
                           threshold: float, cache_dir: str | Path | None = None, limit: int | None = None,
-                          device: torch.device | str = "cpu", progress: bool = True) -> TrainingData:
-    """Crops, query embeddings, latents and neighbours of every training image, cached (see module doc)."""
+                          device: torch.device | str = "cpu", progress: bool = True,
+                          query: str = "image") -> TrainingData:
+    """Crops, query embeddings, latents and neighbours of every training image, cached (see module doc);
+    with `query` "text" or "mixed" also the captions' text embeddings."""
+    if query not in QUERY_KINDS:
+        raise RDMError(f"the query must be one of {QUERY_KINDS}, got {query!r}")
     if not embedder.identity.same_vectors_as(db.identity):
         raise RDMError(f"database {db.name} was built with {db.identity.describe()}, but the training queries "
                        f"would be embedded with {embedder.identity.describe()}; use the database's CLIP")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     images = prepare_images(source, embedder, vae, resolution, cache, limit, device, progress)
+    if query != "image":
+        if not json.loads((images / "manifest.json").read_text())["captions"]:
+            raise RDMError(f"query={query!r} trains on the captions' text embeddings, but no training image has a "
+                           f"caption: give a folder with a metadata.jsonl or metadata.csv holding a caption column "
+                           f"(rdm toyart writes one), a dataset with a caption column, or use query='image'")
+        prepare_text_queries(images, embedder)
     neighbours = prepare_neighbours(images, db, k, threshold)
     return load_training_data(images, neighbours, db)

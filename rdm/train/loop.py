@@ -3,7 +3,13 @@
 One optimizer step, as RDM training does it (Blattmann et al. 2022, Sec. 3.2):
   1. take the step's images (a fixed function of seed and step: the data order needs no saved state)
   2. x0 = their cached latents (a fresh posterior sample, times the latent scale) or pixels
-  3. context = [own CLIP embedding, k nearest database neighbours]  (B, 1+k, D)
+  3. context = [query, k nearest database neighbours]  (B, 1+k, D)
+     - the query is the image's own CLIP embedding (`query="image"`, as the RDM paper trains), its
+       caption's CLIP text embedding (`"text"`), or either at random per example (`"mixed"`). The
+       neighbours are always mined with the image embedding. At inference the query is a prompt's
+       text embedding that names the content only ("a red star"): an image query carries the style
+       too, so the model learns to take the style from the query and to ignore the neighbours, and
+       swapping the database no longer swaps the style; a text query leaves the style to them
      - each image keeps a random number k' in [1, k] of its nearest neighbours; the other slots are
        zeroed AND masked out of cross-attention (`encoder_attention_mask`), so a step with k' is
        exactly the unpadded (B, 1+k', D) context the pipeline builds at inference with k = k'
@@ -12,7 +18,7 @@ One optimizer step, as RDM training does it (Blattmann et al. 2022, Sec. 3.2):
   4. t ~ U{0..999}, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps; loss = MSE(U-Net(x_t, t, context), eps or v)
   5. clip gradients, AdamW, lr schedule, EMA of the weights (LitEma's decay warm-up)
 
-Randomness (noise, t, k', dropout, posterior samples) comes from a generator seeded by (seed, step,
+Randomness (noise, t, k', dropout, posterior samples, mixed queries) comes from a generator seeded by (seed, step,
 micro-batch, process), so a resumed run draws exactly what an uninterrupted run draws.
 
 The run folder (`out`):
@@ -61,7 +67,7 @@ from ..modelformat import (PREDICTION_TYPES, RDMConfig, load_model_components, m
                            save_model_folder)
 from ..pipeline import RDMPipeline
 from ..sources import open_source
-from .data import TrainingData, latent_scale_factor, prepare_training_data
+from .data import QUERY_KINDS, TrainingData, latent_scale_factor, prepare_training_data
 from .presets import Preset, load_preset
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -71,6 +77,8 @@ CONFIG_FILE, METRICS_FILE, STATE_FILE = "train_config.json", "metrics.jsonl", "t
 # Fields a resumed run may change; every other field must equal the checkpointed run's.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "keep_checkpoints", "resume", "progress",
                      "cache_dir", "indexes", "num_val", "sample_steps", "guidance_scale", "cpu", "threads"}
+# Values of fields added since, for checkpoints written before they existed (those runs trained this way).
+FIELDS_BEFORE_THEY_EXISTED = {"query": "image", "caption_column": None}
 LDM_SCHEDULE = {"linear_start": 0.0015, "linear_end": 0.015, "timesteps": 1000}  # CompVis RDM configs
 
 
@@ -88,6 +96,8 @@ class TrainConfig:
     indexes: str | None = None  # home of the databases (default $RDM_INDEXES or ./indexes)
     resolution: int | None = None  # image side in pixels (default: preset / init model)
     k: int | None = None  # neighbours per image, the model's default k (default: preset / init model)
+    query: str | None = None  # query token: "image" (own CLIP embedding), "text" (caption's), "mixed" (default:
+    #                           the preset's, else "image"); text needs captions (module docstring, step 3)
     steps: int | None = None  # total optimizer steps of the run (a resume continues up to it)
     batch_size: int | None = None  # images per process per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -113,6 +123,7 @@ class TrainConfig:
     limit: int | None = None  # use only the first N training images
     split: str = "train"  # dataset split (Hugging Face sources)
     image_column: str | None = None  # image column (Hugging Face sources)
+    caption_column: str | None = None  # caption column for text queries (Hugging Face sources; default: detected)
     cache_dir: str | None = None  # training-data cache (default $RDM_CACHE/train or ~/.cache/rdm/train)
     cpu: bool = False  # train on the CPU even when a GPU is present
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is fastest on a busy shared CPU
@@ -159,6 +170,8 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, Preset, RDMConfig | N
         filled["resolution"] = init_config.resolution if init_config else preset.resolution
     if cfg.prediction_type is None:
         filled["prediction_type"] = init_config.prediction_type if init_config else "epsilon"
+    if cfg.query is None:
+        filled["query"] = preset.train.get("query", "image")
     cfg = dataclasses.replace(cfg, **filled)
     _check(cfg, init_config)
     return cfg, preset, init_config
@@ -181,6 +194,8 @@ def _check(cfg: TrainConfig, init_config: RDMConfig | None) -> None:
         raise RDMError(f"mixed_precision must be one of {MIXED_PRECISION}, got {cfg.mixed_precision!r}")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise RDMError(f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}")
+    if cfg.query not in QUERY_KINDS:
+        raise RDMError(f"query must be one of {QUERY_KINDS}, got {cfg.query!r}")
     if cfg.prediction_type not in PREDICTION_TYPES:
         raise RDMError(f"prediction_type must be one of {PREDICTION_TYPES}, got {cfg.prediction_type!r}")
     if init_config is not None:
@@ -197,6 +212,7 @@ def _check(cfg: TrainConfig, init_config: RDMConfig | None) -> None:
 
 def _compatible(saved: dict, current: dict) -> list[str]:
     """Fields that differ between a checkpointed run's config and this one (steps may grow, etc.)."""
+    saved = {**FIELDS_BEFORE_THEY_EXISTED, **saved}
     diffs = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
              if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if current.get("lr_schedule") == "cosine" and saved.get("steps") != current.get("steps"):
@@ -315,10 +331,10 @@ def make_batch(data: TrainingData, index: np.ndarray, generator: torch.Generator
     counts = torch.from_numpy(data.neighbours.counts[index])
     keep = neighbour_keep(counts, data.k, generator, cfg.random_k)  # (B, k)
     drop = torch.rand(len(index), generator=generator) < cfg.cond_drop  # (B,)
-    context, mask = training_context(torch.from_numpy(data.query[index]),
-                                     torch.from_numpy(data.neighbour_vectors[index]), keep, drop)
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, timesteps, (len(index),), generator=generator)
+    query = data.query_tokens(index, cfg.query, generator)  # (B, D); drawn last, "mixed" alone draws
+    context, mask = training_context(query, torch.from_numpy(data.neighbour_vectors[index]), keep, drop)
     return {k: v.to(device) for k, v in dict(x0=x0, context=context, mask=mask, noise=noise, t=t).items()}
 
 
@@ -381,7 +397,7 @@ def rdm_config_for(cfg: TrainConfig, model: Model, embedder: Embedder, scale: fl
                      latent_channels=unet.config.in_channels, latent_scale_factor=float(scale), k=cfg.k,
                      query_token=True, unconditional="zeros", prediction_type=cfg.prediction_type,
                      source={"format": "rdm-train", "trainer": "rdm.train", "step": step, "ema": True,
-                             "data": cfg.data, "images": len(data), "database": db.name,
+                             "data": cfg.data, "images": len(data), "query": cfg.query, "database": db.name,
                              "database_fingerprint": db.fingerprint, "dedup_threshold": cfg.dedup_threshold,
                              **model.source})
 
@@ -484,14 +500,21 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 3. Training data, computed once per (source, database, CLIP, VAE, resolution) and cached
     with accelerator.main_process_first():
-        source = open_source(cfg.data, split=cfg.split, image_column=cfg.image_column)
+        source = open_source(cfg.data, split=cfg.split, image_column=cfg.image_column,
+                             caption_column=cfg.caption_column)
         data = prepare_training_data(source, db, embedder, model.vae, cfg.resolution, cfg.k, cfg.dedup_threshold,
-                                     cfg.cache_dir, cfg.limit, device, progress=cfg.progress and main)
+                                     cfg.cache_dir, cfg.limit, device, progress=cfg.progress and main,
+                                     query=cfg.query)
     scale = model.latent_scale_factor or latent_scale_factor(data.latents, cfg.seed)
+    without_caption = 0 if data.has_caption is None else int((~data.has_caption).sum())
     summary = {"images": len(data), "cache": str(data.cache), "latent_scale_factor": scale,
                "excluded_self": data.neighbours.excluded_self,
                "excluded_duplicates": data.neighbours.excluded_duplicates,
-               "fewer_than_k": int((data.neighbours.counts < cfg.k).sum())}
+               "fewer_than_k": int((data.neighbours.counts < cfg.k).sum()),
+               "query": cfg.query, "without_caption": without_caption}
+    if without_caption and main:
+        warnings.warn(f"{without_caption} of {len(data)} training images have no caption: their query is their "
+                      f"image embedding, even with query={cfg.query!r}", stacklevel=2)
 
     # 4. Optimizer, schedule, EMA; accelerate wraps the U-Net for mixed precision and DDP
     unet = model.unet
@@ -514,6 +537,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 5. The loop
     val = np.arange(min(cfg.num_val, len(data)))
+    val_query = data.query[val] if cfg.query == "image" else data.text_query[val]  # as inference queries: text
     val_k = int(min(cfg.k, data.neighbours.counts[val].min()))
     refs = reference_images(data, val, model.vae, device) if main else None
     result = TrainResult(out=out, model_dir=out / MODEL, step=start, start_step=start, data=summary)
@@ -530,7 +554,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         config = rdm_config_for(cfg, model, embedder, scale, db, data, step)
         save_model_folder(out / MODEL, weights, model.vae, model.scheduler, config, overwrite=True)
         if samples:
-            sample_grid(weights, model.vae, model.scheduler, dataclasses.replace(config, k=val_k), data.query[val],
+            sample_grid(weights, model.vae, model.scheduler, dataclasses.replace(config, k=val_k), val_query,
                         data.neighbour_vectors[val, :val_k], refs, out / SAMPLES / f"{checkpoint_name(step)}.png",
                         cfg.sample_steps, cfg.guidance_scale, cfg.seed, device=device)
 

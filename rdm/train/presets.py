@@ -2,7 +2,8 @@
 the training settings that suit it, as open_clip keeps its architectures in `model_configs/`.
 
     tiny           tests and smoke runs: 16x16 pixels, seconds on a CPU
-    small          the demo: 64x64 pixels, trains on two CPU cores (why pixels: rdm.train's docstring)
+    small          the demo: 64x64 pixels, trains on two CPU cores (why pixels: rdm.train's docstring),
+                   with caption (text) queries so that the style comes from the neighbours
     small-latent   the same images as 16x16x4 latents of a small autoencoder (rdm train-vae)
     base           GPU scale: 256x256 images as 32x32x4 latents
 
@@ -22,11 +23,13 @@ from pathlib import Path
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from ..errors import RDMError
+from .data import QUERY_KINDS
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SPACES = ("pixel", "latent")
 DERIVED_UNET_KEYS = ("sample_size", "in_channels", "out_channels", "cross_attention_dim")
-TRAIN_KEYS = ("batch_size", "lr", "steps", "warmup_steps", "ema_decay", "k", "checkpoint_every", "sample_every")
+TRAIN_KEYS = ("batch_size", "lr", "steps", "warmup_steps", "ema_decay", "k", "checkpoint_every", "sample_every",
+              "query")
 VAE_TRAIN_KEYS = ("batch_size", "lr", "steps", "kl_weight")
 
 
@@ -39,7 +42,7 @@ class Preset:
     resolution: int  # native image side in pixels
     space: str  # "pixel" (no autoencoder) or "latent" (needs an AutoencoderKL: --vae DIR)
     unet: dict  # UNet2DConditionModel kwargs, less DERIVED_UNET_KEYS
-    train: dict  # defaults for TrainConfig: batch_size, lr, steps, warmup_steps, ema_decay, k, ...
+    train: dict  # defaults for TrainConfig: batch_size, lr, steps, warmup_steps, ema_decay, k, query, ...
     vae: dict = field(default_factory=dict)  # {"model": AutoencoderKL kwargs, "train": VAE trainer defaults}
 
     def unet_model(self, in_channels: int, sample_size: int, cross_attention_dim: int) -> UNet2DConditionModel:
@@ -72,6 +75,8 @@ def _check(d: dict, where: str) -> None:
     unknown = sorted(set(d["train"]) - set(TRAIN_KEYS))
     if unknown:
         raise RDMError(f"{where}: unknown train settings {unknown}; known: {', '.join(TRAIN_KEYS)}")
+    if d["train"].get("query", "image") not in QUERY_KINDS:
+        raise RDMError(f"{where}: train.query must be one of {QUERY_KINDS}, got {d['train']['query']!r}")
     unknown = sorted(set((d.get("vae") or {}).get("train", {})) - set(VAE_TRAIN_KEYS))
     if unknown:
         raise RDMError(f"{where}: unknown vae.train settings {unknown}; known: {', '.join(VAE_TRAIN_KEYS)}")

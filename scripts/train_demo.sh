@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Make the weights `rdm demo` ships with: the demo CLIP and the demo RDM, trained on toy art, copied
+# into rdm/assets/demo/ (clip/: open_clip local-dir folder; rdm/: rdm model folder). Reproducible:
+# every step is seeded, and the toy art is a pure function of (seed, index).
+#
+#   bash scripts/train_demo.sh                                   # CPU defaults (hours on 2 cores)
+#   CLIP_STEPS=5000 RDM_STEPS=20000 RDM_BATCH=128 DEVICE=cuda CLIP_WORKERS=12 bash scripts/train_demo.sh
+#
+# Settings (environment variables):
+RUN=${RUN:-runs/demo}                  # work folder: toy art, CLIP, databases, training cache, RDM run
+N_TRAIN=${N_TRAIN:-24000}              # toy-art training images (all six styles, indices 0 .. N_TRAIN-1)
+SIZE=${SIZE:-64}                       # image side; the `small` preset is 64 px
+DEVICE=${DEVICE:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+CLIP_STEPS=${CLIP_STEPS:-5000}         # demo CLIP optimiser steps (rdm/demo/clip.py)
+CLIP_BATCH=${CLIP_BATCH:-256}          # image/caption pairs per CLIP step
+CLIP_WORKERS=${CLIP_WORKERS:-0}        # processes rendering the CLIP's toy art on the fly
+RDM_STEPS=${RDM_STEPS:-2000}           # RDM optimiser steps (`small` preset: 2000)
+RDM_BATCH=${RDM_BATCH:-32}             # RDM images per step
+PRECISION=${PRECISION:-no}             # RDM mixed precision: no, bf16 (AVX512-BF16/AMX CPUs, Ampere+ GPUs), fp16
+THREADS=${THREADS:-}                   # torch CPU threads for the RDM (1 is fastest on a busy, shared CPU)
+SEED=${SEED:-0}                        # CLIP initialisation and RDM training seed
+CLIP_EVAL=${CLIP_EVAL:-1}              # 0: skip the CLIP's zero-shot evaluation after training
+MAX_MB=${MAX_MB:-40}                   # the shipped weights must fit in this many MB (10^6 bytes)
+ASSETS=${ASSETS:-rdm/assets/demo}      # where the weights go (relative to the checkout's root)
+DEMO_ARGS=${DEMO_ARGS:-}               # extra `rdm demo` options for the closing check, e.g. "--steps 5"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -e "$RUN" ]; then
+    echo "error: $RUN already exists; remove it or choose another RUN=folder" >&2
+    exit 1
+fi
+mkdir -p "$RUN"
+echo "device $DEVICE; run folder $RUN"
+
+# 1. Toy-art training set: every style, captions in metadata.jsonl (about half name the style)
+rdm toyart "$RUN/toyart" -n "$N_TRAIN" --size "$SIZE" --seed 0
+
+# 2. The demo CLIP (renders its own toy art on the fly, from the same seed)
+eval_flag=(); [ "$CLIP_EVAL" = 0 ] && eval_flag=(--no-eval)
+python scripts/train_demo_clip.py --out "$RUN/clip" --steps "$CLIP_STEPS" --batch-size "$CLIP_BATCH" \
+    --seed "$SEED" --data-seed 0 --device "$DEVICE" --workers "$CLIP_WORKERS" --save-dtype float16 "${eval_flag[@]}"
+
+# 3. The retrieval database of the training set, embedded with that CLIP: the neighbours of training
+rdm build-index "$RUN/toyart" --name demo-train --clip "local-dir:$RUN/clip" --indexes "$RUN/indexes" \
+    --device "$DEVICE"
+
+# 4. The RDM: caption (text) queries, so the style has to come from the neighbours
+cpu_flag=(); [ "$DEVICE" = cpu ] && cpu_flag=(--cpu)
+threads_flag=(); [ -n "$THREADS" ] && threads_flag=(--threads "$THREADS")
+rdm --indexes "$RUN/indexes" train --preset small --query text --data "$RUN/toyart" --db demo-train \
+    --clip "local-dir:$RUN/clip" --out "$RUN/rdm" --steps "$RDM_STEPS" --batch-size "$RDM_BATCH" \
+    --mixed-precision "$PRECISION" --seed "$SEED" --cache-dir "$RUN/cache" "${cpu_flag[@]}" "${threads_flag[@]}"
+
+# 5. Ship: configs and safetensors only, within the size limit
+rm -rf "$ASSETS/clip" "$ASSETS/rdm"
+mkdir -p "$ASSETS/clip" "$ASSETS/rdm"
+cp "$RUN/clip/open_clip_config.json" "$RUN/clip/open_clip_model.safetensors" "$ASSETS/clip/"
+if [ -f "$RUN/clip/train_info.json" ]; then cp "$RUN/clip/train_info.json" "$ASSETS/clip/"; fi
+cp -r "$RUN/rdm/model/." "$ASSETS/rdm/"   # model_index.json, rdm_config.json, unet/, scheduler/
+python - "$ASSETS" <<'EOF'
+import json, sys
+from pathlib import Path
+
+from rdm.embedder import Embedder
+
+# The model records the CLIP's weights checksum, which is what is checked; its id would be this machine's
+# absolute path, so it is replaced by the bundled folder's path from a source checkout's root.
+assets = Path(sys.argv[1])
+config_path = assets / "rdm" / "rdm_config.json"
+config = json.loads(config_path.read_text())
+bundled = Embedder.load(f"local-dir:{assets / 'clip'}", device="cpu", dtype="float32").identity
+if bundled.weights_sha256 != config["embedder"]["weights_sha256"]:
+    sys.exit(f"error: the bundled CLIP is not the one {config_path} was trained with")
+config["embedder"]["model"] = f"local-dir:{assets / 'clip'}"
+config_path.write_text(json.dumps(config, indent=1) + "\n")
+EOF
+other=$(find "$ASSETS/clip" "$ASSETS/rdm" -type f ! -name '*.json' ! -name '*.safetensors')
+if [ -n "$other" ]; then
+    echo "error: only configs and safetensors may ship, found: $other" >&2
+    exit 1
+fi
+bytes=$(find "$ASSETS/clip" "$ASSETS/rdm" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
+echo "bundled weights in $ASSETS: $(awk -v b="$bytes" 'BEGIN {printf "%.1f", b / 1e6}') MB (limit $MAX_MB MB)"
+if [ "$bytes" -gt $((MAX_MB * 1000000)) ]; then
+    echo "error: the demo weights exceed $MAX_MB MB" >&2
+    exit 1
+fi
+
+# 6. The demo itself, from the bundled weights
+# shellcheck disable=SC2086
+rdm demo --out "$RUN/demo" --model "$ASSETS/rdm" --clip "$ASSETS/clip" $DEMO_ARGS
