@@ -154,10 +154,12 @@ def remove(ctx, db, ids, where, indexes):
 @click.option("--size", default=64, show_default=True, type=click.IntRange(16, 1024), help="image side in pixels")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--start", default=0, show_default=True, type=click.IntRange(0), help="index of the first item")
-def toyart_cmd(out, count, styles, size, seed, start):
+@click.option("--style-caption-prob", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="share of captions that name the style")
+def toyart_cmd(out, count, styles, size, seed, start, style_caption_prob):
     """Draw a captioned toy-art image set (shapes x colours x styles) into OUT, with metadata.jsonl."""
     chosen = tuple(s.strip() for s in styles.split(",")) if styles else None
-    spec = toyart.ToyArtSpec(size=size, seed=seed)
+    spec = toyart.ToyArtSpec(size=size, seed=seed, style_caption_prob=style_caption_prob)
     path = toyart.generate(spec, count, out, styles=chosen, start=start)
     click.echo(f"{count} images in {path} (metadata.jsonl holds captions and labels)")
 
