@@ -15,6 +15,25 @@ from imagezoo import base_picture, write_zoo  # noqa: E402
 from rdm.tiny import make_tiny_clip  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+GOLDEN = SHARED / "golden" / "compvis_rdm_small"
+
+
+def need(path: Path) -> Path:
+    """The path, or skip the test when the shared reference data beside the checkout is absent."""
+    if not path.exists():
+        pytest.skip(f"shared reference data not available: {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: tiny models gain nothing from a second, and lose a lot when processes share 2 cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

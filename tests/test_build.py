@@ -15,7 +15,6 @@ from rdm import api
 from rdm.build import BUILD_DIR, BuildOptions, build_database
 from rdm.database import Database
 from rdm.embedder import Embedder
-from rdm.errors import DatabaseError
 from rdm.sources import FolderSource
 
 

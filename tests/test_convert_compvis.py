@@ -3,7 +3,6 @@
 import dataclasses
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,33 +17,26 @@ from rdm.convert.compvis import (
 )
 from rdm.errors import RDMError
 from rdm.modelformat import RDMConfig, load_model_components, model_fingerprint, save_model_folder
+from conftest import GOLDEN, SHARED, need
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-GOLDEN = SHARED / "golden" / "compvis_rdm_small"
 REFERENCE_768 = SHARED / "reference" / "compvis_rdm768x768.yaml"
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared reference data not available: {path}")
-    return path
 
 
 @pytest.fixture(scope="module")
 def settings():
-    return json.loads((_need(GOLDEN) / "golden.json").read_text())
+    return json.loads((need(GOLDEN) / "golden.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def golden():
-    return load_file(str(_need(GOLDEN / "golden.safetensors")))
+    return load_file(str(need(GOLDEN / "golden.safetensors")))
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, settings):
     """{"ema": folder, "raw": folder} converted from the golden checkpoint."""
     out = tmp_path_factory.mktemp("converted")
-    ckpt, config = _need(GOLDEN / "model.ckpt"), GOLDEN / "config.yaml"
+    ckpt, config = need(GOLDEN / "model.ckpt"), GOLDEN / "config.yaml"
     return {name: convert_compvis_checkpoint(ckpt, config, out / name, clip_dim=settings["clip_dim"],
                                              ema=(name == "ema"), k=settings["neighbors_k"])
             for name in ("ema", "raw")}
@@ -124,7 +116,7 @@ def test_ema_and_raw_weights_differ(converted, golden):
 
 
 def test_published_768_architecture_has_the_faithful_parameter_counts():
-    counts = count_parameters_from_config(_need(REFERENCE_768))
+    counts = count_parameters_from_config(need(REFERENCE_768))
     assert counts == {"unet": 1_335_480_400, "vae": 69_610_963}
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_folder
+from conftest import GOLDEN, make_folder, need
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import load_file
@@ -20,41 +20,27 @@ from rdm.generate import convert
 from rdm.modelformat import RDMConfig, save_model_folder
 from rdm.tiny import TINY_CLIP_CFG, make_tiny_clip
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-GOLDEN = SHARED / "golden" / "compvis_rdm_small"
 FAST = dict(num_inference_steps=2, output_type="np")  # enough steps to see the conditioning act
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared reference data not available: {path}")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def golden():
-    return load_file(str(_need(GOLDEN / "golden.safetensors")))
+    return load_file(str(need(GOLDEN / "golden.safetensors")))
 
 
 @pytest.fixture(scope="module")
 def settings():
-    return json.loads((_need(GOLDEN) / "golden.json").read_text())
+    return json.loads((need(GOLDEN) / "golden.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_clip) -> Path:
     """The golden CompVis checkpoint converted with the tiny CLIP (dim 32 = the golden context_dim)."""
     out = tmp_path_factory.mktemp("model") / "rdm-small"
-    return convert(_need(GOLDEN / "model.ckpt"), GOLDEN / "config.yaml", tiny_clip, out).path
+    return convert(need(GOLDEN / "model.ckpt"), GOLDEN / "config.yaml", tiny_clip, out).path
 
 
 @pytest.fixture(scope="module")

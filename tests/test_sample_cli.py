@@ -8,31 +8,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_folder
+from conftest import GOLDEN, make_folder, need
 from PIL import Image
 
 from rdm.cli import main
 from rdm.sheets import LABEL_H, PAD
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-GOLDEN = SHARED / "golden" / "compvis_rdm_small"
 FAST = ["--seed", "1", "--steps", "5", "--quiet"]
 FASTER = ["--seed", "1", "--steps", "2", "--height", "64", "--width", "64", "--quiet"]  # checks of conditioning only
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and lose a lot when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared reference data not available: {path}")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rdm(*args: str, ok: bool = True):
@@ -52,7 +38,7 @@ def setup(tmp_path_factory, tiny_clip):
     for name in ("A", "B"):
         rdm("--indexes", home, "build-index", root / f"pics{name}", "--name", name, "--clip", tiny_clip,
             "--workers", "0")
-    result = rdm("convert", _need(GOLDEN / "model.ckpt"), "--config", GOLDEN / "config.yaml", "--clip", tiny_clip,
+    result = rdm("convert", need(GOLDEN / "model.ckpt"), "--config", GOLDEN / "config.yaml", "--clip", tiny_clip,
                  "--out", root / "model")
     assert "model folder:" in result.output
     return {"root": root, "home": home, "model": root / "model", "clip": tiny_clip}
@@ -187,7 +173,7 @@ def test_convert_without_the_clip_records_its_id_and_dim(tmp_path, monkeypatch):
         raise EmbedderUnavailable(f"cannot load CLIP '{model_id}': the hub is unreachable")
 
     monkeypatch.setattr(api, "load_embedder", offline)
-    result = rdm("convert", _need(GOLDEN / "model.ckpt"), "--config", GOLDEN / "config.yaml", "--out", tmp_path / "m")
+    result = rdm("convert", need(GOLDEN / "model.ckpt"), "--config", GOLDEN / "config.yaml", "--out", tmp_path / "m")
     assert "note: CLIP ViT-L-14:openai could not be loaded" in result.output
     config = json.loads((tmp_path / "m" / "rdm_config.json").read_text())
     assert config["embedder"] == {"model": "ViT-L-14:openai", "dim": 32}

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file
 
-from conftest import make_folder
+from conftest import GOLDEN, make_folder
 from rdm import api
 from rdm.cli import main as cli
 from rdm.convert.compvis import convert_compvis_checkpoint
@@ -27,17 +27,10 @@ from rdm.train.data import exclude_self_and_duplicates, prepare_training_data
 from rdm.train.loop import batch_indices, make_batch, neighbour_keep, step_generator, training_context
 from rdm.train.presets import CONFIG_DIR
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "compvis_rdm_small"
 DUP_THRESHOLD = 0.999  # the random tiny CLIP puts distinct pictures at 0.93-0.995 cosine; copies at 1.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread is faster than two fighting (and keeps CPU use modest)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
