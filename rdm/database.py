@@ -24,7 +24,8 @@ from . import store
 from .embedder import EmbedderIdentity
 from .errors import DatabaseCorrupt, DatabaseError, RDMError
 
-FILTER_EXACT_MAX = 200_000  # filtered searches over at most this many rows are exact, over the subset
+FILTER_EXACT_MAX = 20_000  # filters matching at most this many rows: exact search over a copy of the subset;
+# more: the index itself searches with a FAISS IDSelector (exact for Flat, no copy of the vectors)
 BASE_COLUMNS = {"id": pa.string(), "path": pa.string(), "source_row": pa.int64(), "width": pa.int64(),
                 "height": pa.int64(), "caption": pa.string()}
 SKIPPED_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("reason", pa.string()),
@@ -251,7 +252,7 @@ class Database:
             raise RDMError(f"k must be at least 1, got {k}")
         queries = faiss_index.normalise(faiss_index.check_vectors(queries, self.dim, "query embeddings"))
         allowed = self.filter_rows(where)
-        if allowed is not None and (self.spec.factory == "Flat" or len(allowed) <= FILTER_EXACT_MAX):
+        if allowed is not None and len(allowed) <= FILTER_EXACT_MAX:
             scores, pos = faiss_index.exact_topk(queries, self.vectors[allowed], k)
             rows = np.where(pos >= 0, allowed[np.maximum(pos, 0)], -1) if len(allowed) else pos
         else:

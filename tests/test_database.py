@@ -185,3 +185,20 @@ def test_approximate_index_reaches_recall_target():
     assert recall_at_k(found, truth) >= 0.93
     with pytest.raises(RDMError, match="invalid FAISS factory"):
         build_index(vectors, "NotAnIndex", seed=0)
+
+
+def test_large_filters_search_through_the_index_with_a_selector(tmp_path, tiny_clip, home, monkeypatch):
+    """Above FILTER_EXACT_MAX matching rows the index searches with an IDSelector: same hits as exact."""
+    import rdm.database as database
+
+    root = tmp_path / "styled"
+    names = make_folder(root, 20)
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": n, "style": "neon" if i % 2 else "flat"})
+                                                  for i, n in enumerate(names)))
+    build(root, "styled", tiny_clip, home)
+    db = Database.open("styled", home)
+    exact = db.search(db.vectors[:3], k=5, where=["style=neon"])
+    monkeypatch.setattr(database, "FILTER_EXACT_MAX", 0)
+    via_index = db.search(db.vectors[:3], k=5, where=["style=neon"])
+    assert np.array_equal(exact.rows, via_index.rows) and np.allclose(exact.scores, via_index.scores, atol=1e-6)
+    assert all(h["style"] == "neon" for q in range(3) for h in via_index.hits(q))
