@@ -61,7 +61,8 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
     name = name or default_name(source)
     db_dir = store.resolve(name, indexes)
     if clip is None and (append or resume) and (db_dir / store.MANIFEST).is_file():
-        clip = Database.open(db_dir).identity.model  # keep the embedder the database was built with
+        # keep the embedder the database was built with (the manifest says which; no need to load it)
+        clip = store.read_manifest(db_dir, db_dir.name)["embedder"]["model"]
     embedder = load_embedder(clip or DEFAULT_CLIP, device, dtype)
     if src.kind == "embeddings" and src.vectors.shape[1] != embedder.dim:
         raise SourceError(f"{source} holds {src.vectors.shape[1]}-d vectors but {embedder.identity.model} makes "

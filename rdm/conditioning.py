@@ -27,6 +27,7 @@ import torch
 
 from .database import Retriever, parse_where
 from .errors import DatabaseError, RDMError
+from .sources import json_safe
 
 
 class RetrievalWarning(UserWarning):
@@ -109,19 +110,6 @@ def _valid_columns(rows: np.ndarray) -> list[list[int]]:
     return [[j for j in range(rows.shape[1]) if rows[q, j] >= 0] for q in range(rows.shape[0])]
 
 
-def _jsonable(value: Any) -> Any:
-    """Metadata values as plain JSON types (numpy scalars -> Python, others -> str)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return str(value)
-
-
 def retrieve(queries: np.ndarray, sources: Sequence[tuple[Retriever, float]], k: int,
              where: Mapping[str, Sequence[str]] | Sequence[str] | None = None) -> Neighbours:
     """k neighbours per query (Q, D), drawn from the sources in proportion to their weights, merged by similarity.
@@ -155,7 +143,7 @@ def retrieve(queries: np.ndarray, sources: Sequence[tuple[Retriever, float]], k:
             cols = np.array([v[:got] for v in valid], np.int64).reshape(len(queries), got)  # (Q, got)
             scores = np.take_along_axis(result.scores, cols, 1).astype(np.float32)
             embeddings = np.take_along_axis(result.embeddings(), cols[..., None], 1)  # (Q, got, D)
-            hits = [[{"database": name, **{key: _jsonable(v) for key, v in h.items()}}
+            hits = [[{"database": name, **{key: json_safe(v) for key, v in h.items()}}
                      for h in result.hits(q)[:got]] for q in range(len(queries))]
             parts.append((embeddings, scores, hits))
         drawn.append({"name": name, "fingerprint": getattr(retriever, "fingerprint", None), "weight": weight,

@@ -51,16 +51,16 @@ class Source(Protocol):
     def iter_items(self, start: int = 0) -> Iterator[Item]: ...
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Metadata values as JSON-able scalars (lists/dicts kept, bytes and exotic types stringified)."""
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
+    if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     return str(value)
 
 
@@ -115,7 +115,7 @@ class FolderSource:
             caption_key = next((c for c in CAPTION_COLUMNS if c in extra), None)
             if caption_key:
                 meta["caption"] = extra[caption_key]
-            meta.update({k: _json_safe(v) for k, v in extra.items() if k != caption_key})
+            meta.update({k: json_safe(v) for k, v in extra.items() if k != caption_key})
             yield Item(index=i, id=rel, payload=str(self.root / rel), meta=meta)
 
 
@@ -198,7 +198,7 @@ class HFDatasetSource:
             if isinstance(value, (dict, list)) and any(isinstance(v, (bytes, dict)) for v in
                                                        (value.values() if isinstance(value, dict) else value)):
                 continue  # nested media columns are not metadata
-            meta[col] = _json_safe(value)
+            meta[col] = json_safe(value)
         return meta
 
     def iter_items(self, start: int = 0) -> Iterator[Item]:
@@ -270,7 +270,7 @@ class EmbeddingsSource:
         id_col = next((c for c in ID_COLUMNS if c in table.column_names), None)
         ids = [str(x) for x in table.column(id_col).to_pylist()] if id_col else [str(i) for i in range(len(vec))]
         rest = table.drop_columns([c for c in (col, id_col) if c])
-        return vec, ids, [{k: _json_safe(v) for k, v in r.items()} for r in rest.to_pylist()]
+        return vec, ids, [{k: json_safe(v) for k, v in r.items()} for r in rest.to_pylist()]
 
     def describe(self) -> dict:
         return {"type": "embeddings", "path": str(self.path), "count": len(self.ids), "dim": int(self.vectors.shape[1])}
