@@ -177,6 +177,8 @@ def toyart_cmd(out, count, styles, size, seed, start, style_caption_prob):
 @click.option("--seed", default=0, show_default=True, type=int, help="first seed")
 @click.option("--steps", default=25, show_default=True, type=click.IntRange(1), help="denoising steps")
 @click.option("--guidance", default=3.0, show_default=True, type=float, help="classifier-free guidance scale")
+@click.option("--eta", default=1.0, show_default=True, type=click.FloatRange(0, 1),
+              help="DDIM eta: 1 ancestral sampling (what the small demo model needs for clean images), 0 deterministic")
 @click.option("-k", "k", default=None, type=click.IntRange(1), help="neighbours per query [default: the model's]")
 @click.option("--n-per-style", default=48, show_default=True, type=click.IntRange(1),
               help="toy-art images in each style's database")
@@ -186,14 +188,15 @@ def toyart_cmd(out, count, styles, size, seed, start, style_caption_prob):
               help="torch CPU threads (0: torch's default); the demo's small batches gain little from more, and a "
               "busy CPU makes more much slower")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def demo(out, model, clip, prompts, seeds, seed, steps, guidance, k, n_per_style, styles, device, threads, quiet):
+def demo(out, model, clip, prompts, seeds, seed, steps, guidance, eta, k, n_per_style, styles, device, threads,
+         quiet):
     """Swap the style by swapping the database: one grid of the same prompts and seeds, a row per toy-art style."""
     from .demo.run import DemoConfig, run_demo
 
     chosen = {"styles": tuple(s.strip() for s in styles.split(","))} if styles else {}
     chosen.update({"prompts": tuple(prompts)} if prompts else {})
-    run_demo(DemoConfig(out=out, model=model, clip=clip, seeds=seeds, seed=seed, steps=steps, guidance=guidance, k=k,
-                        n_per_style=n_per_style, device=device, threads=threads or None, progress=not quiet, **chosen),
+    run_demo(DemoConfig(out=out, model=model, clip=clip, seeds=seeds, seed=seed, steps=steps, guidance=guidance, eta=eta,
+                        k=k, n_per_style=n_per_style, device=device, threads=threads or None, progress=not quiet, **chosen),
              log=click.echo)
 
 
@@ -216,6 +219,8 @@ def sampling_options(f):
         click.option("--guidance", type=float, default=5.0, show_default=True, help="classifier-free guidance scale"),
         click.option("--scheduler", default=None, help="ddim (default, as CompVis), dpm++, euler, ... or a diffusers "
                      "scheduler class"),
+        click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                     help="DDIM eta: 0 deterministic (CompVis' default), 1 ancestral (DDPM-like)"),
         click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
                      help="seed of the first image (deterministic by default)"),
         click.option("--where", "where", multiple=True, help="COLUMN=VALUE filter applied inside the search"),
@@ -243,10 +248,11 @@ def _retrieval_warnings(run):
     return result
 
 
-def _sample_options(k, num_images, steps, guidance, scheduler, seed, where, height, width, quiet):
+def _sample_options(k, num_images, steps, guidance, scheduler, eta, seed, where, height, width, quiet):
     from .generate import SampleOptions
 
-    return SampleOptions(k=k, num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler, seed=seed,
+    return SampleOptions(k=k, num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler, eta=eta,
+                         seed=seed,
                          where=tuple(where), height=height, width=width, progress=not quiet)
 
 
@@ -262,12 +268,12 @@ def _sample_options(k, num_images, steps, guidance, scheduler, seed, where, heig
 @sampling_options
 @indexes_option
 @click.pass_context
-def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guidance, scheduler, seed, where, height,
-           width, device, dtype, quiet, indexes):
+def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guidance, scheduler, eta, seed, where,
+           height, width, device, dtype, quiet, indexes):
     """Generate images for PROMPT, conditioned on its neighbours in the --db databases."""
     from . import generate
 
-    options = _sample_options(k, num_images, steps, guidance, scheduler, seed, where, height, width, quiet)
+    options = _sample_options(k, num_images, steps, guidance, scheduler, eta, seed, where, height, width, quiet)
     result = _retrieval_warnings(lambda: generate.sample(
         prompt, model=model, databases=list(dbs), options=options, image=image, refs=list(refs), out=out,
         indexes=_home(ctx, indexes), device=device, dtype=dtype))
@@ -285,12 +291,12 @@ def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guid
 @sampling_options
 @indexes_option
 @click.pass_context
-def compare(ctx, prompt, dbs, out, model, k, num_images, steps, guidance, scheduler, seed, where, height, width,
+def compare(ctx, prompt, dbs, out, model, k, num_images, steps, guidance, scheduler, eta, seed, where, height, width,
             device, dtype, quiet, indexes):
     """Sample PROMPT with the same seeds and model once per --db, in one labelled grid."""
     from . import generate
 
-    options = _sample_options(k, num_images, steps, guidance, scheduler, seed, where, height, width, quiet)
+    options = _sample_options(k, num_images, steps, guidance, scheduler, eta, seed, where, height, width, quiet)
     grid_path, provenance = _retrieval_warnings(lambda: generate.compare(
         prompt, list(dbs), model=model, options=options, out=out, indexes=_home(ctx, indexes), device=device,
         dtype=dtype))

@@ -42,6 +42,7 @@ class SampleOptions:
     steps: int = DEFAULT_STEPS  # denoising steps
     guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale
     scheduler: str | None = None  # None: the model's (CompVis DDIM); "dpm++", "euler", ... or a diffusers class
+    eta: float = 0.0  # DDIM eta (CompVis --ddim_eta): 0 deterministic, 1 ancestral (DDPM-like) sampling
     seed: int | None = 0  # first image's seed (deterministic by default); None draws one at random (recorded)
     where: tuple[str, ...] = ()  # COLUMN=VALUE filters applied inside each search
     height: int | None = None  # pixels (default: the model's resolution)
@@ -178,6 +179,7 @@ def _run(pipe: RDMPipeline, prompt: str | None, databases: list[tuple[str, float
     out = pipe(prompt=prompt, image=image, refs=list(refs) or None, databases=databases or None,
                where=list(options.where) or None, k=options.k, num_images_per_prompt=options.num_images,
                num_inference_steps=options.steps, guidance_scale=options.guidance, scheduler=options.scheduler,
+               eta=options.eta,
                seed=options.seed, height=options.height, width=options.width, output_type="pil", indexes=indexes)
     return out.images, [p.to_dict() for p in out.provenance]
 

@@ -52,14 +52,14 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     if a.device:
         pipe = pipe.to(a.device)
     sampler = pipeline_sampler(pipe, k=a.k, num_inference_steps=a.steps, guidance_scale=a.guidance,
-                               scheduler=a.scheduler, indexes=a.indexes)
+                               scheduler=a.scheduler, indexes=a.indexes, eta=a.eta)
     databases = open_style_databases(a.databases, a.styles, a.indexes)
     judge = ToyArtClassifier.load(a.classifier)
     config = StyleSwapConfig(contents=content_grid(a.contents), seeds=tuple(a.seeds), batch_size=a.batch_size,
                              control=not a.no_control)
     report = run_style_swap(sampler, databases, judge, config, keep_images=bool(a.sheet), log=say)
     report["model"] = {"path": str(Path(a.model).resolve()), "fingerprint": pipe.fingerprint}
-    report["sampling"] = {"k": a.k, "steps": a.steps, "guidance": a.guidance, "scheduler": a.scheduler}
+    report["sampling"] = {"k": a.k, "steps": a.steps, "guidance": a.guidance, "eta": a.eta, "scheduler": a.scheduler}
     report["databases"] = {s: getattr(db, "fingerprint", None) for s, db in databases.items()}
     report["judge"] = {"path": str(Path(a.classifier).resolve()), "heldout": judge.metrics.get("heldout")}
     if a.sheet:
@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--contents", type=int, default=16, help="content prompts (shape x colour pairs, 1-64)")
     e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     e.add_argument("--k", type=int, default=None, help="neighbours per query (default: the model's)")
-    e.add_argument("--steps", type=int, default=50)
-    e.add_argument("--guidance", type=float, default=5.0)
+    e.add_argument("--steps", type=int, default=25, help="denoising steps (rdm demo: 25)")
+    e.add_argument("--guidance", type=float, default=3.0, help="guidance scale (rdm demo: 3.0)")
+    e.add_argument("--eta", type=float, default=1.0, help="DDIM eta (rdm demo: 1.0, ancestral)")
     e.add_argument("--scheduler", default=None)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--no-control", action="store_true", help="skip the query-alone control")

@@ -10,10 +10,14 @@
 RUN=${RUN:-runs/demo}                  # work folder: toy art, CLIP, databases, training cache, RDM run
 N_TRAIN=${N_TRAIN:-24000}              # toy-art training images (all six styles, indices 0 .. N_TRAIN-1)
 SIZE=${SIZE:-64}                       # image side; the `small` preset is 64 px
+STYLE_CAPTIONS=${STYLE_CAPTIONS:-0}    # share of the RDM's training captions that name the style: 0, so that the
+#                                        style can only come from the neighbours (the CLIP draws its own captions)
 DEVICE=${DEVICE:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
-CLIP_STEPS=${CLIP_STEPS:-5000}         # demo CLIP optimiser steps (rdm/demo/clip.py)
-CLIP_BATCH=${CLIP_BATCH:-256}          # image/caption pairs per CLIP step
-CLIP_WORKERS=${CLIP_WORKERS:-0}        # processes rendering the CLIP's toy art on the fly
+CLIP_FROM=${CLIP_FROM:-}               # an existing demo CLIP folder to reuse instead of training one, e.g.
+#                                        rdm/assets/demo/clip (to retrain only the RDM)
+CLIP_STEPS=${CLIP_STEPS:-3000}         # demo CLIP optimiser steps (rdm/demo/clip.py); the bundled CLIP: 3000
+CLIP_BATCH=${CLIP_BATCH:-128}          # image/caption pairs per CLIP step; the bundled CLIP: 128
+CLIP_WORKERS=${CLIP_WORKERS:-1}        # processes rendering the CLIP's toy art on the fly
 RDM_STEPS=${RDM_STEPS:-2000}           # RDM optimiser steps (`small` preset: 2000)
 RDM_BATCH=${RDM_BATCH:-32}             # RDM images per step
 PRECISION=${PRECISION:-no}             # RDM mixed precision: no, bf16 (AVX512-BF16/AMX CPUs, Ampere+ GPUs), fp16
@@ -32,13 +36,19 @@ fi
 mkdir -p "$RUN"
 echo "device $DEVICE; run folder $RUN"
 
-# 1. Toy-art training set: every style, captions in metadata.jsonl (about half name the style)
-rdm toyart "$RUN/toyart" -n "$N_TRAIN" --size "$SIZE" --seed 0
+# 1. Toy-art training set: every style, content-only captions in metadata.jsonl
+rdm toyart "$RUN/toyart" -n "$N_TRAIN" --size "$SIZE" --seed 0 --style-caption-prob "$STYLE_CAPTIONS"
 
-# 2. The demo CLIP (renders its own toy art on the fly, from the same seed)
-eval_flag=(); [ "$CLIP_EVAL" = 0 ] && eval_flag=(--no-eval)
-python scripts/train_demo_clip.py --out "$RUN/clip" --steps "$CLIP_STEPS" --batch-size "$CLIP_BATCH" \
-    --seed "$SEED" --data-seed 0 --device "$DEVICE" --workers "$CLIP_WORKERS" --save-dtype float16 "${eval_flag[@]}"
+# 2. The demo CLIP (renders its own toy art on the fly, from the same seed), or a copy of CLIP_FROM
+if [ -n "$CLIP_FROM" ]; then
+    mkdir -p "$RUN/clip"
+    cp "$CLIP_FROM"/open_clip_config.json "$CLIP_FROM"/open_clip_model.safetensors "$RUN/clip/"
+    if [ -f "$CLIP_FROM/train_info.json" ]; then cp "$CLIP_FROM/train_info.json" "$RUN/clip/"; fi
+else
+    eval_flag=(); [ "$CLIP_EVAL" = 0 ] && eval_flag=(--no-eval)
+    python scripts/train_demo_clip.py --out "$RUN/clip" --steps "$CLIP_STEPS" --batch-size "$CLIP_BATCH" \
+        --seed "$SEED" --data-seed 0 --device "$DEVICE" --workers "$CLIP_WORKERS" --save-dtype float16 "${eval_flag[@]}"
+fi
 
 # 3. The retrieval database of the training set, embedded with that CLIP: the neighbours of training
 rdm build-index "$RUN/toyart" --name demo-train --clip "local-dir:$RUN/clip" --indexes "$RUN/indexes" \

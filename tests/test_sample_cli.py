@@ -79,6 +79,17 @@ def test_sample_writes_images_provenance_and_grid_deterministically(setup, tmp_p
     assert not np.array_equal(pixels(pngs[0]), pixels(pngs[1]))  # seeds 1 and 2
 
 
+def test_eta_one_samples_ancestrally_seeded_and_recorded(setup, tmp_path):
+    for out in ("one", "two"):
+        sample(setup, tmp_path / out, "--db", "A", "--eta", "1", *FAST)
+    sample(setup, tmp_path / "det", "--db", "A", *FAST)
+    record = json.loads((tmp_path / "one" / "a-red-circle-1.json").read_text())
+    assert record["scheduler"]["eta"] == 1.0
+    assert (tmp_path / "one" / "a-red-circle-1.png").read_bytes() == (tmp_path / "two" / "a-red-circle-1.png").read_bytes()
+    assert not np.array_equal(pixels(tmp_path / "one" / "a-red-circle-1.png"), pixels(tmp_path / "det" / "a-red-circle-1.png"))
+    assert sample(setup, tmp_path / "bad", "--eta", "2", *FAST, ok=False).exit_code == 2
+
+
 def test_another_database_gives_other_neighbours_and_image(setup, tmp_path):
     sample(setup, tmp_path / "a", "--db", "A", *FAST)
     sample(setup, tmp_path / "b", "--db", "B", *FAST)

@@ -230,13 +230,13 @@ def contact_sheet(report: dict, out: str | Path, columns: int = 16, size: int = 
 
 
 def pipeline_sampler(pipe, k: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
-                     scheduler: str | None = None, indexes: str | None = None) -> Sampler:
+                     scheduler: str | None = None, indexes: str | None = None, eta: float = 0.0) -> Sampler:
     """A Sampler drawing from an rdm.pipeline.RDMPipeline: one image per prompt, seeded per image."""
     pipe.set_progress_bar_config(disable=True)
 
     def sample(prompts: list[str], database: Any, seeds: list[int]) -> list[Image.Image]:
         out = pipe(prompt=list(prompts), databases=database, k=k, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, scheduler=scheduler, seed=list(seeds), indexes=indexes,
+                   guidance_scale=guidance_scale, scheduler=scheduler, eta=eta, seed=list(seeds), indexes=indexes,
                    output_type="pil")
         return out.images
 

@@ -57,6 +57,8 @@ class DemoConfig:
     seed: int = 0  # first seed
     steps: int = 25  # DDIM steps
     guidance: float = 3.0  # classifier-free guidance scale (rdm train draws its sample grids with 3.0)
+    eta: float = 1.0  # DDIM eta: ancestral sampling; the demo model's deterministic (eta 0) samples keep visible
+    #                   noise, since it is trained for minutes on a CPU (scripts/eval_style_swap.py measures both)
     k: int | None = None  # neighbours per query (default: the model's)
     n_per_style: int = 48  # toy-art items per style database
     styles: tuple[str, ...] = STYLES  # one database (and grid row) per style
@@ -138,6 +140,7 @@ def drop_stale_style_sets(root: Path, styles: Sequence[str], n: int, spec: ToyAr
 def sample_rows(pipe, databases: dict[str, str], config: DemoConfig, indexes: Path) -> list[dict]:
     """One pipeline call per row ({label: database name}, then none): every prompt x seed, same seeds throughout."""
     options = SampleOptions(k=config.k, num_images=config.seeds, steps=config.steps, guidance=config.guidance,
+                            eta=config.eta,
                             seed=config.seed, progress=config.progress)
     rows = []
     for label, db in [*databases.items(), (CONTROL, None)]:
