@@ -177,8 +177,8 @@ def toyart_cmd(out, count, styles, size, seed, start, style_caption_prob):
 @click.option("--seed", default=0, show_default=True, type=int, help="first seed")
 @click.option("--steps", default=25, show_default=True, type=click.IntRange(1), help="denoising steps")
 @click.option("--guidance", default=3.0, show_default=True, type=float, help="classifier-free guidance scale")
-@click.option("--eta", default=1.0, show_default=True, type=click.FloatRange(0, 1),
-              help="DDIM eta: 1 ancestral sampling (what the small demo model needs for clean images), 0 deterministic")
+@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="DDIM eta: 0 deterministic (CompVis' default), 1 ancestral (DDPM-like)")
 @click.option("-k", "k", default=None, type=click.IntRange(1), help="neighbours per query [default: the model's]")
 @click.option("--n-per-style", default=48, show_default=True, type=click.IntRange(1),
               help="toy-art images in each style's database")
@@ -368,6 +368,9 @@ def _preset(preset: str | None, config: str | None, default: str = "small") -> s
               help="database items at least this similar (cosine) to a training image are not its neighbours")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
               help="[default: epsilon, or the --init model's]")
+@click.option("--noise-schedule", type=click.Choice(["ldm", "ddpm"]), default=None,
+              help="ldm: CompVis' latent schedule; ddpm: Ho et al.'s, for pixel space [default: the --init model's, "
+              "else the preset's]")
 @click.option("--checkpoint-every", type=click.IntRange(0), default=None, help="steps between checkpoints")
 @click.option("--sample-every", type=click.IntRange(-1), default=None,
               help="steps between sample grids (0: at the end only, -1: never)")
@@ -388,7 +391,7 @@ def _preset(preset: str | None, config: str | None, default: str = "small") -> s
 @click.pass_context
 def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, query, steps, batch_size, grad_accum,
           lr, lr_schedule, warmup_steps, mixed_precision, ema_decay, cond_drop, fixed_k, dedup_threshold,
-          prediction_type, checkpoint_every, sample_every, resume, seed, limit, split, image_column, caption_column,
+          prediction_type, noise_schedule, checkpoint_every, sample_every, resume, seed, limit, split, image_column, caption_column,
           cache_dir, cpu, threads, quiet, indexes):
     """Train (or fine-tune, or resume) a retrieval-augmented diffusion model.
 
@@ -402,7 +405,8 @@ def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, qu
         indexes=_home(ctx, indexes), resolution=resolution, k=k, query=query, steps=steps, batch_size=batch_size,
         grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
         mixed_precision=mixed_precision, ema_decay=ema_decay, cond_drop=cond_drop, random_k=not fixed_k,
-        dedup_threshold=dedup_threshold, prediction_type=prediction_type, checkpoint_every=checkpoint_every,
+        dedup_threshold=dedup_threshold, prediction_type=prediction_type, noise_schedule=noise_schedule,
+        checkpoint_every=checkpoint_every,
         sample_every=sample_every, resume=resume, seed=seed, limit=limit, split=split, image_column=image_column,
         caption_column=caption_column, cache_dir=cache_dir, cpu=cpu, threads=threads or None, progress=not quiet)
     result = run_training(cfg)

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--k", type=int, default=None, help="neighbours per query (default: the model's)")
     e.add_argument("--steps", type=int, default=25, help="denoising steps (rdm demo: 25)")
     e.add_argument("--guidance", type=float, default=3.0, help="guidance scale (rdm demo: 3.0)")
-    e.add_argument("--eta", type=float, default=1.0, help="DDIM eta (rdm demo: 1.0, ancestral)")
+    e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (rdm demo: 0, deterministic)")
     e.add_argument("--scheduler", default=None)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--no-control", action="store_true", help="skip the query-alone control")

@@ -18,10 +18,11 @@ CLIP_FROM=${CLIP_FROM:-}               # an existing demo CLIP folder to reuse i
 CLIP_STEPS=${CLIP_STEPS:-3000}         # demo CLIP optimiser steps (rdm/demo/clip.py); the bundled CLIP: 3000
 CLIP_BATCH=${CLIP_BATCH:-128}          # image/caption pairs per CLIP step; the bundled CLIP: 128
 CLIP_WORKERS=${CLIP_WORKERS:-1}        # processes rendering the CLIP's toy art on the fly
-RDM_STEPS=${RDM_STEPS:-2000}           # RDM optimiser steps (`small` preset: 2000)
+RDM_STEPS=${RDM_STEPS:-3000}           # RDM stage 1 optimiser steps, on CompVis' latent (ldm) noise schedule
+RDM_FT_STEPS=${RDM_FT_STEPS:-2250}     # stage 2: fine-tuning onto the pixel-space (ddpm) schedule; 0 skips it
 RDM_BATCH=${RDM_BATCH:-32}             # RDM images per step
-PRECISION=${PRECISION:-no}             # RDM mixed precision: no, bf16 (AVX512-BF16/AMX CPUs, Ampere+ GPUs), fp16
-THREADS=${THREADS:-}                   # torch CPU threads for the RDM (1 is fastest on a busy, shared CPU)
+PRECISION=${PRECISION:-bf16}           # RDM mixed precision: no, bf16 (AVX512-BF16/AMX CPUs, Ampere+ GPUs), fp16
+THREADS=${THREADS:-2}                  # torch CPU threads for the RDM (1 is fastest on a busy, shared CPU)
 SEED=${SEED:-0}                        # CLIP initialisation and RDM training seed
 CLIP_EVAL=${CLIP_EVAL:-1}              # 0: skip the CLIP's zero-shot evaluation after training
 MAX_MB=${MAX_MB:-40}                   # the shipped weights must fit in this many MB (10^6 bytes)
@@ -54,19 +55,30 @@ fi
 rdm build-index "$RUN/toyart" --name demo-train --clip "local-dir:$RUN/clip" --indexes "$RUN/indexes" \
     --device "$DEVICE"
 
-# 4. The RDM: caption (text) queries, so the style has to come from the neighbours
+# 4. The RDM: caption (text) queries, so the style has to come from the neighbours. The bundled model was made
+#    in two stages: 3000 steps on CompVis' latent noise schedule, whose samples in pixel space came out tinted
+#    (it leaves 0.028 of the signal at t = T; see NOISE_SCHEDULES in rdm/train/loop.py), then fine-tuned onto
+#    DDPM's pixel schedule. A fresh run can train on ddpm from the start (the small preset's default now):
+#    RDM_STEPS=N RDM_FT_STEPS=0 STAGE1_SCHEDULE=ddpm.
 cpu_flag=(); [ "$DEVICE" = cpu ] && cpu_flag=(--cpu)
 threads_flag=(); [ -n "$THREADS" ] && threads_flag=(--threads "$THREADS")
-rdm --indexes "$RUN/indexes" train --preset small --query text --data "$RUN/toyart" --db demo-train \
-    --clip "local-dir:$RUN/clip" --out "$RUN/rdm" --steps "$RDM_STEPS" --batch-size "$RDM_BATCH" \
-    --mixed-precision "$PRECISION" --seed "$SEED" --cache-dir "$RUN/cache" "${cpu_flag[@]}" "${threads_flag[@]}"
+common=(--indexes "$RUN/indexes" train --preset small --query text --data "$RUN/toyart" --db demo-train
+        --clip "local-dir:$RUN/clip" --batch-size "$RDM_BATCH" --mixed-precision "$PRECISION" --cache-dir "$RUN/cache"
+        "${cpu_flag[@]}" "${threads_flag[@]}")
+rdm "${common[@]}" --out "$RUN/rdm" --steps "$RDM_STEPS" --seed "$SEED" --noise-schedule "${STAGE1_SCHEDULE:-ldm}"
+final="$RUN/rdm/model"
+if [ "$RDM_FT_STEPS" -gt 0 ]; then
+    rdm "${common[@]}" --out "$RUN/rdm-ddpm" --init "$RUN/rdm/model" --noise-schedule ddpm --steps "$RDM_FT_STEPS" \
+        --seed $((SEED + 1))
+    final="$RUN/rdm-ddpm/model"
+fi
 
 # 5. Ship: configs and safetensors only, within the size limit
-rm -rf "$ASSETS/clip" "$ASSETS/rdm"
 mkdir -p "$ASSETS/clip" "$ASSETS/rdm"
+find "$ASSETS/clip" "$ASSETS/rdm" -mindepth 1 ! -name README.md -delete   # each folder's README.md stays
 cp "$RUN/clip/open_clip_config.json" "$RUN/clip/open_clip_model.safetensors" "$ASSETS/clip/"
 if [ -f "$RUN/clip/train_info.json" ]; then cp "$RUN/clip/train_info.json" "$ASSETS/clip/"; fi
-cp -r "$RUN/rdm/model/." "$ASSETS/rdm/"   # model_index.json, rdm_config.json, unet/, scheduler/
+cp -r "$final/." "$ASSETS/rdm/"   # model_index.json, rdm_config.json, unet/, scheduler/
 python - "$ASSETS" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -84,9 +96,9 @@ if bundled.weights_sha256 != config["embedder"]["weights_sha256"]:
 config["embedder"]["model"] = f"local-dir:{assets / 'clip'}"
 config_path.write_text(json.dumps(config, indent=1) + "\n")
 EOF
-other=$(find "$ASSETS/clip" "$ASSETS/rdm" -type f ! -name '*.json' ! -name '*.safetensors')
+other=$(find "$ASSETS/clip" "$ASSETS/rdm" -type f ! -name '*.json' ! -name '*.safetensors' ! -name README.md)
 if [ -n "$other" ]; then
-    echo "error: only configs and safetensors may ship, found: $other" >&2
+    echo "error: only configs, safetensors and READMEs may ship, found: $other" >&2
     exit 1
 fi
 bytes=$(find "$ASSETS/clip" "$ASSETS/rdm" -type f -printf '%s\n' | awk '{s += $1} END {print s}')

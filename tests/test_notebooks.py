@@ -34,3 +34,19 @@ def test_catalog_walkthrough_runs_from_build_index_to_comparison(tmp_path, tiny_
     assert (out / "indexes" / "flat" / "manifest.json").is_file() and (out / "indexes" / "neon" / "manifest.json").is_file()
     assert (out / "search_sheet.png").is_file()
     assert len(list(out.glob("compare*.png"))) == 1 and len(list(out.glob("compare*.json"))) == 1
+
+
+def test_style_comparison_runs_with_the_bundled_demo_model(tmp_path):
+    from rdm.demo.run import DEMO_MODEL
+    from rdm.demo.toyart import STYLES
+
+    if not (DEMO_MODEL / "rdm_config.json").is_file():
+        pytest.fail(f"the demo model is not bundled in {DEMO_MODEL} (scripts/train_demo.sh makes it)")
+    out = tmp_path / "styles"
+    nb = run_notebook("style_comparison.ipynb", {"OUT": str(out), "SEEDS": 1, "STEPS": 2, "N_PER_STYLE": 8}, tmp_path)
+    for style in STYLES:
+        assert (out / "indexes" / style / "manifest.json").is_file()
+    for name in ("demo-grid.png", "demo-grid.json", "neighbours.png", "style_swap_chart.png"):
+        assert (out / name).is_file(), name
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "style-swap accuracy" in printed and "judge held-out accuracy" in printed

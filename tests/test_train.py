@@ -240,7 +240,8 @@ def test_train_overfits_and_writes_a_loadable_model(toy, tmp_path):
     sc = scheduler.config  # the CompVis RDM schedule (rdm.convert.compvis.scheduler_config_from_compvis)
     assert (sc.beta_start, sc.beta_end, sc.beta_schedule) == (0.0015, 0.015, "scaled_linear")
     assert sc.num_train_timesteps == 1000
-    assert (sc.timestep_spacing, sc.steps_offset, sc.set_alpha_to_one, sc.clip_sample) == ("leading", 1, False, False)
+    assert (sc.timestep_spacing, sc.steps_offset, sc.set_alpha_to_one) == ("leading", 1, False)
+    assert sc.clip_sample and sc.clip_sample_range == 1.0  # pixel space: x0 clipped to the image range
     assert (result.out / "samples" / "step-0000060.png").is_file()
     assert len((result.out / "metrics.jsonl").read_text().splitlines()) == 60
 
@@ -261,6 +262,22 @@ def _state(run: Path, step: int) -> dict:
     sched = torch.load(ckpt / "custom_checkpoint_1.pkl", weights_only=False)
     return {"weights": load_file(str(ckpt / "model.safetensors")), "ema": ema, "optim": optim, "sched": sched,
             "exported": load_file(str(run / "model" / "unet" / "diffusion_pytorch_model.safetensors"))}
+
+
+def test_noise_schedule_from_the_preset_or_chosen_and_kept_or_changed_by_fine_tuning(toy, tmp_path):
+    def schedule(run):
+        sc = load_model_components(run.model_dir)[2].config
+        return sc.beta_schedule, sc.beta_start, sc.beta_end
+
+    assert load_preset("small").train["noise_schedule"] == "ddpm"  # pixel-space demo preset
+    ddpm = train(config(toy, tmp_path / "ddpm", steps=2, noise_schedule="ddpm"))
+    assert schedule(ddpm) == ("linear", 1e-4, 0.02)
+    kept = train(config(toy, tmp_path / "kept", init=str(ddpm.model_dir), steps=1))
+    assert schedule(kept) == ("linear", 1e-4, 0.02)
+    changed = train(config(toy, tmp_path / "changed", init=str(ddpm.model_dir), steps=1, noise_schedule="ldm"))
+    assert schedule(changed) == ("scaled_linear", 0.0015, 0.015)
+    with pytest.raises(RDMError, match="noise_schedule must be one of ldm, ddpm"):
+        train(config(toy, tmp_path / "bad", steps=1, noise_schedule="cosine"))
 
 
 @pytest.mark.parametrize("query", ["image", "mixed"])

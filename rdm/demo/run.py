@@ -57,8 +57,7 @@ class DemoConfig:
     seed: int = 0  # first seed
     steps: int = 25  # DDIM steps
     guidance: float = 3.0  # classifier-free guidance scale (rdm train draws its sample grids with 3.0)
-    eta: float = 1.0  # DDIM eta: ancestral sampling; the demo model's deterministic (eta 0) samples keep visible
-    #                   noise, since it is trained for minutes on a CPU (scripts/eval_style_swap.py measures both)
+    eta: float = 0.0  # DDIM eta: 0 deterministic (CompVis' default), 1 ancestral
     k: int | None = None  # neighbours per query (default: the model's)
     n_per_style: int = 48  # toy-art items per style database
     styles: tuple[str, ...] = STYLES  # one database (and grid row) per style

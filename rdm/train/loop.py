@@ -79,8 +79,21 @@ RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "keep_checkpoi
                      "cache_dir", "indexes", "num_val", "sample_steps", "guidance_scale", "sample_eta", "cpu",
                      "threads"}
 # Values of fields added since, for checkpoints written before they existed (those runs trained this way).
-FIELDS_BEFORE_THEY_EXISTED = {"query": "image", "caption_column": None}
+FIELDS_BEFORE_THEY_EXISTED = {"query": "image", "caption_column": None, "noise_schedule": "ldm"}
 LDM_SCHEDULE = {"linear_start": 0.0015, "linear_end": 0.015, "timesteps": 1000}  # CompVis RDM configs
+# Noise schedules by name, as DDIMScheduler settings. "ldm" is the CompVis latent schedule (scaled_linear
+# 0.0015..0.015): at t = T it keeps sqrt(alpha_bar) = 0.028 of the signal, which in pixel space is as large as
+# the mean of 64x64 Gaussian noise (1/64), so a model trained on it reads the initial noise's mean as the
+# image's colour and samples tinted images. "ddpm" (Ho et al. 2020, linear 1e-4..0.02, for pixels) keeps 0.006.
+NOISE_SCHEDULES = {
+    "ldm": {"beta_schedule": "scaled_linear", "beta_start": LDM_SCHEDULE["linear_start"],
+            "beta_end": LDM_SCHEDULE["linear_end"]},
+    "ddpm": {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02},
+}
+# Pixel-space models sample with the predicted x0 clipped to the image range, as DDPM (Ho et al. 2020) does: at
+# high noise an eps-model's x0 estimate is far out of range, and unclipped it tints whole images (the demo model's
+# deterministic samples came out magenta or cyan). It changes sampling only, not training.
+PIXEL_SAMPLING = {"clip_sample": True, "clip_sample_range": 1.0}
 
 
 @dataclass
@@ -113,13 +126,14 @@ class TrainConfig:
     random_k: bool = True  # each image keeps a random k' in [1, k] of its neighbours (masked); False: all k
     dedup_threshold: float = 0.95  # database items at least this similar to a training image are not neighbours
     prediction_type: str | None = None  # "epsilon" or "v_prediction" (default: epsilon, or the init model's)
+    noise_schedule: str | None = None  # NOISE_SCHEDULES name (default: the --init model's, else the preset's, else ldm)
     checkpoint_every: int | None = None  # save a resumable checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # older checkpoints are deleted
     sample_every: int | None = None  # write a sample grid every N steps (0: only at the end; -1: never)
     num_val: int = 4  # validation queries (the first training images) in the sample grids
     sample_steps: int = 25  # DDIM steps for the sample grids
     guidance_scale: float = 3.0  # classifier-free guidance of the sample grids
-    sample_eta: float = 1.0  # DDIM eta of the sample grids: ancestral, which shows a young model's progress best
+    sample_eta: float = 0.0  # DDIM eta of the sample grids
     resume: bool = False  # continue from the latest checkpoint in `out` (starts afresh when there is none)
     seed: int = 0  # model initialisation, data order and all training noise
     limit: int | None = None  # use only the first N training images
@@ -174,6 +188,8 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, Preset, RDMConfig | N
         filled["prediction_type"] = init_config.prediction_type if init_config else "epsilon"
     if cfg.query is None:
         filled["query"] = preset.train.get("query", "image")
+    if cfg.noise_schedule is None and not cfg.init:
+        filled["noise_schedule"] = preset.train.get("noise_schedule", "ldm")
     cfg = dataclasses.replace(cfg, **filled)
     _check(cfg, init_config)
     return cfg, preset, init_config
@@ -200,6 +216,8 @@ def _check(cfg: TrainConfig, init_config: RDMConfig | None) -> None:
         raise RDMError(f"query must be one of {QUERY_KINDS}, got {cfg.query!r}")
     if cfg.prediction_type not in PREDICTION_TYPES:
         raise RDMError(f"prediction_type must be one of {PREDICTION_TYPES}, got {cfg.prediction_type!r}")
+    if cfg.noise_schedule is not None and cfg.noise_schedule not in NOISE_SCHEDULES:
+        raise RDMError(f"noise_schedule must be one of {', '.join(NOISE_SCHEDULES)}, got {cfg.noise_schedule!r}")
     if init_config is not None:
         if cfg.vae is not None:
             raise RDMError("--vae cannot be combined with --init: the model's U-Net was trained on its own "
@@ -245,6 +263,10 @@ def build_model(cfg: TrainConfig, preset: Preset, embedding_dim: int) -> Model:
                            "with a CLIP of that dimension")
         if not hasattr(scheduler, "add_noise"):
             raise RDMError(f"the --init model's scheduler {type(scheduler).__name__} cannot add noise for training")
+        if cfg.noise_schedule:  # fine-tune onto another noise schedule
+            scheduler = type(scheduler).from_config(scheduler.config, **NOISE_SCHEDULES[cfg.noise_schedule])
+        if vae is None:
+            scheduler = type(scheduler).from_config(scheduler.config, **PIXEL_SAMPLING)
         if vae is not None:
             vae.requires_grad_(False)
         _check_resolution(cfg.resolution, vae)
@@ -257,7 +279,8 @@ def build_model(cfg: TrainConfig, preset: Preset, embedding_dim: int) -> Model:
     torch.manual_seed(cfg.seed)
     unet = preset.unet_model(channels, cfg.resolution // factor, embedding_dim)
     params = dict(LDM_SCHEDULE, parameterization="v" if cfg.prediction_type == "v_prediction" else "eps")
-    scheduler = DDIMScheduler(**scheduler_config_from_compvis(params))
+    scheduler = DDIMScheduler(**{**scheduler_config_from_compvis(params), **NOISE_SCHEDULES[cfg.noise_schedule],
+                                 **(PIXEL_SAMPLING if vae is None else {})})
     return Model(unet.train(), vae, scheduler, 1.0 if vae is None else None,
                  {"preset": preset.name, "vae": None if vae is None else str(cfg.vae)})
 

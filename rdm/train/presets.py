@@ -29,7 +29,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 SPACES = ("pixel", "latent")
 DERIVED_UNET_KEYS = ("sample_size", "in_channels", "out_channels", "cross_attention_dim")
 TRAIN_KEYS = ("batch_size", "lr", "steps", "warmup_steps", "ema_decay", "k", "checkpoint_every", "sample_every",
-              "query")
+              "query", "noise_schedule")
 VAE_TRAIN_KEYS = ("batch_size", "lr", "steps", "kl_weight")
 
 
