@@ -32,7 +32,7 @@ def say(line: str) -> None:
 def cmd_classifier(a: argparse.Namespace) -> None:
     config = ClassifierTrainConfig(n_train=a.n_train, n_eval=a.n_eval, epochs=a.epochs, batch_size=a.batch_size,
                                    lr=a.lr, render_sizes=tuple(a.sizes), seed=a.seed, device=a.device,
-                                   augment=Augment())
+                                   augment=Augment(tint=a.tint))
     _, metrics = train_classifier(config, ClassifierConfig(image_size=a.image_size), out=a.out, log=say)
     say(json.dumps(metrics, indent=2))
     worst = min(metrics["heldout"].values())
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--image-size", type=int, default=ClassifierConfig().image_size, help="the network's input side")
     c.add_argument("--seed", type=int, default=defaults.seed)
     c.add_argument("--device", default=defaults.device)
+    c.add_argument("--tint", type=float, default=0.0,
+                   help="augment with a blend towards a random colour of up to this weight (0: off)")
     c.set_defaults(run=cmd_classifier)
 
     d = sub.add_parser("databases", help="render toy art per style and build one database per style")

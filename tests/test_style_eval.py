@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -205,6 +206,10 @@ def test_augment_is_seeded_bounded_and_identity_when_off():
     assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1 and not torch.equal(a, x)
     off = Augment(blur_prob=0, noise_std=0, shift=0, zoom=0, turn=0, brightness=0, contrast=0)
     assert torch.allclose(augment(x, off, torch.Generator().manual_seed(0)), x, atol=1e-5)
+    tinted = augment(x, replace(off, tint=0.4), torch.Generator().manual_seed(0))
+    again = augment(x, replace(off, tint=0.4), torch.Generator().manual_seed(0))
+    assert torch.equal(tinted, again) and not torch.allclose(tinted, x, atol=1e-3)
+    assert (tinted - x).abs().max() <= 0.4 + 1e-6  # a blend of weight <= 0.4 towards a colour in [0, 1]
 
 
 def test_render_labelled_alternates_sizes():

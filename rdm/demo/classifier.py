@@ -60,6 +60,8 @@ class Augment:
     turn: float = 8.0  # max rotation, degrees
     brightness: float = 0.05  # max additive brightness change
     contrast: float = 0.08  # max relative contrast change
+    tint: float = 0.0  # max weight of a blend towards a random colour (0: off), for judging samples whose
+    #                    backgrounds are tinted, which the style, shape and colour labels do not depend on
 
 
 @dataclass
@@ -235,6 +237,10 @@ def augment(x: torch.Tensor, aug: Augment, generator: torch.Generator) -> torch.
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     contrast = (1.0 + u(-aug.contrast, aug.contrast)).view(b, 1, 1, 1).to(x)
     x = (x - mean) * contrast + mean + u(-aug.brightness, aug.brightness).view(b, 1, 1, 1).to(x)
+    if aug.tint > 0:  # drawn only when on, so that tint-free training draws what it always drew
+        colour = torch.rand(b, 3, 1, 1, generator=generator).to(x)
+        weight = u(0, aug.tint).view(b, 1, 1, 1).to(x)
+        x = x * (1 - weight) + colour * weight
     noise = torch.randn(x.shape, generator=generator).to(x) * u(0, aug.noise_std).view(b, 1, 1, 1).to(x)
     return (x + noise).clamp(0.0, 1.0)
 
