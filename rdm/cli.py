@@ -195,8 +195,9 @@ def demo(out, model, clip, prompts, seeds, seed, steps, guidance, eta, k, n_per_
 
     chosen = {"styles": tuple(s.strip() for s in styles.split(","))} if styles else {}
     chosen.update({"prompts": tuple(prompts)} if prompts else {})
-    run_demo(DemoConfig(out=out, model=model, clip=clip, seeds=seeds, seed=seed, steps=steps, guidance=guidance, eta=eta,
-                        k=k, n_per_style=n_per_style, device=device, threads=threads or None, progress=not quiet, **chosen),
+    run_demo(DemoConfig(out=out, model=model, clip=clip, seeds=seeds, seed=seed, steps=steps, guidance=guidance,
+                        eta=eta, k=k, n_per_style=n_per_style, device=device, threads=threads or None,
+                        progress=not quiet, **chosen),
              log=click.echo)
 
 
@@ -391,8 +392,8 @@ def _preset(preset: str | None, config: str | None, default: str = "small") -> s
 @click.pass_context
 def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, query, steps, batch_size, grad_accum,
           lr, lr_schedule, warmup_steps, mixed_precision, ema_decay, cond_drop, fixed_k, dedup_threshold,
-          prediction_type, noise_schedule, checkpoint_every, sample_every, resume, seed, limit, split, image_column, caption_column,
-          cache_dir, cpu, threads, quiet, indexes):
+          prediction_type, noise_schedule, checkpoint_every, sample_every, resume, seed, limit, split, image_column,
+          caption_column, cache_dir, cpu, threads, quiet, indexes):
     """Train (or fine-tune, or resume) a retrieval-augmented diffusion model.
 
     On several GPUs: accelerate launch -m rdm.cli train ... (--batch-size is per GPU).

@@ -76,8 +76,7 @@ CHECKPOINTS, SAMPLES, MODEL = "checkpoints", "samples", "model"
 CONFIG_FILE, METRICS_FILE, STATE_FILE = "train_config.json", "metrics.jsonl", "train_state.json"
 # Fields a resumed run may change; every other field must equal the checkpointed run's.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "keep_checkpoints", "resume", "progress",
-                     "cache_dir", "indexes", "num_val", "sample_steps", "guidance_scale", "sample_eta", "cpu",
-                     "threads"}
+                     "cache_dir", "indexes", "num_val", "sample_steps", "guidance_scale", "cpu", "threads"}
 # Values of fields added since, for checkpoints written before they existed (those runs trained this way).
 FIELDS_BEFORE_THEY_EXISTED = {"query": "image", "caption_column": None, "noise_schedule": "ldm"}
 LDM_SCHEDULE = {"linear_start": 0.0015, "linear_end": 0.015, "timesteps": 1000}  # CompVis RDM configs
@@ -133,7 +132,6 @@ class TrainConfig:
     num_val: int = 4  # validation queries (the first training images) in the sample grids
     sample_steps: int = 25  # DDIM steps for the sample grids
     guidance_scale: float = 3.0  # classifier-free guidance of the sample grids
-    sample_eta: float = 0.0  # DDIM eta of the sample grids
     resume: bool = False  # continue from the latest checkpoint in `out` (starts afresh when there is none)
     seed: int = 0  # model initialisation, data order and all training noise
     limit: int | None = None  # use only the first N training images
@@ -263,10 +261,11 @@ def build_model(cfg: TrainConfig, preset: Preset, embedding_dim: int) -> Model:
                            "with a CLIP of that dimension")
         if not hasattr(scheduler, "add_noise"):
             raise RDMError(f"the --init model's scheduler {type(scheduler).__name__} cannot add noise for training")
-        if cfg.noise_schedule:  # fine-tune onto another noise schedule
-            scheduler = type(scheduler).from_config(scheduler.config, **NOISE_SCHEDULES[cfg.noise_schedule])
-        if vae is None:
-            scheduler = type(scheduler).from_config(scheduler.config, **PIXEL_SAMPLING)
+        # fine-tuning may move onto another noise schedule; pixel-space models sample with x0 clipped
+        changes = {**(NOISE_SCHEDULES[cfg.noise_schedule] if cfg.noise_schedule else {}),
+                   **(PIXEL_SAMPLING if vae is None else {})}
+        if changes:
+            scheduler = type(scheduler).from_config(scheduler.config, **changes)
         if vae is not None:
             vae.requires_grad_(False)
         _check_resolution(cfg.resolution, vae)
@@ -429,7 +428,7 @@ def rdm_config_for(cfg: TrainConfig, model: Model, embedder: Embedder, scale: fl
 
 def sample_grid(unet, vae, scheduler, config: RDMConfig, query: np.ndarray, neighbours: np.ndarray,
                 references: np.ndarray | None, path: Path, steps: int, guidance_scale: float, seed: int,
-                per_query: int = 3, device=None, eta: float = 0.0) -> Path:
+                per_query: int = 3, device=None) -> Path:
     """A PNG grid, one row per validation query: [reference crop?] then `per_query` samples
     (RDMPipeline with the given weights, seeds seed..seed+per_query-1 for every row)."""
     pipe = RDMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(scheduler.config), vae=vae, rdm_config=config)
@@ -440,7 +439,7 @@ def sample_grid(unet, vae, scheduler, config: RDMConfig, query: np.ndarray, neig
     for q in range(len(query)):
         out = pipe(query_embeds=np.repeat(query[q:q + 1], per_query, 0),
                    neighbor_embeds=np.repeat(neighbours[q:q + 1], per_query, 0), num_inference_steps=steps,
-                   guidance_scale=guidance_scale, eta=eta, seed=seed, output_type="np")
+                   guidance_scale=guidance_scale, seed=seed, output_type="np")
         cells = list((out.images * 255).round().astype(np.uint8))  # per_query x (H, W, 3)
         if references is not None:
             cells.insert(0, references[q])
@@ -581,7 +580,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         if samples:
             sample_grid(weights, model.vae, model.scheduler, dataclasses.replace(config, k=val_k), val_query,
                         data.neighbour_vectors[val, :val_k], refs, out / SAMPLES / f"{checkpoint_name(step)}.png",
-                        cfg.sample_steps, cfg.guidance_scale, cfg.seed, device=device, eta=cfg.sample_eta)
+                        cfg.sample_steps, cfg.guidance_scale, cfg.seed, device=device)
 
     try:
         for step in range(start, cfg.steps):
