@@ -1,30 +1,33 @@
-"""What the commands do, as plain functions a notebook can call too (the CLI only parses arguments)."""
+"""What the commands do, as plain functions a notebook can call too (the CLI only parses arguments).
+
+Heavy libraries (torch, open_clip, faiss) are imported by the functions that need them, so that
+`rdm --help`, `rdm list` and `rdm info` answer at once.
+"""
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Sequence
 
 from . import store
-from .build import BuildOptions, BuildReport, build_database
-from .database import Database
-from .decode import SKIP_REASONS, Undecodable
-from .embedder import DEFAULT_CLIP, Embedder
 from .errors import DatabaseError, RDMError, SourceError
-from .sheets import search_sheet
-from .sources import open_source
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .build import BuildReport
+    from .database import Database
+    from .embedder import Embedder
 
 
-@lru_cache(maxsize=4)
-def load_embedder(model_id: str, device: str | None = None, dtype: str = "auto") -> Embedder:
+def load_embedder(model_id: str, device: str | None = None, dtype: str = "auto") -> "Embedder":
     """Load (once per process) an embedder by model id."""
-    return Embedder.load(model_id, device=device, dtype=dtype)
+    from .embedder import load_cached
+
+    return load_cached(model_id, device, dtype)
 
 
-def embedder_for(db: Database, device: str | None = None) -> Embedder:
+def embedder_for(db: "Database", device: str | None = None) -> "Embedder":
     """The embedder that made a database's vectors; refuse one whose weights differ."""
     emb = load_embedder(db.identity.model, device)
     if not emb.identity.same_vectors_as(db.identity):
@@ -37,7 +40,9 @@ def home_path(indexes: str | None) -> Path:
     return store.indexes_home(indexes)
 
 
-def open_database(db: str | Path, indexes: str | None = None) -> Database:
+def open_database(db: str | Path, indexes: str | None = None) -> "Database":
+    from .database import Database
+
     return Database.open(db, indexes)
 
 
@@ -49,11 +54,15 @@ def default_name(source: str) -> str:
 
 def build_index(source: str, name: str | None = None, clip: str | None = None, indexes: str | None = None,
                 batch_size: int = 64, workers: int | None = None, device: str | None = None, dtype: str = "auto",
-                index_factory: str | None = None, resume: bool = False, append: bool = False,
-                overwrite: bool = False, limit: int | None = None, checkpoint_every: int = 16, split: str = "train",
-                image_column: str | None = None, caption_column: str | None = None, streaming: bool = False,
-                progress: bool = True) -> BuildReport:
+                index_factory: str | None = None, vector_dtype: str | None = None, resume: bool = False,
+                append: bool = False, overwrite: bool = False, limit: int | None = None, checkpoint_every: int = 16,
+                split: str = "train", image_column: str | None = None, caption_column: str | None = None,
+                streaming: bool = False, progress: bool = True) -> "BuildReport":
     """`rdm build-index`: open the source, load the embedder, build (or resume/append) the database."""
+    from .build import BuildOptions, build_database
+    from .embedder import DEFAULT_CLIP
+    from .sources import open_source
+
     src = open_source(source, split=split, image_column=image_column, caption_column=caption_column,
                       streaming=streaming)
     if len(src) == 0:
@@ -67,9 +76,9 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
     if src.kind == "embeddings" and src.vectors.shape[1] != embedder.dim:
         raise SourceError(f"{source} holds {src.vectors.shape[1]}-d vectors but {embedder.identity.model} makes "
                           f"{embedder.dim}-d ones: pass the --clip that produced them")
-    opts = BuildOptions(batch_size=batch_size, workers=workers, index_factory=index_factory, resume=resume,
-                        append=append, overwrite=overwrite, limit=limit, progress=progress,
-                        batches_per_shard=checkpoint_every)
+    opts = BuildOptions(batch_size=batch_size, workers=workers, index_factory=index_factory,
+                        vector_dtype=vector_dtype, resume=resume, append=append, overwrite=overwrite, limit=limit,
+                        progress=progress, batches_per_shard=checkpoint_every)
     return build_database(src, name, embedder, indexes, opts)
 
 
@@ -81,12 +90,16 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def format_report(r: BuildReport) -> str:
+def format_report(r: "BuildReport") -> str:
     """The summary printed at the end of a build."""
+    from .decode import SKIP_REASONS
+
+    if r.note:
+        return f"{r.note}\n  total      {r.total} items"
     lines = [f"database {r.name}  ({r.path})",
              f"  embedded   {r.embedded} items in {r.seconds:.1f} s ({r.images_per_second:.1f} images/s)"
              + (f", resumed after {r.resumed_from} source items" if r.resumed_from else ""),
-             f"  total      {r.total} items",
+             f"  total      {r.total} items in {r.segments} segment(s)",
              f"  skipped    {sum(r.skipped.values())}"
              + (" (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(r.skipped.items())) + ")" if r.skipped else ""),
              f"  index      {r.index_factory}" + (f", recall@10 {r.recall_at_10:.3f}" if r.recall_at_10 is not None else ""),
@@ -101,7 +114,7 @@ def format_report(r: BuildReport) -> str:
 
 
 def list_databases(indexes: str | None = None) -> list[dict]:
-    """Name, count, dim, index and embedder of each database in the home."""
+    """Name, count, dim, index and embedder of each database in the home (manifests only)."""
     out = []
     for name in store.list_databases(indexes):
         try:
@@ -113,31 +126,61 @@ def list_databases(indexes: str | None = None) -> list[dict]:
     return out
 
 
+def info(db: str, indexes: str | None = None, skipped: bool = True) -> dict:
+    """`rdm info`: from the manifest, plus the small skipped lists and the metadata columns (no vectors read)."""
+    import pyarrow.parquet as pq
+
+    from .database import Database, info_from_manifest
+
+    path = store.resolve(db, indexes)
+    try:
+        m = store.read_manifest(path, path.name)
+    except FileNotFoundError:
+        Database.open(db, indexes)  # raises the clear error: missing, unfinished, ...
+        raise
+    d = info_from_manifest(path, m)
+    columns: list[str] = []
+    try:
+        for seg in m["segments"]:
+            columns += [c for c in pq.read_schema(path / seg["files"]["metadata"]["name"]).names if c not in columns]
+        d["columns"] = columns
+        if skipped:
+            d["skipped"] = [r for seg in m["segments"]
+                            for r in pq.read_table(path / seg["files"]["skipped"]["name"]).to_pylist()]
+    except (OSError, ValueError) as e:
+        raise store.corrupt(path.name, f"a segment cannot be read ({e})") from None
+    return d
+
+
 def format_info(d: dict) -> str:
-    lines = [f"{d['name']}  ({d['path']})", f"  items      {d['count']}", f"  dim        {d['dim']}",
-             f"  embedder   {d['embedder']['model']} (weights {d['embedder']['weights_sha256'][:12]})",
-             f"  index      {d['index_factory']} (recall@10 {d['index'].get('recall_at_10')})",
-             f"  columns    {', '.join(d['columns'])}", f"  created    {d['created']}",
+    e = d["embedder"]
+    idx = d["index"]
+    recall = idx.get("recall_at_10")
+    lines = [f"{d['name']}  ({d['path']})",
+             f"  items      {d['count']}" + (f" ({d['removed']} removed, until rdm compact)" if d.get("removed") else ""),
+             f"  dim        {d['dim']} ({d.get('vector_dtype', 'float32')} vectors, {d.get('segments', 1)} segment(s))",
+             f"  embedder   {e['model']} (weights {(e.get('weights_sha256') or 'recorded by id')[:12]})",
+             f"  index      {d['index_factory']}" + (f" (nprobe {idx['nprobe']}, rerank x{idx['rerank']})"
+                                                     if idx.get("nprobe") else "")
+             + (f", recall@10 {recall}" if recall is not None else "")
+             + (f" (image {idx.get('recall_image')}, text {idx.get('recall_text')})" if idx.get("nprobe") else ""),
+             f"  columns    {', '.join(d.get('columns', []))}", f"  created    {d['created']}",
              f"  fingerprint {d['fingerprint']}", f"  on disk    {_size(d['bytes_on_disk'])}",
-             f"  skipped    {len(d['skipped'])}"]
-    lines += [f"    {s['path']}: {s['reason']}" for s in d["skipped"][:20]]
+             f"  skipped    {d.get('skipped_count', len(d.get('skipped', [])))}"]
+    lines += [f"    {s['path']}: {s['reason']}" for s in d.get("skipped", [])[:20]]
     return "\n".join(lines)
 
 
-def embed_queries(embedder: Embedder, texts: Sequence[str], images: Sequence[str]) -> tuple[list[str], np.ndarray]:
+def embed_queries(embedder: "Embedder", texts: Sequence[str], images: Sequence[str]) -> tuple[list[str], "np.ndarray"]:
     """Text and image queries -> (labels, (Q, D) vectors), texts first, in the order given."""
+    import numpy as np
+
     for t in texts:
         if not t.strip():
             raise RDMError("empty text query")
     vectors = [embedder.encode_text(list(texts))] if texts else []
-    pixels = []
-    for path in images:
-        try:
-            pixels.append(embedder.pixel_transform.load(path)[0])
-        except Undecodable as e:
-            raise RDMError(f"cannot read query image {path}: {e.reason} ({e.detail})") from None
-    if pixels:
-        vectors.append(embedder.encode_pixels(np.stack(pixels)))
+    if images:
+        vectors.append(embedder.encode_image_files(list(images)))
     if not vectors:
         raise RDMError("give at least one query: TEXT arguments or --image PATH")
     return list(texts) + [f"image: {p}" for p in images], np.concatenate(vectors)
@@ -146,7 +189,7 @@ def embed_queries(embedder: Embedder, texts: Sequence[str], images: Sequence[str
 def search(db: str, texts: Sequence[str], images: Sequence[str] = (), k: int = 10, where: Sequence[str] = (),
            indexes: str | None = None, device: str | None = None) -> tuple[list[str], list[list[dict]]]:
     """`rdm search`: one list of hits (id, score, row, metadata) per query, in order."""
-    database = Database.open(db, indexes)
+    database = open_database(db, indexes)
     embedder = embedder_for(database, device)
     labels, queries = embed_queries(embedder, texts, images)
     result = database.search(queries, k=k, where=where)
@@ -154,11 +197,25 @@ def search(db: str, texts: Sequence[str], images: Sequence[str] = (), k: int = 1
 
 
 def write_search_sheet(labels: Sequence[str], hits: Sequence[Sequence[dict]], out: str, title: str = "") -> Path:
+    from .sheets import search_sheet
+
     return search_sheet(labels, hits, out, title=title)
 
 
 def remove(db: str, ids: Sequence[str], where: Sequence[str], indexes: str | None = None) -> tuple[list[str], int]:
-    """`rdm remove`: drop items by id or filter; return (removed ids, items left)."""
-    database = Database.open(db, indexes)
+    """`rdm remove`: tombstone items by id or filter; return (removed ids, items left)."""
+    database = open_database(db, indexes)
     removed = database.remove(ids=ids, where=where)
     return removed, database.count
+
+
+def compact(db: str, indexes: str | None = None, progress: bool = True) -> dict:
+    """`rdm compact`: merge segments, drop removed rows (resumes a killed compaction)."""
+    return open_database(db, indexes).compact(progress=progress)
+
+
+def verify(db: str, indexes: str | None = None) -> dict:
+    """`rdm verify`: check every file's size and digest."""
+    from .database import Database
+
+    return Database.open(db, indexes, verify=False).verify()

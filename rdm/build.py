@@ -1,15 +1,18 @@
-"""Building a database: reader -> mapper -> writer, resumable, overlapping decoding with encoding.
+"""Building a database in stages: read -> decode -> embed -> write segments -> index -> commit.
 
-  reader   the source's items in order, grouped into batches (ids already in the database are
-           dropped when appending);
+  read     the source's items in a stable order from a start point, in batches (`read_batches`);
+           precomputed-vector sources give blocks of vectors instead (`EmbeddingsSource.iter_blocks`)
   decode   worker processes (spawn: faiss and torch threads hang in forked children) turn each
-           batch into uint8 pixels with rdm.decode + the embedder's resize/crop, or skip reasons;
-           a bounded number of batches is in flight, so decoding overlaps the encoder;
-  encode   the main process embeds the good pixels in one batched call;
-  writer   every `shard_items` source items become one shard file in NAME/.build/, written
-           atomically. A build killed at any moment resumes (`resume=True`) after the last complete
-           shard, without re-embedding and without duplicates; the finished database is then
-           committed in one step (rdm.store), and the .build folder removed.
+           batch into uint8 pixels with rdm.decode + the embedder's resize/crop, or skip records;
+           a bounded number of batches is in flight, so decoding overlaps the encoder (`decoded_batches`)
+  embed    the main process embeds the good pixels of a batch in one call (`embed_batch`)
+  write    every `shard_items` source items become one immutable segment (rdm.segment), recorded
+           in NAME/.build/progress.json: a build killed at any moment resumes after the last
+           finished segment, without re-embedding and without duplicates
+  index    approximate databases: the index is trained on a seeded sample of the new vectors
+           (or the database's trained index is reused when appending), every segment gets its
+           share, and nprobe is tuned on image-like and text-like queries (rdm.index)
+  commit   one manifest commit publishes the segments (rdm.store); .build is removed.
 (clip-retrieval's reader/mapper/writer split; faiss contrib's write-aside-then-replace.)
 """
 
@@ -18,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from collections import Counter, deque
@@ -36,16 +38,16 @@ from tqdm.auto import tqdm
 
 from . import index as faiss_index
 from . import store
-from .database import Database, rows_to_table, skipped_table, write_generation
+from .database import (SEGMENT_ROWS, Database, choose_dtype, fault, finish_manifest, new_manifest, rows_to_table,
+                       skipped_table)
 from .decode import DecodeOptions
-from .embedder import Embedder
 from .errors import DatabaseError, RDMError
 from .pixels import PixelTransform, decode_batch, init_worker
+from .segment import write_segment, write_segment_index
 from .sources import Item, Source
 
 BUILD_DIR = ".build"
 PLAN = "plan.json"
-FAULT_ENV = "RDM_FAULT"  # fault injection for tests: "after-shard:N" or "before-commit" -> SIGKILL
 
 
 @dataclass
@@ -54,12 +56,13 @@ class BuildOptions:
 
     batch_size: int = 64  # images per encoder call
     workers: int | None = None  # decoding processes; None = one per core beyond the first (min 1); 0 = inline
-    index_factory: str | None = None  # FAISS factory string; None = exact below EXACT_MAX, else tuned IVF
-    resume: bool = False  # continue an unfinished build of the same name
+    index_factory: str | None = None  # FAISS factory string; None = exact below EXACT_MAX, else tuned IVF-PQ
+    vector_dtype: str | None = None  # stored vectors: float32 or float16; None = float16 above FLOAT16_ABOVE
+    resume: bool = False  # continue an unfinished build of the same name (or start one)
     append: bool = False  # add the source's new items to an existing database
     overwrite: bool = False  # replace an existing database (readers keep the old one until the commit)
     limit: int | None = None  # embed at most this many source items
-    batches_per_shard: int = 16  # resume granularity: a shard holds this many batches
+    batches_per_shard: int = 16  # resume granularity: a segment holds this many batches of source items
     seed: int = 0  # index training and tuning
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     progress: bool = True  # show a progress bar
@@ -80,19 +83,23 @@ class BuildReport:
     recall_at_10: float | None
     bytes_on_disk: int
     resumed_from: int = 0  # source items already done before this run
+    segments: int = 0  # segments in the database after it
+    note: str | None = None  # e.g. "already complete"
 
     @property
     def images_per_second(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
 
-def _fault(point: str) -> None:
-    """Kill this process with SIGKILL at a named point when RDM_FAULT asks for it (tests only)."""
-    if os.environ.get(FAULT_ENV) == point:
-        os.kill(os.getpid(), signal.SIGKILL)
+# -- read ---------------------------------------------------------------------------------------
+def read_batches(source: Source, start: int, stop: int | None, batch_size: int) -> Iterator[list[Item]]:
+    """The source's items from index `start` (up to `stop`), in order, as lists of batch_size."""
+    items = islice(source.iter_items(start), None if stop is None else max(0, stop - start))
+    while batch := list(islice(items, batch_size)):
+        yield batch
 
 
-# -- decode stage -------------------------------------------------------------------------------
+# -- decode -------------------------------------------------------------------------------------
 @contextmanager
 def _main_module_hidden() -> Iterator[None]:
     """Hide __main__'s file and spec while spawning, so workers import only rdm.pixels.
@@ -112,8 +119,8 @@ def _main_module_hidden() -> Iterator[None]:
         main.__dict__.update(saved)
 
 
-def _decoded_batches(batches: Iterator[list[Item]], transform: PixelTransform, options: DecodeOptions,
-                     workers: int) -> Iterator[tuple[list[Item], list]]:
+def decoded_batches(batches: Iterator[list[Item]], transform: PixelTransform, options: DecodeOptions,
+                    workers: int) -> Iterator[tuple[list[Item], list]]:
     """Decode batches in worker processes, in order, with a bounded number in flight."""
     if workers == 0:
         for batch in batches:
@@ -137,58 +144,63 @@ def _decoded_batches(batches: Iterator[list[Item]], transform: PixelTransform, o
                 yield b, fut.result()
     except BrokenProcessPool:
         raise RDMError("a decoding worker process died (out of memory, or a program run from stdin that "
-                       "spawned workers cannot re-import); finished shards are kept: rerun with --resume, "
+                       "spawned workers cannot re-import); finished segments are kept: rerun with --resume, "
                        "or with --workers 0 to decode in-process") from None
 
 
-# -- shards -------------------------------------------------------------------------------------
-def _shard_path(work: Path, n: int) -> Path:
-    return work / f"shard-{n:06d}.npz"
+# -- embed --------------------------------------------------------------------------------------
+def embed_batch(embedder, batch: list[Item], results: list, present: set[str]) -> tuple[list, list, list]:
+    """One decoded batch -> (vectors, metadata rows, skip records); ids in `present` are dropped."""
+    good, items, skipped = [], [], []
+    for item, res in zip(batch, results):
+        if item.id in present:
+            continue
+        if res[0] is None:
+            skipped.append({"id": item.id, "path": item.meta.get("path") or item.id, "reason": res[1],
+                            "detail": res[2]})
+        else:
+            good.append(res[0])
+            items.append((item, res[1], res[2]))
+    vectors = list(embedder.encode_pixels(np.stack(good))) if good else []
+    bad = [it.id for (it, _, _), v in zip(items, vectors) if not np.isfinite(v).all()]
+    if bad:
+        raise RDMError(f"the embedder produced NaN/Inf vectors for {len(bad)} image(s) (first: {bad[0]}); "
+                       "nothing was written for them. Try --dtype float32.")
+    rows = [{"id": item.id, **item.meta, "width": w, "height": h} for item, w, h in items]
+    return vectors, rows, skipped
 
 
-def _write_shard(work: Path, n: int, vectors: list, rows: list, skipped: list, end: int) -> None:
-    """One shard, atomically: vectors (M, D), metadata rows and skipped items as JSON, next index."""
-    tmp = work / f".shard-{n:06d}.tmp.npz"
-    vec = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, 0), np.float32)
-    np.savez(tmp, vectors=vec, rows=np.array(json.dumps(rows)), skipped=np.array(json.dumps(skipped)),
-             end=np.array(end))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, _shard_path(work, n))
-
-
-def _read_shards(work: Path, dim: int) -> tuple[np.ndarray, list, list, int]:
-    """All complete shards in order -> (vectors, rows, skipped, next source index)."""
-    vectors, rows, skipped, end, n = [], [], [], 0, 0
-    while _shard_path(work, n).is_file():
-        with np.load(_shard_path(work, n), allow_pickle=False) as z:
-            if z["vectors"].size:
-                vectors.append(z["vectors"])
-            rows += json.loads(str(z["rows"]))
-            skipped += json.loads(str(z["skipped"]))
-            end = int(z["end"])
-        n += 1
-    vec = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
-    return vec, rows, skipped, end
-
-
-def _count_shards(work: Path) -> int:
-    n = 0
-    while _shard_path(work, n).is_file():
-        n += 1
-    return n
-
-
-# -- the build ----------------------------------------------------------------------------------
-def _plan(source: Source, embedder: Embedder, opts: BuildOptions, base: str | None) -> dict:
+# -- plan and progress ---------------------------------------------------------------------------
+def _plan(source: Source, embedder, opts: BuildOptions, base: str | None) -> dict:
     """What must match for a build to be resumed."""
     return {"source": source.describe(), "embedder": embedder.identity.weights_sha256,
             "batch_size": opts.batch_size, "batches_per_shard": opts.batches_per_shard, "limit": opts.limit,
-            "decode": asdict(opts.decode), "append_to": base}
+            "decode": asdict(opts.decode), "append_to": base, "index_factory": opts.index_factory,
+            "vector_dtype": opts.vector_dtype}
 
 
-def _prepare(db_dir: Path, name: str, source: Source, embedder: Embedder, opts: BuildOptions):
-    """Check the flags against what exists; return (existing db or None, work dir, shards done)."""
+class Progress:
+    """NAME/.build/progress.json: the finished segments of an unfinished build and where to go on."""
+
+    def __init__(self, work: Path, state: dict | None = None):
+        self.work = work
+        self.state = state or {"segments": [], "files": [], "next_index": 0, "next_row": None,
+                               "embedded": 0, "trained": None}
+
+    @classmethod
+    def load(cls, work: Path) -> "Progress":
+        path = work / store.PROGRESS
+        return cls(work, json.loads(path.read_text()) if path.is_file() else None)
+
+    def save(self) -> None:
+        s = self.state
+        s["files"] = sorted({e["name"] for seg in s["segments"] for e in seg["files"].values()}
+                            | ({s["trained"]["name"]} if s.get("trained") else set()))
+        store.atomic_write_json(self.work / store.PROGRESS, s)
+
+
+def _prepare(db_dir: Path, name: str, source: Source, embedder, opts: BuildOptions):
+    """Check the flags against what exists; return (existing db or None, Progress) or (db, None) if complete."""
     exists = (db_dir / store.MANIFEST).is_file()
     work = db_dir / BUILD_DIR
     if opts.append and opts.overwrite:
@@ -201,28 +213,36 @@ def _prepare(db_dir: Path, name: str, source: Source, embedder: Embedder, opts: 
         raise DatabaseError(f"cannot append to {name}: it was built with {existing.identity.describe()}, "
                             f"not {embedder.identity.describe()}")
     plan = _plan(source, embedder, opts, existing.fingerprint if existing else None)
-    if work.is_dir() and opts.resume and (work / PLAN).is_file():
+    if opts.resume and work.is_dir() and (work / PLAN).is_file():
         old = json.loads((work / PLAN).read_text())
         if old != plan:
             diff = sorted(k for k in plan if plan[k] != old.get(k))
             raise DatabaseError(f"the unfinished build of {name} used other settings ({', '.join(diff)}); rerun "
                                 "it with the same source and options, or drop --resume to start again")
-        return existing, work, _count_shards(work)
-    if opts.resume and not (work / PLAN).is_file():
-        raise DatabaseError(f"nothing to resume: {name} has no unfinished build"
-                            + (" (it is complete; --append adds new items)" if exists else ""))
+        progress = Progress.load(work)
+        for seg in progress.state["segments"]:
+            for e in seg["files"].values():
+                if not (db_dir / e["name"]).is_file():
+                    raise DatabaseError(f"the unfinished build of {name} lost its segment {seg['id']}; rerun "
+                                        "without --resume to start again")
+        return existing, progress
+    if opts.resume and exists and not opts.append:
+        return Database.open(db_dir), None  # nothing unfinished: the database is complete
     if work.is_dir():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    (work / PLAN).write_text(json.dumps(plan, indent=2))
-    return existing, work, 0
+    store.atomic_write_json(work / PLAN, plan)
+    progress = Progress(work)
+    progress.save()
+    return existing, progress
 
 
 def _default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def build_database(source: Source, name: str, embedder: Embedder, home: str | Path | None = None,
+# -- the build ----------------------------------------------------------------------------------
+def build_database(source: Source, name: str, embedder, home: str | Path | None = None,
                    options: BuildOptions | None = None) -> BuildReport:
     """Embed a source into the database `name` (created, resumed, appended to or overwritten)."""
     opts = options or BuildOptions()
@@ -232,107 +252,197 @@ def build_database(source: Source, name: str, embedder: Embedder, home: str | Pa
     name = db_dir.name
     started = time.perf_counter()
     with store.writer_lock(db_dir, name):
-        existing, work, done_shards = _prepare(db_dir, name, source, embedder, opts)
-        shard_items = opts.batch_size * opts.batches_per_shard
-        start = done_shards * shard_items
-        if done_shards:
-            with np.load(_shard_path(work, done_shards - 1), allow_pickle=False) as z:
-                start = int(z["end"])
-        embedded = _embed_source(source, embedder, opts, work, done_shards, start, shard_items,
-                                 set(existing.ids) if existing else set())
-        vectors, rows, skipped, _ = _read_shards(work, embedder.dim)
-        if source.kind == "embeddings":
-            vectors = faiss_index.normalise(faiss_index.check_vectors(vectors, embedder.dim, "source embeddings"))
+        existing, progress = _prepare(db_dir, name, source, embedder, opts)
+        if progress is None:
+            return _report(existing, 0, [], started, 0, note=f"database {name} is complete; nothing to resume "
+                                                                "(--append adds a source's new items)")
+        state = progress.state
+        if state["next_row"] is None:
+            state["next_row"] = existing.total_rows if existing else 0
+        resumed_from = state["next_index"]
+        expected = (existing.count if existing else 0) + _expected_items(source, opts)
+        dtype = existing.manifest.get("vector_dtype", "float32") if existing else choose_dtype(expected, opts.vector_dtype)
+        present = set()
         if existing is not None:
-            if len(rows):
-                existing.add(vectors, rows, source.describe(), skipped)
-            db = existing
-        else:
-            db = _write_new(db_dir, name, vectors, rows, skipped, source, embedder, opts)
-        shutil.rmtree(work, ignore_errors=True)
-    seconds = time.perf_counter() - started
-    reasons = Counter(s["reason"] for s in skipped)
-    return BuildReport(name=name, path=str(db_dir), embedded=embedded, total=db.count, skipped=reasons,
-                       skipped_items=skipped, seconds=seconds, index_factory=db.spec.factory,
+            present = set(existing.rows_of(_source_ids(source, opts)))
+        _embed_into_segments(source, embedder, opts, db_dir, progress, present, dtype)
+        skipped = [r for seg in state["segments"] for r in _segment_skipped(db_dir, name, seg)]
+        if existing is None and sum(s["rows"] for s in state["segments"]) == 0:
+            reasons = Counter(s["reason"] for s in skipped)
+            desc = source.describe()
+            raise RDMError(f"nothing could be embedded from {desc.get('path') or desc.get('name')} "
+                           f"({len(skipped)} skipped: {', '.join(f'{r} {n}' for r, n in reasons.most_common())}); "
+                           "check that the source holds images (jpg, png, webp, bmp, gif, tif)")
+        manifest = _index_and_manifest(db_dir, name, source, embedder, opts, existing, progress, dtype)
+        fault("before-commit")
+        store.commit(db_dir, manifest)
+        shutil.rmtree(db_dir / BUILD_DIR, ignore_errors=True)
+        db = Database.open(db_dir, verify=False)
+    return _report(db, state["embedded"], skipped, started, resumed_from)
+
+
+def _report(db: Database, embedded: int, skipped: list, started: float, resumed_from: int,
+            note: str | None = None) -> BuildReport:
+    info = db.info() if note is None else None
+    items = skipped if note is None else []
+    return BuildReport(name=db.name, path=str(db.path), embedded=embedded, total=db.count,
+                       skipped=Counter(s["reason"] for s in items), skipped_items=items,
+                       seconds=time.perf_counter() - started, index_factory=db.spec.factory,
                        recall_at_10=db.spec.recall_at_10,
-                       bytes_on_disk=sum(e["bytes"] for e in db.manifest["files"].values()), resumed_from=start)
+                       bytes_on_disk=(info or db.info())["bytes_on_disk"], resumed_from=resumed_from,
+                       segments=len(db.segments), note=note)
 
 
-def _write_new(db_dir: Path, name: str, vectors, rows, skipped, source: Source, embedder: Embedder,
-               opts: BuildOptions) -> Database:
-    if len(rows) == 0:
-        reasons = Counter(s["reason"] for s in skipped)
-        raise RDMError(f"nothing could be embedded from {source.describe().get('path') or source.describe().get('name')}"
-                       f" ({len(skipped)} skipped: {', '.join(f'{r} {n}' for r, n in reasons.most_common())}); "
-                       "check that the source holds images (jpg, png, webp, bmp, gif, tif)")
-    factory = opts.index_factory or faiss_index.default_factory(len(vectors))
-    index, spec = faiss_index.build_index(vectors, factory, seed=opts.seed)
-    write_generation(db_dir, name, vectors, rows_to_table(rows), skipped_table(skipped), index, spec,
-                     embedder.identity, [dict(source.describe(), added=store.now())], fault=_fault)
-    return Database.open(db_dir)
+def _expected_items(source: Source, opts: BuildOptions) -> int:
+    n = len(source)
+    return n if opts.limit is None else min(n, opts.limit)
 
 
-def _batches(source: Source, start: int, stop: int | None, batch_size: int) -> Iterator[list[Item]]:
-    items = islice(source.iter_items(start), None if stop is None else max(0, stop - start))
-    while batch := list(islice(items, batch_size)):
-        yield batch
-
-
-def _embed_source(source: Source, embedder: Embedder, opts: BuildOptions, work: Path, shard: int, start: int,
-                  shard_items: int, present: set[str]) -> int:
-    """Embed items from `start`, writing a shard every `shard_items` source items; return how many."""
-    total = len(source)
-    stop = opts.limit if opts.limit is not None else None
-    goal = min(total, stop) if total >= 0 and stop is not None else (total if total >= 0 else stop)
-    bar = tqdm(total=goal, initial=start, unit="img", desc="embedding", disable=not opts.progress, smoothing=0.1)
-    vectors, rows, skipped, in_shard, embedded = [], [], [], 0, 0
-    batches = _batches(source, start, stop, opts.batch_size)
+def _source_ids(source: Source, opts: BuildOptions) -> list[str]:
+    """Ids of the source's items (for appending: which are new)."""
     if source.kind == "embeddings":
-        decoded = ((b, [None] * len(b)) for b in batches)
-    else:
-        workers = _default_workers() if opts.workers is None else opts.workers
-        decoded = _decoded_batches(batches, embedder.pixel_transform, opts.decode, workers)
-    next_index = start
-    for batch, results in decoded:
-        good, good_items = [], []
-        for item, res in zip(batch, results):
-            if item.id in present:
-                continue
-            if source.kind == "embeddings":
-                good_items.append((item, None, None))
-            elif res[0] is None:
-                skipped.append({"id": item.id, "path": item.meta.get("path") or item.id, "reason": res[1],
-                                "detail": res[2]})
-            else:
-                good.append(res[0])
-                good_items.append((item, res[1], res[2]))
-        if source.kind == "embeddings":
-            vecs = [it.embedding for it, _, _ in good_items]
-        else:
-            vecs = list(embedder.encode_pixels(np.stack(good))) if good else []
-            _check_finite(vecs, [it.id for it, _, _ in good_items])
-        for (item, w, h), v in zip(good_items, vecs):
-            vectors.append(v)
-            rows.append({"id": item.id, **item.meta, "width": w, "height": h})
-        embedded += len(vecs)
+        return [i for _, _, ids, _ in source.iter_blocks(0) for i in ids][:opts.limit]
+    return [it.id for it in islice(source.iter_items(0), opts.limit)]
+
+
+def _segment_skipped(db_dir: Path, name: str, seg: dict) -> list[dict]:
+    from .segment import Segment
+
+    s = Segment(db_dir, name, seg, verify=False)
+    try:
+        return s.skipped().to_pylist()
+    finally:
+        s.close()
+
+
+def _embed_into_segments(source: Source, embedder, opts: BuildOptions, db_dir: Path, progress: Progress,
+                         present: set[str], dtype: str) -> None:
+    """Read, decode and embed from where the progress stands, writing a segment per shard of source items."""
+    state = progress.state
+    start, stop = state["next_index"], opts.limit
+    total = _expected_items(source, opts)
+    bar = tqdm(total=total, initial=start, unit="img", desc="embedding",
+               disable=not (opts.progress and sys.stderr.isatty()), smoothing=0.1)
+
+    def flush(vectors, rows, skipped, next_index):
+        vec = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, embedder.dim), np.float32)
+        entry = write_segment(db_dir, state["next_row"], vec, rows_to_table(rows), skipped_table(skipped), dtype)
+        state["segments"].append(entry)
+        state["next_row"] += len(rows)
+        state["next_index"] = next_index
+        state["embedded"] += len(rows)
+        progress.save()
+        fault(f"after-shard:{len(state['segments']) - 1}")
+
+    if source.kind == "embeddings":
+        for lo, block, ids, meta in source.iter_blocks(start, SEGMENT_ROWS):
+            if stop is not None and lo >= stop:
+                break
+            hi = len(ids) if stop is None else min(len(ids), stop - lo)
+            block = faiss_index.normalise(faiss_index.check_vectors(block[:hi], embedder.dim, "source embeddings"))
+            keep = [j for j in range(hi) if ids[j] not in present]
+            flush(list(block[keep]), [{"id": ids[j], **meta[j]} for j in keep], [], lo + hi)
+            bar.update(hi)
+        bar.close()
+        return
+    shard_items = opts.batch_size * opts.batches_per_shard
+    workers = _default_workers() if opts.workers is None else opts.workers
+    batches = read_batches(source, start, stop, opts.batch_size)
+    vectors, rows, skipped, in_shard, next_index = [], [], [], 0, start
+    for batch, results in decoded_batches(batches, embedder.pixel_transform, opts.decode, workers):
+        v, r, s = embed_batch(embedder, batch, results, present)
+        vectors += v
+        rows += r
+        skipped += s
         in_shard += len(batch)
         next_index = batch[-1].index + 1
         bar.update(len(batch))
         bar.set_postfix(skipped=len(skipped), refresh=False)
         if in_shard >= shard_items:
-            _write_shard(work, shard, vectors, rows, skipped, next_index)
-            _fault(f"after-shard:{shard}")
-            shard, vectors, rows, skipped, in_shard = shard + 1, [], [], [], 0
-    if in_shard or shard == 0:
-        _write_shard(work, shard, vectors, rows, skipped, next_index)
-        _fault(f"after-shard:{shard}")
+            flush(vectors, rows, skipped, next_index)
+            vectors, rows, skipped, in_shard = [], [], [], 0
+    if in_shard or not state["segments"]:
+        flush(vectors, rows, skipped, next_index)
     bar.close()
-    return embedded
 
 
-def _check_finite(vectors: list, ids: list[str]) -> None:
-    bad = [i for i, v in zip(ids, vectors) if not np.isfinite(v).all()]
-    if bad:
-        raise RDMError(f"the embedder produced NaN/Inf vectors for {len(bad)} image(s) (first: {bad[0]}); "
-                       "nothing was written for them. Try --dtype float32.")
+def _index_and_manifest(db_dir: Path, name: str, source: Source, embedder, opts: BuildOptions,
+                        existing: Database | None, progress: Progress, dtype: str) -> dict:
+    """Give every new segment its share of the index (training one if needed); the manifest to commit."""
+    state = progress.state
+    new = state["segments"]
+    source_entry = dict(source.describe(), added=store.now())
+    if existing is not None:
+        m = dict(existing.manifest)
+        trained = existing._trained_index()
+        if trained is not None:
+            new = [s if "index" in s["files"] else write_segment_index(
+                db_dir, s, faiss_index.encode(trained, _segment_vectors(db_dir, name, s), s["start"]), existing.spec.tag)
+                for s in new]
+        m["segments"] = m["segments"] + [s for s in new if s["rows"] or s["skipped"]]
+        m["sources"] = m.get("sources", []) + [source_entry]
+        return finish_manifest(m, len(existing.tombstones))
+    total = sum(s["rows"] for s in new)
+    spec = faiss_index.IndexSpec(factory=opts.index_factory or faiss_index.default_factory(total, embedder.dim))
+    m = new_manifest(name, embedder.identity, spec, dtype, [source_entry])
+    m["segments"] = new
+    if spec.exact:
+        spec.recall_at_10 = spec.recall_image = spec.recall_text = 1.0
+        m["index"] = spec.to_dict()
+        return finish_manifest(m)
+    # approximate: train on a seeded sample of the vectors, encode every segment, tune on both query sets
+    if state.get("trained") is None:
+        sample = _sample(db_dir, name, new, faiss_index.training_size(spec.factory, embedder.dim), opts.seed)
+        trained = faiss_index.train(sample, spec.factory, seed=opts.seed)
+        data = faiss_index.serialize(trained)
+        written = store.atomic_write(db_dir / ".trained.tmp", data)
+        tag = written[store.HASH][:16]
+        path = db_dir / f"trained.{tag}.faiss"
+        os.replace(db_dir / ".trained.tmp", path)
+        state["trained"] = dict(store.file_entry(db_dir, path, written), tag=tag, train_size=len(sample))
+        progress.save()
+    entry = state["trained"]
+    trained = faiss_index.deserialize((db_dir / entry["name"]).read_bytes())
+    spec.tag, spec.train_size = entry["tag"], entry["train_size"]
+    for i, s in enumerate(new):
+        if "index" not in s["files"]:
+            new[i] = write_segment_index(db_dir, s, faiss_index.encode(trained, _segment_vectors(db_dir, name, s),
+                                                                       s["start"]), spec.tag)
+            progress.save()
+    m["segments"] = new
+    m["trained"] = {k: entry[k] for k in ("name", "bytes", store.HASH)}
+    m["index"] = spec.to_dict()
+    m = finish_manifest(m)
+    db = Database(db_dir, m, verify=False)  # not yet committed: tuned first
+    _tune(db, spec, opts.seed)
+    m["index"] = spec.to_dict()
+    return m
 
+
+def _segment_vectors(db_dir: Path, name: str, seg: dict) -> np.ndarray:
+    return np.load(db_dir / seg["files"]["vectors"]["name"], mmap_mode="r", allow_pickle=False)
+
+
+def _sample(db_dir: Path, name: str, segments: list[dict], n: int, seed: int) -> np.ndarray:
+    """A seeded random sample of n vectors across segments (float32), read from the memory maps."""
+    total = sum(s["rows"] for s in segments)
+    rng = np.random.default_rng(seed)
+    picks = np.sort(rng.choice(total, min(n, total), replace=False))
+    out, offset = [], 0
+    for s in segments:
+        local = picks[(picks >= offset) & (picks < offset + s["rows"])] - offset
+        if len(local):
+            out.append(np.asarray(_segment_vectors(db_dir, name, s)[local], np.float32))
+        offset += s["rows"]
+    return np.concatenate(out)
+
+
+def _tune(db: Database, spec: faiss_index.IndexSpec, seed: int) -> None:
+    """Tune nprobe and re-ranking on image-like and text-like queries against exact search."""
+    base = _sample(db.path, db.name, db.manifest["segments"], 4 * faiss_index.TUNE_QUERIES, seed + 11)
+    sets = {}
+    for kind, make in (("image", faiss_index.image_like_queries), ("text", faiss_index.text_like_queries)):
+        q = make(base, seed)
+        sets[kind] = (q, db._exact_search(q, 10, None)[1])
+    nlist = db.stacked_index().nlist
+    faiss_index.tune(spec, nlist, lambda q, k, sp: db._index_search(q, k, None, sp)[1], sets)

@@ -1,65 +1,74 @@
-"""A named image database: FAISS index + exact embeddings + metadata, searched by CLIP vectors.
+"""A named image database: immutable segments + tombstones under one manifest, searched by CLIP vectors.
 
-`Database.open(name)` loads and verifies one; `search` returns the k nearest items of each query with
-their exact stored vectors (conditioning needs them) and metadata; `add` and `remove` write a new
-generation atomically (see rdm.store). Anything with the same `search` contract (`Retriever`) can
-stand in for a Database, as schedulers do in diffusers.
+`Database.open(name)` reads the manifest and memory-maps the segments (rdm.segment); it does not
+read or hash gigabytes. `search` returns the k nearest live items of each query, self-contained:
+scores, rows, the exact stored vectors (conditioning needs them) and the metadata records.
+Writes cost what they change: `add` writes one new segment, `remove` a new tombstone set,
+`compact` merges segments and drops removed rows; each ends in one atomic manifest commit
+(rdm.store), so a reader sees the old or the new database and a killed write loses nothing.
+
+Verification: every file's size is checked at open. Databases up to `VERIFY_ON_OPEN` bytes have
+every file's digest checked at open too; larger ones have each metadata/skipped file checked when it
+is first read, the trained index when it is loaded, and everything by `verify()` (`rdm verify`).
 """
 
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import dataclass
+import os
+import signal
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import index as faiss_index
 from . import store
 from .embedder import EmbedderIdentity
-from .errors import DatabaseCorrupt, DatabaseError, RDMError
+from .errors import DatabaseError, RDMError
+from .segment import Segment, write_segment, write_segment_index
 
-FILTER_EXACT_MAX = 20_000  # filters matching at most this many rows: exact search over a copy of the subset;
-# more: the index itself searches with a FAISS IDSelector (exact for Flat, no copy of the vectors)
+FILTER_EXACT_MAX = 20_000  # filters matching at most this many rows: exact search over those rows;
+# more: the index itself searches with a FAISS IDSelector
+VERIFY_ON_OPEN = 256 << 20  # databases up to this size have every digest checked when opened
+SEGMENT_ROWS = 262_144  # rows per segment written by compaction and by builds from vector files
+FLOAT16_ABOVE = 1_000_000  # databases with more vectors store them as float16 by default (see README)
+EXACT_CHUNK = 65_536  # rows per block of exact search
+FAULT_ENV = "RDM_FAULT"  # fault injection for tests: "NAME:POINT" kills this process with SIGKILL
 BASE_COLUMNS = {"id": pa.string(), "path": pa.string(), "source_row": pa.int64(), "width": pa.int64(),
                 "height": pa.int64(), "caption": pa.string()}
 SKIPPED_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("reason", pa.string()),
                             ("detail", pa.string())])
 
 
+def fault(point: str) -> None:
+    """Kill this process with SIGKILL at a named point when $RDM_FAULT asks for it (tests only)."""
+    if os.environ.get(FAULT_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 @dataclass
 class SearchResult:
-    """k neighbours per query; rows are -1 (and scores -inf) where fewer than k items qualify."""
+    """k neighbours per query, self-contained; rows are -1 (scores -inf, vectors 0) where fewer qualify."""
 
-    scores: np.ndarray  # (Q, k) float32 inner products (cosine similarities)
-    rows: np.ndarray  # (Q, k) int64 row numbers in the database, -1 for padding
-    database: "Database"
+    scores: np.ndarray  # (Q, k) float32 inner products (cosine similarities), exact
+    rows: np.ndarray  # (Q, k) int64 rows of the database, -1 for padding
+    vectors: np.ndarray  # (Q, k, D) float32 stored vectors of the neighbours
+    records: list = field(default_factory=list)  # per query, the metadata dicts of its valid neighbours
+    database: str = ""  # the database's name
 
     def embeddings(self) -> np.ndarray:
         """(Q, k, D) exact stored vectors of the neighbours; zeros where rows are -1."""
-        return self.database.vectors_at(self.rows)
+        return self.vectors
 
     def hits(self, q: int = 0) -> list[dict]:
         """Neighbours of query q as dicts: id, score, row, then the metadata columns."""
         valid = [(int(r), float(s)) for r, s in zip(self.rows[q], self.scores[q]) if r >= 0]
-        records = self.database.records([r for r, _ in valid])
-        return [{"id": rec.pop("id"), "score": s, "row": r, **rec} for (r, s), rec in zip(valid, records)]
-
-
-class Retriever(Protocol):
-    """The search contract the pipeline relies on."""
-
-    name: str
-    identity: EmbedderIdentity
-    fingerprint: str
-
-    def search(self, queries: np.ndarray, k: int, where: Mapping[str, Sequence[str]] | None = None
-               ) -> SearchResult: ...
+        return [{"id": rec["id"], "score": s, "row": r, **{k: v for k, v in rec.items() if k != "id"}}
+                for (r, s), rec in zip(valid, self.records[q])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,68 +112,93 @@ def skipped_table(entries: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([{k: e.get(k) for k in SKIPPED_SCHEMA.names} for e in entries], schema=SKIPPED_SCHEMA)
 
 
-def _write_table(table: pa.Table, path: Path) -> None:
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    store.fsync_write(path, buf.getvalue())
+def choose_dtype(expected_count: int, asked: str | None = None) -> str:
+    """The stored vectors' dtype: as asked, else float16 above FLOAT16_ABOVE vectors, else float32."""
+    if asked:
+        if asked not in ("float32", "float16"):
+            raise RDMError(f"--vector-dtype must be float32 or float16, got {asked}")
+        return asked
+    return "float16" if expected_count > FLOAT16_ABOVE else "float32"
 
 
-def _write_npy(array: np.ndarray, path: Path) -> None:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
-    store.fsync_write(path, buf.getvalue())
+def new_manifest(name: str, identity: EmbedderIdentity, spec: faiss_index.IndexSpec, vector_dtype: str,
+                 sources: list[dict], created: str | None = None) -> dict:
+    """The manifest of an empty database (segments are added by the caller)."""
+    return {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, "name": name,
+            "created": created or store.now(), "updated": store.now(), "embedder": identity.to_dict(),
+            "dim": identity.dim, "metric": spec.metric, "vector_dtype": vector_dtype,
+            "index_factory": spec.factory, "index": spec.to_dict(), "trained": None, "segments": [],
+            "tombstones": None, "count": 0, "rows": 0, "skipped_count": 0, "sources": sources}
 
 
-def write_generation(db_dir: Path, name: str, vectors: np.ndarray, metadata: pa.Table, skipped: pa.Table,
-                     index, spec: faiss_index.IndexSpec, identity: EmbedderIdentity, sources: list[dict],
-                     created: str | None = None, fault: Any = None) -> dict:
-    """Write all files of a new generation, then commit its manifest. Caller holds the writer lock."""
-    gen = store.new_generation()
-    paths = {kind: store.data_path(db_dir, kind, gen) for kind in store.DATA_FILES}
-    store.fsync_write(paths["index"], faiss_index.serialize(index))
-    _write_npy(vectors, paths["embeddings"])
-    _write_table(metadata, paths["metadata"])
-    _write_table(skipped, paths["skipped"])
-    files = {kind: store.file_entry(p) for kind, p in paths.items()}
-    manifest = {
-        "format": store.FORMAT, "format_version": store.FORMAT_VERSION, "name": name,
-        "created": created or store.now(), "updated": store.now(), "generation": gen,
-        "embedder": identity.to_dict(), "dim": identity.dim, "metric": spec.metric, "count": int(len(vectors)),
-        "index_factory": spec.factory, "index": spec.to_dict(), "skipped_count": skipped.num_rows,
-        "sources": sources, "files": files, "fingerprint": store.fingerprint(files),
-    }
-    if fault is not None:
-        fault("before-commit")
-    store.commit(db_dir, manifest)
-    return manifest
+def finish_manifest(m: dict, tombstone_count: int = 0) -> dict:
+    """Recompute the counts and the fingerprint from the segments and tombstones."""
+    m["rows"] = max([s["start"] + s["rows"] for s in m["segments"]], default=m.get("rows", 0))
+    m["count"] = sum(s["rows"] for s in m["segments"]) - tombstone_count
+    m["skipped_count"] = sum(s.get("skipped", 0) for s in m["segments"])
+    m["updated"] = store.now()
+    parts = [f"{s['id']}:" + ",".join(e[store.HASH] for _, e in sorted(s["files"].items())) for s in m["segments"]]
+    parts += [f"{k}:{m[k][store.HASH]}" for k in ("trained", "tombstones") if m.get(k)]
+    m["fingerprint"] = store.fingerprint(parts)
+    return m
 
 
 # ---------------------------------------------------------------------------------------------
 class Database:
-    """A loaded, verified database."""
+    """An opened database: segments memory-mapped, tombstones loaded, the index stacked on first search."""
 
-    def __init__(self, path: Path, manifest: dict, vectors: np.ndarray, metadata: pa.Table, skipped: pa.Table, index):
+    def __init__(self, path: Path, manifest: dict, verify: bool | None = None):
         self.path = path
-        self.manifest = manifest
         self.name = manifest.get("name") or path.name
-        self.vectors = vectors
-        self.metadata = metadata
-        self.skipped = skipped
-        self.index = index
+        self.manifest = manifest
         self.spec = faiss_index.IndexSpec.from_dict(manifest["index"])
         self.identity = EmbedderIdentity.from_dict(manifest["embedder"])
-        self._ids = metadata.column("id").to_pylist()
+        total = sum(e["bytes"] for e in self._entries())
+        self._verify_reads = verify is not False and (verify is True or total > VERIFY_ON_OPEN)
+        if verify is True or (verify is None and total <= VERIFY_ON_OPEN):
+            for e in self._entries():
+                store.verify_file(path, self.name, e)
+        self.segments = [Segment(path, self.name, s, self._verify_reads) for s in manifest["segments"]]
+        self.starts = np.array([s.start for s in self.segments], np.int64)
+        self.tombstones = self._load_tombstones()
+        self._stacked = None
+        self._trained = None
+        if self.dim != manifest.get("dim") or any(s.vectors.shape[1] != self.dim for s in self.segments):
+            raise store.corrupt(self.name, "its files disagree on the vectors' dimension")
 
-    # -- loading ------------------------------------------------------------------------------
+    def _entries(self) -> list[dict]:
+        m = self.manifest
+        return [e for s in m["segments"] for e in s["files"].values()] + [m[k] for k in ("trained", "tombstones")
+                                                                          if m.get(k)]
+
+    def _load_tombstones(self) -> np.ndarray:
+        entry = self.manifest.get("tombstones")
+        if not entry:
+            return np.zeros(0, np.int64)
+        path = store.check_size(self.path, self.name, entry)
+        if self._verify_reads:
+            store.verify_file(self.path, self.name, entry)
+        try:
+            dead = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise store.corrupt(self.name, f"{entry['name']}: {e}") from None
+        if dead.dtype != np.int64 or dead.ndim != 1:
+            raise store.corrupt(self.name, f"{entry['name']} is not a list of rows")
+        return dead
+
+    # -- opening ------------------------------------------------------------------------------
     @classmethod
-    def open(cls, db: str | Path, home: str | Path | None = None, verify: bool = True) -> "Database":
-        """Load a database by name or folder; verify checksums; clear errors when missing or corrupt."""
+    def open(cls, db: str | Path, home: str | Path | None = None, verify: bool | None = None) -> "Database":
+        """Open a database by name or folder; clear errors when it is missing, unfinished or corrupt.
+
+        verify: None checks every digest of databases up to VERIFY_ON_OPEN bytes (larger ones as files are
+        read), True checks every digest now, False only sizes.
+        """
         path = store.resolve(db, home)
         name = path.name
-        for _attempt in range(3):  # a writer may replace the generation between manifest and files
+        for _attempt in range(5):  # a writer may commit (and delete old files) between manifest and files
             try:
-                manifest = store.read_manifest(path, name)
-                return cls._load_files(path, name, manifest, verify)
+                return cls(path, store.read_manifest(path, name), verify)
             except FileNotFoundError:
                 if not (path / store.MANIFEST).is_file():
                     break
@@ -172,146 +206,340 @@ class Database:
             raise DatabaseError(f"database {name} has an unfinished build and no finished version; run "
                                 f"`rdm build-index SOURCE --name {name} --resume` to finish it")
         if (path / store.MANIFEST).is_file():
-            raise DatabaseCorrupt(f"database {name} is corrupt: a data file named in its manifest is missing; rebuild it")
+            raise store.corrupt(name, "a data file named in its manifest is missing")
         existing = store.list_databases(home)
+        hint = _how_to_make(str(db))
         raise DatabaseError(f"no database '{db}' in {store.indexes_home(home)}; existing: "
-                            f"{', '.join(existing) if existing else 'none (create one with rdm build-index)'}")
+                            f"{', '.join(existing) if existing else 'none'}"
+                            + (f"; make it with `{hint}`" if hint else " (create one with rdm build-index SOURCE "
+                               f"--name {db})"))
 
-    @classmethod
-    def _load_files(cls, path: Path, name: str, manifest: dict, verify: bool) -> "Database":
-        files = manifest["files"]
-        get = (lambda k: store.verify_file(path, name, files[k])) if verify else (lambda k: path / files[k]["name"])
-        try:
-            index = faiss_index.deserialize(get("index").read_bytes())
-            vectors = np.load(get("embeddings"), allow_pickle=False)
-            metadata = pq.read_table(get("metadata"))
-            skipped = pq.read_table(get("skipped"))
-        except (DatabaseCorrupt, FileNotFoundError):
-            raise
-        except (ValueError, OSError, RuntimeError, pa.ArrowException) as e:
-            raise DatabaseCorrupt(f"database {name} is corrupt: {e}; rebuild it") from None
-        count, dim = manifest.get("count"), manifest.get("dim")
-        if not (vectors.ndim == 2 and len(vectors) == count == metadata.num_rows == index.ntotal
-                and vectors.shape[1] == dim == index.d):
-            raise DatabaseCorrupt(f"database {name} is corrupt: its files disagree on count/dim; rebuild it")
-        return cls(path, manifest, np.ascontiguousarray(vectors, dtype=np.float32), metadata, skipped, index)
+    def reopen(self) -> "Database":
+        return Database.open(self.path, verify=False)
 
     # -- properties ---------------------------------------------------------------------------
     @property
     def count(self) -> int:
-        return len(self.vectors)
+        """Live items (removed ones excluded)."""
+        return int(self.manifest["count"])
 
     @property
     def dim(self) -> int:
-        return self.vectors.shape[1]
+        return int(self.identity.dim)
 
     @property
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
     @property
+    def total_rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    def _segment_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts, rows, side="right") - 1
+
+    def is_live(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        dead = np.isin(rows, self.tombstones) if len(self.tombstones) else np.zeros(rows.shape, bool)
+        return (rows >= 0) & (rows < self.total_rows) & ~dead
+
+    def live_rows(self) -> np.ndarray:
+        """The live rows, in order (reads no files)."""
+        parts = [np.arange(s.start, s.start + s.rows, dtype=np.int64) for s in self.segments]
+        rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return rows[~np.isin(rows, self.tombstones)] if len(self.tombstones) else rows
+
+    @property
     def ids(self) -> list[str]:
-        return list(self._ids)
+        """Ids of the live items, in row order (reads every segment's metadata)."""
+        return [r["id"] for r in self.records(self.live_rows())]
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """(count, D) float32 vectors of the live items, in row order (materialised: small databases)."""
+        return self.vectors_at(self.live_rows())
+
+    @property
+    def metadata(self) -> pa.Table:
+        """Metadata of the live items, in row order (materialised)."""
+        tables = []
+        for seg in self.segments:
+            local = np.arange(seg.rows)
+            if len(self.tombstones):
+                local = local[~np.isin(local + seg.start, self.tombstones)]
+            tables.append(seg.metadata.take(pa.array(local)))
+        if not tables:
+            return rows_to_table([])
+        return pa.concat_tables(tables, promote_options="permissive")
+
+    def column_names(self) -> list[str]:
+        names: list[str] = []
+        for seg in self.segments:
+            names += [c for c in seg.column_names() if c not in names]
+        return names or list(BASE_COLUMNS)
 
     def skipped_list(self) -> list[dict]:
-        return self.skipped.to_pylist()
-
-    def records(self, rows: Sequence[int]) -> list[dict]:
-        """Metadata rows as dicts (id first)."""
-        if len(rows) == 0:
-            return []
-        return self.metadata.take(pa.array(np.asarray(rows, np.int64))).to_pylist()
+        return [r for seg in self.segments for r in seg.skipped().to_pylist()]
 
     def vectors_at(self, rows: np.ndarray) -> np.ndarray:
-        """Stored vectors at `rows` (any shape); zero vectors where rows are -1."""
+        """Stored vectors at `rows` (any shape) as float32; zero vectors where rows are -1."""
         rows = np.asarray(rows, np.int64)
-        out = self.vectors[np.maximum(rows, 0)]
-        out[rows < 0] = 0.0
-        return out
+        flat = rows.reshape(-1)
+        out = np.zeros((len(flat), self.dim), np.float32)
+        valid = np.nonzero(flat >= 0)[0]
+        if len(valid):
+            seg_of = self._segment_of(flat[valid])
+            for s in np.unique(seg_of):
+                pick = valid[seg_of == s]
+                seg = self.segments[s]
+                local = flat[pick] - seg.start
+                order = np.argsort(local, kind="stable")  # ascending reads from the memory map
+                out[pick[order]] = seg.vectors[local[order]]
+        return out.reshape(*rows.shape, self.dim)
+
+    def records(self, rows: Sequence[int]) -> list[dict]:
+        """Metadata rows as dicts (id first), in the order given."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        if len(rows) == 0:
+            return []
+        out: list[dict | None] = [None] * len(rows)
+        seg_of = self._segment_of(rows)
+        for s in np.unique(seg_of):
+            pick = np.nonzero(seg_of == s)[0]
+            seg = self.segments[s]
+            for i, rec in zip(pick, seg.metadata.take(pa.array(rows[pick] - seg.start)).to_pylist()):
+                out[i] = rec
+        return out  # type: ignore[return-value]
+
+    def rows_of(self, ids: Sequence[str]) -> dict[str, int]:
+        """Live rows of the given ids that the database holds (hash lookup per segment)."""
+        ids = list(dict.fromkeys(ids))
+        found: dict[str, int] = {}
+        for seg in reversed(self.segments):  # a re-added id lives in a later segment
+            todo = [i for i in ids if i not in found]
+            if not todo:
+                break
+            for ident, local in seg.rows_of(todo).items():
+                row = seg.start + local
+                if self.is_live(np.array([row]))[0]:
+                    found[ident] = row
+        return found
 
     # -- search -------------------------------------------------------------------------------
     def filter_rows(self, where: Mapping[str, Sequence[str]] | Sequence[str] | None) -> np.ndarray | None:
-        """Rows matching all columns' filters (any of a column's values); None when unfiltered."""
+        """Live rows matching all columns' filters (any of a column's values); None when unfiltered."""
         where = parse_where(where)
         if not where:
             return None
-        mask = None
-        for col, values in where.items():
-            if col not in self.metadata.column_names:
-                raise RDMError(f"database {self.name} has no column '{col}'; columns: "
-                               f"{', '.join(self.metadata.column_names)}")
-            column = self.metadata.column(col)
-            as_text = column if pa.types.is_string(column.type) else pc.cast(column, pa.string(), safe=False)
-            hit = pc.fill_null(pc.is_in(as_text, value_set=pa.array(values, pa.string())), False)
-            mask = hit if mask is None else pc.and_(mask, hit)
-        return np.nonzero(mask.to_numpy(zero_copy_only=False))[0].astype(np.int64)
+        columns = self.column_names()
+        for col in where:
+            if col not in columns:
+                raise RDMError(f"database {self.name} has no column '{col}'; columns: {', '.join(columns)}")
+        parts = []
+        for seg in self.segments:
+            mask = None
+            for col, values in where.items():
+                if col not in seg.metadata.column_names:
+                    hit = pa.array(np.zeros(seg.rows, bool))
+                else:
+                    column = seg.metadata.column(col)
+                    as_text = column if pa.types.is_string(column.type) else pc.cast(column, pa.string(), safe=False)
+                    hit = pc.fill_null(pc.is_in(as_text, value_set=pa.array(values, pa.string())), False)
+                mask = hit if mask is None else pc.and_(mask, hit)
+            parts.append(np.nonzero(mask.to_numpy(zero_copy_only=False))[0].astype(np.int64) + seg.start)
+        rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return rows[self.is_live(rows)]
 
-    def search(self, queries: np.ndarray, k: int = 10, where=None) -> SearchResult:
-        """k nearest items of each query (Q, D); filters apply inside the search, not after it."""
+    def search(self, queries: np.ndarray, k: int = 10, where=None, records: bool = True) -> SearchResult:
+        """k nearest live items of each query (Q, D); filters and removals apply inside the search."""
         if k < 1:
             raise RDMError(f"k must be at least 1, got {k}")
         queries = faiss_index.normalise(faiss_index.check_vectors(queries, self.dim, "query embeddings"))
         allowed = self.filter_rows(where)
         if allowed is not None and len(allowed) <= FILTER_EXACT_MAX:
-            scores, pos = faiss_index.exact_topk(queries, self.vectors[allowed], k)
+            scores, pos = faiss_index.exact_topk(queries, self.vectors_at(allowed), k)
             rows = np.where(pos >= 0, allowed[np.maximum(pos, 0)], -1) if len(allowed) else pos
+        elif self.spec.exact:
+            scores, rows = self._exact_search(queries, k, allowed)
         else:
-            scores, rows = faiss_index.search_index(self.index, self.spec, self.vectors, queries, k, allowed)
-        return SearchResult(scores=scores, rows=rows, database=self)
+            scores, rows = self._index_search(queries, k, allowed, self.spec)
+        return self._result(scores, rows, records)
+
+    def _result(self, scores: np.ndarray, rows: np.ndarray, records: bool) -> SearchResult:
+        recs: list = []
+        if records:
+            flat = self.records(rows[rows >= 0])
+            it = iter(flat)
+            recs = [[next(it) for r in row if r >= 0] for row in rows]
+        return SearchResult(scores=scores, rows=rows, vectors=self.vectors_at(rows), records=recs, database=self.name)
+
+    def _exact_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the stored vectors, block by block; removed or filtered-out rows score -inf."""
+        best_s = np.full((len(queries), 0), -np.inf, np.float32)
+        best_r = np.full((len(queries), 0), -1, np.int64)
+        for seg in self.segments:
+            for lo in range(0, seg.rows, EXACT_CHUNK):
+                block = np.asarray(seg.vectors[lo:lo + EXACT_CHUNK], np.float32)
+                rows = np.arange(seg.start + lo, seg.start + lo + len(block), dtype=np.int64)
+                sims = queries @ block.T  # (Q, n)
+                keep = self.is_live(rows) if len(self.tombstones) else None
+                if allowed is not None:
+                    inside = np.isin(rows, allowed)
+                    keep = inside if keep is None else keep & inside
+                if keep is not None:
+                    sims[:, ~keep] = -np.inf
+                m = min(k, len(rows))
+                top = np.argpartition(-sims, m - 1, axis=1)[:, :m]
+                best_s, best_r = faiss_index.merge_topk(
+                    np.concatenate([best_s, np.take_along_axis(sims, top, 1)], 1),
+                    np.concatenate([best_r, rows[top]], 1), k)
+        return faiss_index.merge_topk(best_s, best_r, k)
+
+    def stacked_index(self) -> faiss_index.StackedIndex:
+        """The segments' shares of the index, stacked (memory-mapped on first use)."""
+        if self._stacked is None:
+            entry = self.manifest["trained"]
+            path = store.verify_file(self.path, self.name, entry)
+            try:
+                self._trained = faiss_index.deserialize(path.read_bytes())
+                parts = [str(self.path / s.entry["files"]["index"]["name"]) for s in self.segments]
+                self._stacked = faiss_index.StackedIndex(self._trained, parts, self.total_rows)
+            except (RuntimeError, KeyError) as e:
+                raise store.corrupt(self.name, f"its index cannot be read ({str(e).splitlines()[0]})") from None
+        return self._stacked
+
+    def _index_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
+                      spec: faiss_index.IndexSpec) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate candidates (removed rows excluded by an IDSelector inside FAISS), re-scored exactly."""
+        import faiss
+
+        stacked = self.stacked_index()
+        if allowed is not None:
+            selector = faiss.IDSelectorBatch(allowed)
+            pool = len(allowed)
+        elif len(self.tombstones):
+            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.tombstones))
+            pool = self.count
+        else:
+            selector, pool = None, self.count
+        fetch = max(1, min(k * max(spec.rerank, 1), pool))
+        cand = stacked.search(queries, fetch, spec.nprobe or 1, selector)
+        vecs = self.vectors_at(cand)  # exact scores from the stored vectors; -1 padding scores -inf
+        sims = np.where(cand >= 0, np.einsum("qd,qkd->qk", queries, vecs), -np.inf).astype(np.float32)
+        return faiss_index.merge_topk(sims, cand, k)
 
     # -- writing ------------------------------------------------------------------------------
-    def _rewrite(self, vectors: np.ndarray, metadata: pa.Table, skipped: pa.Table, sources: list[dict]) -> None:
-        """Write the given contents as a new generation, keeping the trained index (no retraining)."""
-        index = faiss_index.deserialize(faiss_index.serialize(self.index))
-        faiss_index.reset_and_fill(index, vectors)
-        manifest = write_generation(self.path, self.name, vectors, metadata, skipped, index, self.spec,
-                                    self.identity, sources, created=self.manifest.get("created"))
-        self.__init__(self.path, manifest, vectors, metadata, skipped, index)
+    def _trained_index(self):
+        if self.spec.exact:
+            return None
+        self.stacked_index()
+        return self._trained
 
     def add(self, vectors: np.ndarray, rows: Sequence[Mapping[str, Any]], source: dict | None = None,
             skipped: Sequence[Mapping[str, Any]] = ()) -> int:
-        """Append items (ids already present are ignored); return how many were added."""
+        """Append items as one new segment (ids already present are ignored); return how many were added."""
         vectors = faiss_index.normalise(faiss_index.check_vectors(vectors, self.dim, "new embeddings"))
         if len(rows) != len(vectors):
             raise RDMError(f"{len(vectors)} vectors but {len(rows)} metadata rows")
-        present = set(self._ids)
-        keep = [i for i, r in enumerate(rows) if r["id"] not in present and not present.add(r["id"])]
-        new_meta = rows_to_table([rows[i] for i in keep])
-        metadata = pa.concat_tables([self.metadata, new_meta], promote_options="permissive")
-        all_skipped = pa.concat_tables([self.skipped, skipped_table(skipped)])
-        sources = self.manifest.get("sources", []) + ([dict(source, added=store.now())] if source else [])
         with store.writer_lock(self.path, self.name):
-            self._rewrite(np.concatenate([self.vectors, vectors[keep]]), metadata, all_skipped, sources)
+            db = self.reopen()  # the latest commit, whoever made it
+            present = set(db.rows_of([r["id"] for r in rows]))
+            keep = [i for i, r in enumerate(rows) if r["id"] not in present and not present.add(r["id"])]
+            if not keep and not skipped:
+                return 0
+            m = dict(db.manifest)
+            entry = write_segment(self.path, m["rows"], vectors[keep], rows_to_table([rows[i] for i in keep]),
+                                  skipped_table(skipped), m.get("vector_dtype", "float32"))
+            trained = db._trained_index()
+            if trained is not None:
+                entry = write_segment_index(self.path, entry, faiss_index.encode(trained, vectors[keep], entry["start"]),
+                                            db.spec.tag)
+            m["segments"] = m["segments"] + [entry]
+            if source:
+                m["sources"] = m.get("sources", []) + [dict(source, added=store.now())]
+            fault("add:before-commit")
+            store.commit(self.path, finish_manifest(m, len(db.tombstones)), fault=lambda p: fault(f"add:{p}"))
+        self._reload()
         return len(keep)
 
     def remove(self, ids: Sequence[str] = (), where=None) -> list[str]:
-        """Remove items by id and/or metadata filter (takedowns) without re-embedding; return removed ids."""
+        """Remove items by id and/or metadata filter (takedowns): a new tombstone set; return removed ids."""
         if not ids and not where:
             raise RDMError("nothing to remove: give ids or a --where filter")
-        unknown = sorted(set(ids) - set(self._ids))
-        if unknown:
-            raise RDMError(f"database {self.name} has no item(s) {', '.join(unknown[:10])}"
-                           f"{' ...' if len(unknown) > 10 else ''}; nothing was removed")
-        drop = np.zeros(self.count, bool)
-        if ids:
-            wanted = set(ids)
-            drop |= np.fromiter((i in wanted for i in self._ids), bool, self.count)
-        if where:
-            drop[self.filter_rows(where)] = True
-        removed = [self._ids[i] for i in np.nonzero(drop)[0]]
-        if removed:
-            keep = np.nonzero(~drop)[0]
-            with store.writer_lock(self.path, self.name):
-                self._rewrite(self.vectors[keep], self.metadata.take(pa.array(keep)), self.skipped,
-                              self.manifest.get("sources", []))
+        with store.writer_lock(self.path, self.name):
+            db = self.reopen()
+            found = db.rows_of(list(ids))
+            unknown = sorted(set(ids) - set(found))
+            if unknown:
+                raise RDMError(f"database {self.name} has no item(s) {', '.join(unknown[:10])}"
+                               f"{' ...' if len(unknown) > 10 else ''}; nothing was removed")
+            drop = np.array(sorted(found.values()), np.int64)
+            if where:
+                drop = np.union1d(drop, db.filter_rows(where))
+            if len(drop) == 0:
+                return []
+            removed = [r["id"] for r in db.records(drop)]
+            dead = np.union1d(db.tombstones, drop).astype(np.int64)
+            path = self.path / f"tombstones.{store.new_generation()}.npy"
+            written = store.atomic_write(path, lambda f: np.save(f, dead, allow_pickle=False))
+            m = dict(db.manifest, tombstones=dict(store.file_entry(self.path, path, written), count=int(len(dead))))
+            fault("remove:before-commit")
+            store.commit(self.path, finish_manifest(m, len(dead)), fault=lambda p: fault(f"remove:{p}"))
+        self._reload()
         return removed
+
+    def compact(self, progress: bool = False) -> dict:
+        """Merge the segments into as few as SEGMENT_ROWS allows, dropping removed rows; resumable."""
+        from .compaction import compact
+
+        with store.writer_lock(self.path, self.name):
+            report = compact(self.reopen(), progress=progress)
+        self._reload()
+        return report
+
+    def _reload(self) -> None:
+        fresh = self.reopen()
+        self.__dict__.update(fresh.__dict__)
+
+    # -- checking and describing ---------------------------------------------------------------
+    def verify(self) -> dict:
+        """Check every file's size and digest, and that the files agree (`rdm verify`)."""
+        entries = self._entries()
+        for e in entries:
+            store.verify_file(self.path, self.name, e)
+        for seg in self.segments:
+            if seg.metadata.num_rows != seg.rows:
+                raise store.corrupt(self.name, f"segment {seg.id}'s metadata and vectors disagree")
+        if not self.spec.exact:
+            self.stacked_index()
+        return {"name": self.name, "files": len(entries), "bytes": sum(e["bytes"] for e in entries),
+                "segments": len(self.segments), "count": self.count, "ok": True}
 
     def info(self) -> dict:
         """What `rdm info --json` prints."""
-        m = self.manifest
-        size = sum(e["bytes"] for e in m["files"].values())
-        return {"name": self.name, "path": str(self.path), "count": self.count, "dim": self.dim,
-                "embedder": m["embedder"], "metric": m["metric"], "index": m["index"],
-                "index_factory": m["index_factory"], "created": m["created"], "updated": m.get("updated"),
-                "sources": m.get("sources", []), "fingerprint": self.fingerprint, "bytes_on_disk": size,
-                "columns": self.metadata.column_names, "skipped": self.skipped_list()}
+        return info_from_manifest(self.path, self.manifest) | {"columns": self.column_names(),
+                                                               "skipped": self.skipped_list()}
+
+
+def info_from_manifest(path: Path, m: dict) -> dict:
+    """A database's description from its manifest alone (what `rdm info` prints; reads no data file)."""
+    size = sum(e["bytes"] for s in m["segments"] for e in s["files"].values())
+    size += sum(m[k]["bytes"] for k in ("trained", "tombstones") if m.get(k))
+    return {"name": m.get("name") or path.name, "path": str(path), "count": m["count"], "dim": m["dim"],
+            "embedder": m["embedder"], "metric": m["metric"], "index": m["index"], "index_factory": m["index_factory"],
+            "vector_dtype": m.get("vector_dtype", "float32"), "segments": len(m["segments"]),
+            "removed": (m.get("tombstones") or {}).get("count", 0), "skipped_count": m.get("skipped_count", 0),
+            "created": m["created"], "updated": m.get("updated"), "sources": m.get("sources", []),
+            "fingerprint": m["fingerprint"], "bytes_on_disk": size}
+
+
+def _how_to_make(name: str) -> str | None:
+    """The command that makes a well-known database (rdm.pull knows the published ones)."""
+    try:
+        from .pull import how_to_make
+    except ImportError:
+        return None
+    try:
+        return how_to_make(name)
+    except Exception:  # noqa: BLE001 - a hint must never hide the real error
+        return None

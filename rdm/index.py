@@ -1,10 +1,19 @@
-"""FAISS indexes for a database: choose, train, tune, search (exact re-ranking from stored vectors).
+"""FAISS indexes for a segmented database: choose, train, encode per segment, search, tune.
 
-Small databases get an exact inner-product index ("Flat"). Above `EXACT_MAX` vectors the default is
-an inverted file with 8-bit scalar quantisation ("IVF{nlist},SQ8"), trained on a sample, whose
-`nprobe` is tuned at build time until recall@10 against exact search reaches `TARGET_RECALL`; the
-candidates it returns are re-scored exactly with the stored float32 embeddings. Any FAISS factory
-string can be given instead (`--index-factory`), e.g. "HNSW32", "IVF4096,PQ64".
+Small databases need no FAISS data: they are searched exactly over their stored vectors. Above
+`EXACT_MAX` vectors the default is an inverted file with product-quantised codes,
+"IVF{~sqrt N},PQ{D/8}" (96 bytes per 768-d vector: 1 GB of codes at 10M vectors, where SQ8 would
+take 7.7 GB and float vectors 15-30 GB), trained once on a seeded sample. Every segment holds its
+share: its vectors encoded with that trained index, labelled with their database rows. At search
+time the segments' inverted lists are stacked into one index (faiss `HStackInvertedLists` over
+memory-mapped files, nothing copied), removed rows are excluded inside FAISS with an IDSelector,
+and the k x `rerank` candidates are re-scored exactly from the stored vectors.
+
+`nprobe` and `rerank` are tuned at build time until recall@10 against exact search reaches
+`TARGET_RECALL` on two query sets: image-like queries (database vectors plus noise) and text-like
+queries that sit off the image manifold, as CLIP text embeddings do (the modality gap: text-image
+cosines are about 0.3; an index tuned on image queries alone can fail text queries,
+clip-retrieval #76).
 
 faiss checks inputs with asserts that vanish under `python -O`, and pads missing results with
 label -1: every entry point here validates shapes and finiteness itself, and -1 labels never
@@ -15,29 +24,33 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import faiss
 import numpy as np
 
 from .errors import RDMError
 
-EXACT_MAX = 200_000  # up to this many vectors, exact search is the default
+EXACT_MAX = 200_000  # up to this many vectors, exact search over the stored vectors is the default
 TARGET_RECALL = 0.95  # recall@10 an approximate index is tuned to reach against exact search
-RERANK_FACTOR = 4  # approximate search fetches k * RERANK_FACTOR candidates, re-scored exactly
-TUNE_QUERIES = 256
+TUNE_QUERIES = 256  # queries per tuning set
+TRAIN_PER_LIST = 40  # training vectors per inverted list (faiss warns below 39)
+TRAIN_MAX = 200_000  # at most this many training vectors (k-means cost grows with them)
 
 
 @dataclass
 class IndexSpec:
     """How a database's FAISS index was built; recorded in the manifest."""
 
-    factory: str  # FAISS factory string ("Flat", "IVF1024,SQ8", ...)
+    factory: str  # FAISS factory string ("Flat" = exact search over the stored vectors, "IVF1024,PQ96", ...)
     metric: str = "inner_product"  # vectors are L2-normalised, so this is cosine similarity
     nprobe: int | None = None  # IVF lists visited per query (tuned)
-    ef_search: int | None = None  # HNSW search breadth (tuned)
-    rerank: int = 1  # candidates fetched per result, re-scored exactly with the stored vectors
-    recall_at_10: float | None = None  # measured against exact search on held-out queries
+    rerank: int = 1  # candidates fetched per result, re-scored exactly with the stored vectors (tuned)
+    recall_at_10: float | None = None  # the lower of the two below
+    recall_image: float | None = None  # recall@10 against exact search, image-like queries
+    recall_text: float | None = None  # recall@10 against exact search, text-like (off-manifold) queries
     train_size: int | None = None  # vectors the index was trained on
+    tag: str | None = None  # digest of the trained index the segments were encoded with
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +58,10 @@ class IndexSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "IndexSpec":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+    @property
+    def exact(self) -> bool:
+        return self.factory == "Flat"
 
 
 def check_vectors(x: np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
@@ -57,12 +74,13 @@ def check_vectors(x: np.ndarray, dim: int, what: str = "vectors") -> np.ndarray:
                        "(were they made by another embedder?)")
     if not np.issubdtype(x.dtype, np.floating):
         raise RDMError(f"{what} must be floating point, got {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         rows = np.nonzero(bad)[0]
         raise RDMError(f"{what} contain NaN or Inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); "
                        "refusing to index or search them")
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return x
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -71,12 +89,90 @@ def normalise(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
-def default_factory(n: int) -> str:
-    """Exact for small databases; IVF with ~sqrt(n) lists and SQ8 codes above EXACT_MAX."""
+def default_factory(n: int, dim: int) -> str:
+    """Exact for small databases; IVF with ~sqrt(n) lists and D/8-byte PQ codes above EXACT_MAX."""
     if n <= EXACT_MAX:
         return "Flat"
     nlist = 2 ** round(math.log2(math.sqrt(n)))
-    return f"IVF{max(64, min(nlist, 65536))},SQ8"
+    codes = f"PQ{dim // 8}" if dim % 8 == 0 else "SQ8"
+    return f"IVF{max(256, min(nlist, 65536))},{codes}"
+
+
+def check_factory(factory: str, dim: int) -> faiss.Index | None:
+    """An empty index for `factory` (None for Flat); RDMError for strings FAISS or segments can't use."""
+    if factory == "Flat":
+        return None
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise RDMError(f"invalid FAISS factory string '{factory}': {str(e).splitlines()[-1]}") from None
+    ivf = ivf_of(index)
+    if ivf is None or "fs" in factory.split(",")[-1]:
+        raise RDMError(f"index '{factory}' cannot be split into segments: use Flat (exact) or an inverted file "
+                       "with array lists, e.g. IVF1024,PQ96, IVF1024,SQ8 or IVF4096_HNSW32,PQ64")
+    return index
+
+
+def ivf_of(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def train(sample: np.ndarray, factory: str, seed: int = 0) -> faiss.Index:
+    """Create and train an empty index on a sample (float32 unit vectors)."""
+    index = check_factory(factory, sample.shape[1])
+    ivf = ivf_of(index)
+    if len(sample) < ivf.nlist:
+        raise RDMError(f"index '{factory}' needs at least {ivf.nlist} vectors to train, the database has "
+                       f"{len(sample)}: use fewer lists or --index-factory Flat")
+    ivf.cp.seed = seed
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return index
+
+
+def training_size(factory: str, dim: int) -> int:
+    ivf = ivf_of(check_factory(factory, dim))
+    return min(TRAIN_MAX, max(TRAIN_PER_LIST * ivf.nlist, 10_000))
+
+
+def encode(trained: faiss.Index, vectors: np.ndarray, start: int, chunk: int = 65_536) -> bytes:
+    """A segment's share: its vectors encoded with the trained index, labelled start .. start + n - 1."""
+    index = faiss.clone_index(trained)
+    for i in range(0, len(vectors), chunk):
+        block = np.ascontiguousarray(vectors[i:i + chunk], dtype=np.float32)
+        index.add_with_ids(block, np.arange(start + i, start + i + len(block), dtype=np.int64))
+    return serialize(index)
+
+
+class StackedIndex:
+    """The segments' shares as one searchable index: their inverted lists stacked, memory-mapped."""
+
+    def __init__(self, trained: faiss.Index, paths: list[str], ntotal: int):
+        self.parts = [faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in paths]  # mapped, not read
+        self.lists = faiss.InvertedListsPtrVector()
+        for part in self.parts:
+            self.lists.push_back(ivf_of(part).invlists)
+        self.stack = faiss.HStackInvertedLists(self.lists.size(), self.lists.data())
+        self.index = faiss.clone_index(trained)
+        self.ivf = ivf_of(self.index)
+        self.ivf.replace_invlists(self.stack, False)
+        self.ivf.ntotal = self.index.ntotal = ntotal
+        self.nlist = self.ivf.nlist
+
+    def search(self, queries: np.ndarray, fetch: int, nprobe: int, selector=None) -> np.ndarray:
+        """Candidate rows (Q, fetch), -1 padded."""
+        params = faiss.SearchParametersIVF()
+        params.nprobe = min(nprobe, self.nlist)
+        if selector is not None:
+            params.sel = selector
+        if isinstance(faiss.downcast_index(self.ivf.quantizer), faiss.IndexHNSW):
+            qp = faiss.SearchParametersHNSW()
+            qp.efSearch = max(64, 2 * params.nprobe)
+            params.quantizer_params = qp
+        _, labels = self.index.search(queries, fetch, params=params)
+        return labels
 
 
 def exact_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -87,94 +183,52 @@ def exact_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.nda
     pos = np.full((len(queries), k), -1, np.int64)
     if k_eff == 0:
         return scores, pos
-    sims, idx = faiss.knn(queries, vectors, k_eff, metric=faiss.METRIC_INNER_PRODUCT)
+    sims, idx = faiss.knn(queries, np.ascontiguousarray(vectors, dtype=np.float32), k_eff,
+                          metric=faiss.METRIC_INNER_PRODUCT)
     scores[:, :k_eff], pos[:, :k_eff] = sims, idx
     return scores, pos
 
 
-def build_index(vectors: np.ndarray, factory: str, seed: int = 0) -> tuple[faiss.Index, IndexSpec]:
-    """Create, train (on a seeded sample) and fill an index; tune approximate ones to TARGET_RECALL."""
-    n, d = vectors.shape
-    try:
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise RDMError(f"invalid FAISS factory string '{factory}': {str(e).splitlines()[-1]}") from None
-    spec = IndexSpec(factory=factory)
-    if not index.is_trained:
-        ivf = _ivf(index)
-        want = 64 * ivf.nlist if ivf is not None else 100_000
-        if ivf is not None and n < ivf.nlist:
-            raise RDMError(f"index '{factory}' needs at least {ivf.nlist} vectors to train, the database has "
-                           f"{n}: use fewer lists or --index-factory Flat")
-        rng = np.random.default_rng(seed)
-        sample = vectors if n <= want else vectors[np.sort(rng.choice(n, want, replace=False))]
-        if ivf is not None:
-            ivf.cp.seed = seed
-        index.train(np.ascontiguousarray(sample))
-        spec.train_size = len(sample)
-    index.add(vectors)
-    if factory != "Flat":
-        tune(index, spec, vectors, seed)
-    else:
-        spec.recall_at_10 = 1.0
-    return index, spec
+def merge_topk(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (score, row) pairs of each query among candidates (Q, M); -inf/-1 padded to k."""
+    q, m = scores.shape
+    out_s = np.full((q, k), -np.inf, np.float32)
+    out_r = np.full((q, k), -1, np.int64)
+    if m == 0:
+        return out_s, out_r
+    order = np.lexsort((rows, -scores), axis=1)[:, :k]  # by score, ties by row: deterministic
+    top_s = np.take_along_axis(scores, order, 1)
+    top_r = np.take_along_axis(rows, order, 1)
+    ok = np.isfinite(top_s) & (top_r >= 0)
+    out_s[:, :order.shape[1]] = np.where(ok, top_s, -np.inf)
+    out_r[:, :order.shape[1]] = np.where(ok, top_r, -1)
+    return out_s, out_r
 
 
-def _ivf(index: faiss.Index):
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
-
-
-def _hnsw(index: faiss.Index):
-    idx = faiss.downcast_index(index)
-    return idx if hasattr(idx, "hnsw") else None
-
-
-def _search_params(index: faiss.Index, spec: IndexSpec, selector=None):
-    """SearchParameters carrying nprobe / efSearch and an optional id selector."""
-    if _ivf(index) is not None:
-        params = faiss.SearchParametersIVF()
-        params.nprobe = spec.nprobe or 1
-    elif _hnsw(index) is not None:
-        params = faiss.SearchParametersHNSW()
-        params.efSearch = spec.ef_search or 16
-    else:
-        params = faiss.SearchParameters()
-    if selector is not None:
-        params.sel = selector
-    return params
-
-
-def search_index(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, queries: np.ndarray, k: int,
-                 allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k (scores, rows) through the index, restricted to `allowed` rows, re-ranked exactly."""
-    n = index.ntotal
-    k_eff = min(k, n if allowed is None else len(allowed))
-    scores = np.full((len(queries), k), -np.inf, np.float32)
-    rows = np.full((len(queries), k), -1, np.int64)
-    if k_eff == 0:
-        return scores, rows
-    selector = faiss.IDSelectorBatch(allowed.astype(np.int64)) if allowed is not None else None
-    fetch = min(k_eff * max(spec.rerank, 1), n)
-    _, cand = index.search(queries, fetch, params=_search_params(index, spec, selector))
-    # exact scores from the stored float32 vectors: re-ranks quantised candidates, drops -1 padding
-    sims = np.where(cand >= 0, np.einsum("qd,qkd->qk", queries, vectors[np.maximum(cand, 0)]), -np.inf)
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :k_eff]
-    top_rows = np.take_along_axis(cand, order, 1)
-    top_scores = np.take_along_axis(sims, order, 1).astype(np.float32)
-    rows[:, :k_eff] = np.where(np.isfinite(top_scores), top_rows, -1)
-    scores[:, :k_eff] = top_scores
-    return scores, rows
-
-
-def _held_out_queries(vectors: np.ndarray, seed: int) -> np.ndarray:
+# -- tuning --------------------------------------------------------------------------------------
+def image_like_queries(sample: np.ndarray, seed: int) -> np.ndarray:
     """Queries near, but not on, the data: sampled vectors plus isotropic noise, re-normalised."""
     rng = np.random.default_rng(seed + 1)
-    picks = vectors[rng.choice(len(vectors), min(TUNE_QUERIES, len(vectors)), replace=False)]
-    noise = rng.standard_normal(picks.shape).astype(np.float32) / math.sqrt(vectors.shape[1])
+    picks = sample[rng.choice(len(sample), min(TUNE_QUERIES, len(sample)), replace=False)]
+    noise = rng.standard_normal(picks.shape).astype(np.float32) / math.sqrt(sample.shape[1])
     return normalise(picks + noise)
+
+
+def text_like_queries(sample: np.ndarray, seed: int, cosine: float = 0.3) -> np.ndarray:
+    """Queries off the image manifold, as CLIP text embeddings are (Liang et al. 2022, the modality gap).
+
+    Each is a data vector moved along one shared "gap" direction (plus a little noise) until its
+    cosine with that vector is about `cosine`: all text queries sit in their own cone, far from every
+    image and from the IVF centroids, yet their nearest images are still those of the data vector.
+    """
+    rng = np.random.default_rng(seed + 2)
+    d = sample.shape[1]
+    picks = sample[rng.choice(len(sample), min(TUNE_QUERIES, len(sample)), replace=False)].astype(np.float32)
+    gap = normalise(rng.standard_normal((1, d)).astype(np.float32))
+    noise = normalise(rng.standard_normal(picks.shape).astype(np.float32))
+    off = normalise(0.85 * gap + 0.15 * noise)
+    off = normalise(off - (off * picks).sum(1, keepdims=True) * picks)  # orthogonal to the data vector
+    return normalise(cosine * picks + math.sqrt(1 - cosine ** 2) * off)
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -183,34 +237,26 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / max(1, int((truth >= 0).sum()))
 
 
-def tune(index: faiss.Index, spec: IndexSpec, vectors: np.ndarray, seed: int = 0, k: int = 10) -> None:
-    """Raise nprobe / efSearch (and re-ranking) until recall@k >= TARGET_RECALL; record the result."""
-    queries = _held_out_queries(vectors, seed)
-    _, truth = exact_topk(queries, vectors, k)
-    spec.rerank = RERANK_FACTOR
-    ivf, hnsw = _ivf(index), _hnsw(index)
-    if ivf is not None:
-        knob, values = "nprobe", [2 ** i for i in range(0, int(math.log2(ivf.nlist)) + 1)] + [ivf.nlist]
-    elif hnsw is not None:
-        knob, values = "ef_search", [16, 32, 64, 128, 256, 512, 1024]
-    else:
-        knob, values = None, [None]
-    recall = 0.0
-    for value in values:
-        if knob:
-            setattr(spec, knob, value)
-        _, found = search_index(index, spec, vectors, queries, k)
-        recall = recall_at_k(found, truth)
-        if recall >= TARGET_RECALL:
+def tune(spec: IndexSpec, nlist: int, search: Callable[[np.ndarray, int, IndexSpec], np.ndarray],
+         query_sets: dict[str, tuple[np.ndarray, np.ndarray]], k: int = 10) -> None:
+    """Raise nprobe (and re-ranking) until recall@k >= TARGET_RECALL on every query set; record it.
+
+    `search(queries, k, spec)` returns the rows found with the spec's settings; query_sets maps a name
+    ("image", "text") to (queries, exact top-k rows).
+    """
+    nprobes = sorted({min(2 ** i, nlist) for i in range(0, int(math.log2(nlist)) + 2)})
+    recalls: dict[str, float] = {}
+    for nprobe in nprobes:  # the cost of a search grows with nprobe first, re-ranking second
+        for rerank in (4, 10):
+            spec.nprobe, spec.rerank = nprobe, rerank
+            recalls = {name: recall_at_k(search(q, k, spec), truth) for name, (q, truth) in query_sets.items()}
+            if min(recalls.values()) >= TARGET_RECALL:
+                break
+        if min(recalls.values()) >= TARGET_RECALL:
             break
-    spec.recall_at_10 = round(recall, 4)
-
-
-def reset_and_fill(index: faiss.Index, vectors: np.ndarray) -> None:
-    """Replace an index's contents keeping its training (used after removals)."""
-    index.reset()
-    if len(vectors):
-        index.add(vectors)
+    spec.recall_image = round(recalls.get("image", 0.0), 4)
+    spec.recall_text = round(recalls.get("text", 0.0), 4)
+    spec.recall_at_10 = round(min(recalls.values()), 4)
 
 
 def serialize(index: faiss.Index) -> bytes:

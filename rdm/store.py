@@ -1,18 +1,22 @@
-"""A database folder on disk: the manifest as commit point, checksummed data files, a writer lock.
+"""A database folder on disk: the manifest as the one commit point over immutable segments.
 
     indexes/NAME/
-      manifest.json                 what built it, counts, and the sha256 of every data file
-      index.GEN.faiss               the FAISS index
-      embeddings.GEN.npy            the exact float32 vectors (N, D), row i <-> index label i
-      metadata.GEN.parquet          id, path, source_row, width, height, caption, extra columns
-      skipped.GEN.parquet           id, path, reason, detail of every item that was not embedded
-      .lock                         held by the one process allowed to write
-      .build/                       an unfinished build (shards), resumable with --resume
+      manifest.json                   the commit point: what built it, the segments, the tombstones,
+                                      the index settings, and the size + xxh3 digest of every file
+      trained.TAG.faiss               the trained, empty FAISS index every segment's share was encoded
+                                      with (approximate databases only)
+      tombstones.GEN.npy              sorted int64 rows that were removed (takedowns), until compaction
+      segments/SEG/                   one immutable segment (rdm.segment): vectors.npy (memory-mapped),
+                                      metadata.parquet, skipped.parquet, keys.npy (id lookup) and its
+                                      share of the index, index.TAG.faiss
+      .lock                           held by the one process allowed to write
+      .build/, .compact/              unfinished work, resumable (--resume, rdm compact)
 
-A write creates files of a new generation GEN, then atomically replaces manifest.json (the commit),
-then deletes files of older generations. Readers read the manifest first and only the files it names,
-so they see the old or the new database, never half of one (faiss contrib/big_batch_search.py and
-ondisk.py work the same way: write aside, then os.replace).
+A write creates new files beside the old ones (a segment folder is written under a temporary name
+and renamed into place), then atomically replaces manifest.json (the commit), then deletes what no
+manifest names any more. Readers read the manifest first and only the files it names, so they see
+the old or the new database, never half of one (faiss contrib/ondisk.py and big_batch_search.py
+work the same way: write aside, then os.replace).
 """
 
 from __future__ import annotations
@@ -22,19 +26,23 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
+import xxhash
 from filelock import FileLock, Timeout
 
 from .errors import DatabaseBusy, DatabaseCorrupt, DatabaseError
 
 FORMAT = "rdm-database"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-DATA_FILES = ("index", "embeddings", "metadata", "skipped")
-SUFFIX = {"index": "faiss", "embeddings": "npy", "metadata": "parquet", "skipped": "parquet"}
+SEGMENTS = "segments"
+WORK_DIRS = (".build", ".compact")  # unfinished writes; their progress files name what they keep
+PROGRESS = "progress.json"
+HASH = "xxh3_128"  # digest of every data file (xxhash: ~10 GB/s, so verifying is disk-bound, not CPU-bound)
 
 
 def indexes_home(home: str | os.PathLike | None = None) -> Path:
@@ -63,24 +71,56 @@ def now() -> str:
 
 
 def new_generation() -> str:
-    """A sortable, unique generation tag for the files of one write."""
+    """A sortable, unique tag for the files of one write."""
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+# -- digests and atomic writes ---------------------------------------------------------------------
+class HashingWriter:
+    """A binary file object that digests what is written through it (np.save, pq.write_table)."""
+
+    def __init__(self, f):
+        self.f, self.h, self.n = f, xxhash.xxh3_128(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.h.update(view)
+        self.n += len(view)
+        return self.f.write(view)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def tell(self) -> int:
+        return self.n
+
+    @property
+    def closed(self) -> bool:
+        return self.f.closed
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+def digest_file(path: Path, chunk: int = 1 << 24) -> str:
+    """xxh3-128 hex digest of a file."""
+    h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 
 
-def fsync_write(path: Path, data: bytes) -> None:
-    """Write bytes and flush them to disk before returning."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 hex digest (for published artifacts whose digests are sha256)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -91,23 +131,72 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def data_path(db_dir: Path, kind: str, generation: str) -> Path:
-    return db_dir / f"{kind}.{generation}.{SUFFIX[kind]}"
+def atomic_write(path: str | os.PathLike, data: bytes | Callable | str) -> dict:
+    """Write a file so that readers see the old one or the whole new one, durably; return its entry.
+
+    `data` is bytes, text, or a function that writes to a binary file object. The file is written
+    beside its destination under a temporary name, fsynced, os.replace()d into place, and the folder
+    fsynced. Returns {"bytes", "xxh3"} of what was written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            w = HashingWriter(f)
+            if callable(data):
+                data(w)
+            else:
+                w.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return {"bytes": w.n, HASH: w.h.hexdigest()}
 
 
-def file_entry(path: Path) -> dict:
-    """Manifest entry of a written data file: its name, size and sha256."""
-    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+def atomic_write_json(path: str | os.PathLike, obj) -> dict:
+    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
-def fingerprint(files: dict) -> str:
-    """One checksum for a database state: sha256 over its data files' checksums."""
+def file_entry(db_dir: Path, path: Path, written: dict | None = None) -> dict:
+    """Manifest entry of a data file: its path relative to the database, size and digest."""
+    written = written or {"bytes": path.stat().st_size, HASH: digest_file(path)}
+    return {"name": path.relative_to(db_dir).as_posix(), "bytes": written["bytes"], HASH: written[HASH]}
+
+
+def corrupt(name: str, what: str) -> DatabaseCorrupt:
+    return DatabaseCorrupt(f"database {name} is corrupt: {what}; rebuild it "
+                           f"(rdm build-index SOURCE --name {name} --overwrite)")
+
+
+def check_size(db_dir: Path, name: str, entry: dict) -> Path:
+    """The file an entry names, if its size matches (FileNotFoundError when it is gone)."""
+    path = db_dir / entry["name"]
+    if path.stat().st_size != entry["bytes"]:
+        raise corrupt(name, f"{entry['name']} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
+    return path
+
+
+def verify_file(db_dir: Path, name: str, entry: dict) -> Path:
+    """Check a data file's size and digest against its manifest entry; DatabaseCorrupt when they differ."""
+    path = check_size(db_dir, name, entry)
+    if digest_file(path) != entry[HASH]:
+        raise corrupt(name, f"{entry['name']} does not match its checksum")
+    return path
+
+
+def fingerprint(parts: list[str]) -> str:
+    """One checksum for a database state: a digest over its files' digests."""
     h = hashlib.sha256()
-    for kind in sorted(files):
-        h.update(f"{kind}:{files[kind]['sha256']};".encode())
+    for p in parts:
+        h.update(f"{p};".encode())
     return h.hexdigest()[:16]
 
 
+# -- the manifest --------------------------------------------------------------------------------
 def read_manifest(db_dir: Path, name: str) -> dict:
     """Parse and sanity-check manifest.json; DatabaseCorrupt if it is unreadable."""
     path = db_dir / MANIFEST
@@ -116,38 +205,67 @@ def read_manifest(db_dir: Path, name: str) -> dict:
     except FileNotFoundError:
         raise
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise DatabaseCorrupt(f"database {name} is corrupt: {MANIFEST} is unreadable ({e}); rebuild it") from None
-    if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise DatabaseCorrupt(f"database {name} is corrupt: {MANIFEST} is not an rdm database manifest; rebuild it")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise DatabaseError(f"database {name} has format version {manifest['format_version']}, newer than this "
-                            f"rdm understands ({FORMAT_VERSION}); upgrade rdm")
-    missing = [k for k in DATA_FILES if k not in manifest["files"]]
-    if missing:
-        raise DatabaseCorrupt(f"database {name} is corrupt: manifest lacks {', '.join(missing)}; rebuild it")
+        raise corrupt(name, f"{MANIFEST} is unreadable ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise corrupt(name, f"{MANIFEST} is not an rdm database manifest")
+    version = manifest.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise DatabaseError(f"database {name} has format version {version}, newer than this rdm understands "
+                            f"({FORMAT_VERSION}); upgrade rdm")
+    if version < FORMAT_VERSION:
+        raise DatabaseError(f"database {name} was written by an older rdm (format {version}, one monolithic "
+                            f"generation); rebuild it: rdm build-index SOURCE --name {name} --overwrite")
+    if not isinstance(manifest.get("segments"), list):
+        raise corrupt(name, f"{MANIFEST} lists no segments")
     return manifest
 
 
-def verify_file(db_dir: Path, name: str, entry: dict) -> Path:
-    """Check a data file's size and sha256 against the manifest; DatabaseCorrupt when they differ."""
-    path = db_dir / entry["name"]
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
-        raise DatabaseCorrupt(f"database {name} is corrupt: {entry['name']} does not match its checksum; rebuild it "
-                              f"(rdm build-index SOURCE --name {name} --overwrite)")
-    return path
+def referenced_files(manifest: dict) -> set[str]:
+    """Every file a manifest names (relative paths)."""
+    names = {e["name"] for seg in manifest["segments"] for e in seg["files"].values()}
+    for key in ("trained", "tombstones"):
+        if manifest.get(key):
+            names.add(manifest[key]["name"])
+    return names
 
 
-def commit(db_dir: Path, manifest: dict) -> None:
-    """Atomically publish a manifest (the commit point), then delete files no longer referenced."""
-    tmp = db_dir / f".{MANIFEST}.{secrets.token_hex(4)}.tmp"
-    fsync_write(tmp, json.dumps(manifest, indent=2, sort_keys=True).encode())
-    os.replace(tmp, db_dir / MANIFEST)
-    fsync_dir(db_dir)
-    keep = {e["name"] for e in manifest["files"].values()}
+def _kept_by_work(db_dir: Path) -> set[str]:
+    """Files an unfinished build or compaction has written and will reuse when resumed."""
+    keep: set[str] = set()
+    for work in WORK_DIRS:
+        progress = db_dir / work / PROGRESS
+        if progress.is_file():
+            try:
+                keep |= set(json.loads(progress.read_text()).get("files", []))
+            except (json.JSONDecodeError, OSError):
+                pass
+    return keep
+
+
+def commit(db_dir: Path, manifest: dict, fault: Callable[[str], None] | None = None) -> None:
+    """Atomically publish a manifest (the commit point), then delete files no manifest names any more."""
+    atomic_write_json(db_dir / MANIFEST, manifest)
+    if fault is not None:
+        fault("after-commit")
+    collect_garbage(db_dir, manifest)
+
+
+def collect_garbage(db_dir: Path, manifest: dict | None) -> None:
+    """Delete segments and top-level data files that neither the manifest nor unfinished work names."""
+    keep = (referenced_files(manifest) if manifest else set()) | _kept_by_work(db_dir)
+    keep_dirs = {Path(n).parts[1] for n in keep if n.startswith(SEGMENTS + "/")}
+    seg_root = db_dir / SEGMENTS
+    if seg_root.is_dir():
+        for d in seg_root.iterdir():
+            if d.name not in keep_dirs:
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+            elif d.is_dir():
+                for f in d.iterdir():
+                    if f"{SEGMENTS}/{d.name}/{f.name}" not in keep:
+                        f.unlink(missing_ok=True)
     for p in db_dir.iterdir():
-        if p.is_file() and p.suffix in (".faiss", ".npy", ".parquet") and p.name not in keep and p.name.count(".") == 2:
+        if p.is_file() and p.name != MANIFEST and p.suffix in (".faiss", ".npy", ".parquet", ".tmp") \
+                and p.name not in keep:
             p.unlink(missing_ok=True)
 
 

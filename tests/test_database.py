@@ -7,7 +7,7 @@ from conftest import make_folder
 from rdm import api, store
 from rdm.database import Database
 from rdm.errors import DatabaseBusy, DatabaseCorrupt, DatabaseError, RDMError
-from rdm.index import build_index, exact_topk, normalise, recall_at_k
+from rdm.index import exact_topk, image_like_queries, normalise, recall_at_k, text_like_queries
 
 
 def build(source, name, clip, home, **kw):
@@ -81,20 +81,46 @@ def test_nan_and_dimension_mismatch_rejected(pictures, tiny_clip, home, tmp_path
         build(tmp_path / "vecs.npy", "vecs", tiny_clip, home)
 
 
-def test_corrupted_files_give_rebuild_message(pictures, tiny_clip, home):
+def _flip(path):
+    original = path.read_bytes()
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    return original
+
+
+def test_corrupted_files_give_rebuild_message(pictures, tiny_clip, home, monkeypatch):
     root, _ = pictures
     build(root, "pics", tiny_clip, home)
     manifest = json.loads((home / "pics" / "manifest.json").read_text())
-    for kind in ("embeddings", "index", "metadata"):
-        path = home / "pics" / manifest["files"][kind]["name"]
-        original = path.read_bytes()
-        flipped = bytearray(original)
-        flipped[len(flipped) // 2] ^= 0xFF
-        path.write_bytes(bytes(flipped))
+    seg = manifest["segments"][0]["files"]
+    for kind in ("vectors", "metadata", "skipped", "keys"):
+        path = home / "pics" / seg[kind]["name"]
+        original = _flip(path)
         with pytest.raises(DatabaseCorrupt, match="database pics is corrupt: .*rebuild it"):
-            Database.open("pics", home)
+            Database.open("pics", home)  # a small database: every digest is checked when it is opened
+        with pytest.raises(DatabaseCorrupt, match="does not match its checksum"):
+            api.verify("pics", str(home))
         path.write_bytes(original)
+    path.write_bytes(original[:-1])  # a truncated file is caught by its size, whatever the database's size
+    monkeypatch.setattr("rdm.database.VERIFY_ON_OPEN", 0)
+    with pytest.raises(DatabaseCorrupt, match="has .* bytes, the manifest says"):
+        Database.open("pics", home)
+    path.write_bytes(original)
+    # a large database is not hashed at open: its metadata is checked when first read, the rest by verify
+    meta = home / "pics" / seg["metadata"]["name"]
+    original = _flip(meta)
+    db = Database.open("pics", home)
+    with pytest.raises(DatabaseCorrupt, match="metadata.parquet does not match its checksum"):
+        db.search(db.vectors_at([0]), k=1)
+    meta.write_bytes(original)
+    vec = home / "pics" / seg["vectors"]["name"]
+    original = _flip(vec)
     Database.open("pics", home)
+    with pytest.raises(DatabaseCorrupt, match="vectors.npy does not match its checksum"):
+        Database.open("pics", home).verify()
+    vec.write_bytes(original)
+    assert Database.open("pics", home).verify()["ok"]
     (home / "pics" / "manifest.json").write_text("{ not json")
     with pytest.raises(DatabaseCorrupt, match="database pics is corrupt"):
         Database.open("pics", home)
@@ -163,28 +189,45 @@ def test_remove_by_id_and_by_filter(tmp_path, tiny_clip, home):
     db = Database.open("take", home)
     assert db.count == 6 and names[2] not in db.ids
     hits = db.search(gone_vec[None], k=6).hits(0)
-    assert names[2] not in {h["id"] for h in hits}
-    assert db.search(db.vectors, k=1).rows[:, 0].tolist() == list(range(6))
+    assert names[2] not in {h["id"] for h in hits} and len(hits) == 6
+    # rows keep their numbers until compaction: removed ones are tombstones, never returned
+    assert db.search(db.vectors, k=1).rows[:, 0].tolist() == db.live_rows().tolist() == [0, 1, 3, 4, 5, 6]
     with pytest.raises(RDMError, match="no item"):
         db.remove(ids=["not-there.png"])
-    files = {p.name for p in (home / "take").iterdir() if p.is_file() and p.suffix in (".npy", ".faiss", ".parquet")}
-    assert files == {e["name"] for e in db.manifest["files"].values()}  # old generations deleted
+    with pytest.raises(RDMError, match="no item"):
+        db.remove(ids=[names[2]])  # already removed
+    before = db.vectors.copy()
+    report = db.compact()
+    db = Database.open("take", home)
+    assert report["removed_rows_dropped"] == 4 and db.count == 6 and db.live_rows().tolist() == list(range(6))
+    assert np.array_equal(db.vectors, before) and db.manifest["tombstones"] is None
+    on_disk = {p.relative_to(home / "take").as_posix() for p in (home / "take").rglob("*")
+               if p.is_file() and p.suffix in (".npy", ".faiss", ".parquet")}
+    assert on_disk == store.referenced_files(db.manifest)  # old segments and tombstones deleted
 
 
-def test_approximate_index_reaches_recall_target():
+def test_approximate_index_reaches_recall_on_image_and_text_queries(tmp_path, tiny_clip, home):
+    """An IVF-PQ database is tuned until recall@10 >= 0.95 on image-like and text-like queries."""
     rng = np.random.default_rng(0)
-    centres = normalise(rng.standard_normal((50, 64)).astype(np.float32))
-    vectors = normalise(centres[rng.integers(0, 50, 20000)] + 0.4 * rng.standard_normal((20000, 64)).astype(np.float32) / 8)
-    index, spec = build_index(vectors, "IVF128,SQ8", seed=0)
-    assert spec.recall_at_10 >= 0.95 and spec.nprobe is not None
-    from rdm.index import _held_out_queries, search_index
-
-    queries = _held_out_queries(vectors, seed=7)
-    _, truth = exact_topk(queries, vectors, 10)
-    _, found = search_index(index, spec, vectors, queries, 10)
-    assert recall_at_k(found, truth) >= 0.93
+    centres = normalise(rng.standard_normal((50, 32)).astype(np.float32))
+    vectors = normalise(centres[rng.integers(0, 50, 20000)] + 0.05 * rng.standard_normal((20000, 32)).astype(np.float32))
+    np.save(tmp_path / "vecs.npy", vectors)
+    report = build(tmp_path / "vecs.npy", "ivf", tiny_clip, home, index_factory="IVF64,PQ8")
+    db = Database.open("ivf", home)
+    spec = db.spec
+    assert report.recall_at_10 >= 0.95 and spec.recall_image >= 0.95 and spec.recall_text >= 0.95
+    assert spec.nprobe is not None and len(db.segments) == 1 and "index" in db.segments[0].entry["files"]
+    for make in (image_like_queries, text_like_queries):
+        queries = make(vectors, seed=7)  # other queries than the tuning ones
+        _, truth = exact_topk(queries, vectors, 10)
+        assert recall_at_k(db.search(queries, k=10).rows, truth) >= 0.93
+    text = text_like_queries(vectors, seed=7)
+    cos = (text * vectors[np.argmax(text @ vectors.T, 1)]).sum(1)
+    assert 0.2 < np.median(cos) < 0.6  # text-like queries sit off the manifold, as CLIP's do (0.3 at 768-d)
     with pytest.raises(RDMError, match="invalid FAISS factory"):
-        build_index(vectors, "NotAnIndex", seed=0)
+        build(tmp_path / "vecs.npy", "bad", tiny_clip, home, index_factory="NotAnIndex")
+    with pytest.raises(RDMError, match="cannot be split into segments"):
+        build(tmp_path / "vecs.npy", "bad2", tiny_clip, home, index_factory="HNSW32")
 
 
 def test_large_filters_search_through_the_index_with_a_selector(tmp_path, tiny_clip, home, monkeypatch):

@@ -1,0 +1,178 @@
+"""One immutable segment of a database: vectors, metadata, skipped items, id keys, its share of the index.
+
+    segments/SEG/
+      vectors.npy        (n, D) float32 or float16 unit vectors, memory-mapped when read
+      metadata.parquet   id, path, source_row, width, height, caption, extra columns; row i <-> vector i
+      skipped.parquet    id, path, reason, detail of the source items this segment's build skipped
+      keys.npy           (n, 2) uint64 [xxh3_64(id), row] sorted by hash: id -> row without reading ids
+      index.TAG.faiss    this segment's vectors encoded with the database's trained index TAG, labelled
+                         with their global rows (approximate databases only; added when indexed)
+
+A segment's rows are the database rows start .. start + n - 1; they never change until compaction
+writes new segments. The folder is written under a temporary name and renamed into place, so it is
+whole or absent.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+
+from . import store
+
+VECTOR_DTYPES = ("float32", "float16")
+
+
+def id_hashes(ids) -> np.ndarray:
+    """xxh3_64 of each id string (uint64)."""
+    return np.fromiter((xxhash.xxh3_64_intdigest(i.encode()) for i in ids), np.uint64, len(ids))
+
+
+def _write_npy(array: np.ndarray):
+    return lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _write_parquet(table: pa.Table):
+    return lambda f: pq.write_table(table, f)
+
+
+def write_segment(db_dir: Path, start: int, vectors: np.ndarray, metadata: pa.Table, skipped: pa.Table,
+                  dtype: str = "float32") -> dict:
+    """Write a new segment folder atomically; return its manifest entry (files relative to db_dir)."""
+    if dtype not in VECTOR_DTYPES:
+        raise ValueError(f"vector dtype must be one of {VECTOR_DTYPES}, got {dtype}")
+    seg_id = f"s{start:012d}-{secrets.token_hex(4)}"
+    root = db_dir / store.SEGMENTS
+    tmp = root / f".tmp-{seg_id}"
+    tmp.mkdir(parents=True)
+    ids = metadata.column("id").to_pylist() if metadata.num_rows else []
+    hashes = id_hashes(ids)
+    order = np.argsort(hashes, kind="stable")
+    keys = np.stack([hashes[order], order.astype(np.uint64)], 1) if len(ids) else np.zeros((0, 2), np.uint64)
+    contents = {"vectors": ("vectors.npy", _write_npy(vectors.astype(dtype, copy=False))),
+                "metadata": ("metadata.parquet", _write_parquet(metadata)),
+                "skipped": ("skipped.parquet", _write_parquet(skipped)),
+                "keys": ("keys.npy", _write_npy(keys))}
+    written = {kind: (fname, store.atomic_write(tmp / fname, write)) for kind, (fname, write) in contents.items()}
+    final = root / seg_id
+    os.rename(tmp, final)
+    store.fsync_dir(root)
+    files = {kind: store.file_entry(db_dir, final / fname, w) for kind, (fname, w) in written.items()}
+    return {"id": seg_id, "start": int(start), "rows": int(len(vectors)), "dtype": dtype,
+            "skipped": int(skipped.num_rows), "files": files}
+
+
+def write_segment_index(db_dir: Path, entry: dict, data: bytes, tag: str) -> dict:
+    """Add this segment's share of the index (serialized FAISS bytes) to its folder; return the new entry."""
+    path = db_dir / store.SEGMENTS / entry["id"] / f"index.{tag}.faiss"
+    written = store.atomic_write(path, data)
+    files = dict(entry["files"], index=store.file_entry(db_dir, path, written))
+    return dict(entry, files=files, index_tag=tag)
+
+
+@dataclass
+class Segment:
+    """A segment opened for reading: vectors memory-mapped, metadata read when first needed."""
+
+    db_dir: Path
+    name: str  # the database's name, for error messages
+    entry: dict
+    verify: bool  # check digests of files when they are read into memory
+    vectors: np.ndarray = field(init=False)
+    _metadata: pa.Table | None = field(default=None, init=False)
+    _meta_file: object = field(default=None, init=False)
+
+    def __post_init__(self):
+        files = self.entry["files"]
+        for e in files.values():
+            store.check_size(self.db_dir, self.name, e)  # a missing file raises FileNotFoundError: retried
+        try:
+            self.vectors = np.load(self.db_dir / files["vectors"]["name"], mmap_mode="r", allow_pickle=False)
+            self.keys = np.load(self.db_dir / files["keys"]["name"], mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise store.corrupt(self.name, f"{files['vectors']['name']}: {e}") from None
+        if self.vectors.ndim != 2 or len(self.vectors) != self.rows or self.keys.shape != (self.rows, 2):
+            raise store.corrupt(self.name, f"segment {self.id} holds {self.vectors.shape} vectors, "
+                                           f"its manifest entry says {self.rows}")
+        # keep the metadata file open: a compaction may delete it while this reader still needs it
+        self._meta_file = open(self.db_dir / files["metadata"]["name"], "rb")
+
+    @property
+    def id(self) -> str:
+        return self.entry["id"]
+
+    @property
+    def start(self) -> int:
+        return self.entry["start"]
+
+    @property
+    def rows(self) -> int:
+        return self.entry["rows"]
+
+    def _read_table(self, f, entry: dict, columns=None) -> pa.Table:
+        try:
+            if self.verify:
+                f.seek(0)
+                h = xxhash.xxh3_128()
+                while block := f.read(1 << 24):
+                    h.update(block)
+                if h.hexdigest() != entry[store.HASH]:
+                    raise store.corrupt(self.name, f"{entry['name']} does not match its checksum")
+            f.seek(0)
+            return pq.read_table(f, columns=columns)
+        except pa.ArrowException as e:
+            raise store.corrupt(self.name, f"{entry['name']}: {e}") from None
+
+    @property
+    def metadata(self) -> pa.Table:
+        if self._metadata is None:
+            table = self._read_table(self._meta_file, self.entry["files"]["metadata"])
+            if table.num_rows != self.rows:
+                raise store.corrupt(self.name, f"segment {self.id} has {table.num_rows} metadata rows for "
+                                               f"{self.rows} vectors")
+            self._metadata = table
+        return self._metadata
+
+    def column_names(self) -> list[str]:
+        if self._metadata is not None:
+            return self._metadata.column_names
+        self._meta_file.seek(0)
+        return pq.ParquetFile(self._meta_file).schema_arrow.names
+
+    def skipped(self) -> pa.Table:
+        entry = self.entry["files"]["skipped"]
+        with open(self.db_dir / entry["name"], "rb") as f:
+            return self._read_table(f, entry)
+
+    def rows_of(self, ids: list[str]) -> dict[str, int]:
+        """Local rows of those ids that this segment holds (hash lookup, then confirmed on the ids)."""
+        if not ids or self.rows == 0:
+            return {}
+        hashes = id_hashes(ids)
+        pos = np.searchsorted(self.keys[:, 0], hashes)
+        found: dict[str, int] = {}
+        candidates = []
+        for i, (h, p) in enumerate(zip(hashes, pos)):
+            while p < self.rows and self.keys[p, 0] == h:
+                candidates.append((ids[i], int(self.keys[p, 1])))
+                p += 1
+        if candidates:
+            id_col = self.metadata.column("id")
+            for ident, row in candidates:
+                if id_col[row].as_py() == ident:
+                    found[ident] = row
+        return found
+
+    def close(self) -> None:
+        if self._meta_file is not None:
+            self._meta_file.close()
+            self._meta_file = None
