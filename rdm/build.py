@@ -324,25 +324,17 @@ def _embed_into_segments(source: Source, embedder, opts: BuildOptions, db_dir: P
     bar = tqdm(total=total, initial=start, unit="img", desc="embedding",
                disable=not (opts.progress and sys.stderr.isatty()), smoothing=0.1)
 
-    def flush(vectors, rows, skipped, next_index):
-        vec = np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, embedder.dim), np.float32)
-        entry = write_segment(db_dir, state["next_row"], vec, rows_to_table(rows), skipped_table(skipped), dtype)
+    def flush(vectors: np.ndarray, table, skipped, next_index):
+        entry = write_segment(db_dir, state["next_row"], vectors, table, skipped_table(skipped), dtype)
         state["segments"].append(entry)
-        state["next_row"] += len(rows)
+        state["next_row"] += len(vectors)
         state["next_index"] = next_index
-        state["embedded"] += len(rows)
+        state["embedded"] += len(vectors)
         progress.save()
         fault(f"after-shard:{len(state['segments']) - 1}")
 
     if source.kind == "embeddings":
-        for lo, block, ids, meta in source.iter_blocks(start, SEGMENT_ROWS):
-            if stop is not None and lo >= stop:
-                break
-            hi = len(ids) if stop is None else min(len(ids), stop - lo)
-            block = faiss_index.normalise(faiss_index.check_vectors(block[:hi], embedder.dim, "source embeddings"))
-            keep = [j for j in range(hi) if ids[j] not in present]
-            flush(list(block[keep]), [{"id": ids[j], **meta[j]} for j in keep], [], lo + hi)
-            bar.update(hi)
+        _copy_vectors(source, embedder.dim, start, stop, present, dtype, flush, bar, lambda: bool(state["segments"]))
         bar.close()
         return
     shard_items = opts.batch_size * opts.batches_per_shard
@@ -359,11 +351,59 @@ def _embed_into_segments(source: Source, embedder, opts: BuildOptions, db_dir: P
         bar.update(len(batch))
         bar.set_postfix(skipped=len(skipped), refresh=False)
         if in_shard >= shard_items:
-            flush(vectors, rows, skipped, next_index)
+            flush(_stack(vectors, embedder.dim), rows_to_table(rows), skipped, next_index)
             vectors, rows, skipped, in_shard = [], [], [], 0
     if in_shard or not state["segments"]:
-        flush(vectors, rows, skipped, next_index)
+        flush(_stack(vectors, embedder.dim), rows_to_table(rows), skipped, next_index)
     bar.close()
+
+
+def _stack(vectors: list, dim: int) -> np.ndarray:
+    return np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32)
+
+
+def _copy_vectors(source, dim: int, start: int, stop: int | None, present: set[str], dtype: str, flush, bar,
+                  written) -> None:
+    """Precomputed vectors -> segments of SEGMENT_ROWS, block by block into one buffer (bounded memory)."""
+    buf = np.empty((SEGMENT_ROWS, dim), dtype)
+    last = start
+    ids: list[str] = []
+    meta: list[dict] = []
+    n = 0
+    for lo, block, block_ids, block_meta in source.iter_blocks(start, 65_536):
+        if stop is not None and lo >= stop:
+            break
+        hi = len(block_ids) if stop is None else min(len(block_ids), stop - lo)
+        block = faiss_index.normalise(faiss_index.check_vectors(block[:hi], dim, "source embeddings"))
+        keep = np.array([i not in present for i in block_ids[:hi]], bool) if present else np.ones(hi, bool)
+        where = np.nonzero(keep)[0]
+        done = 0
+        while done < len(where):
+            take = where[done:done + SEGMENT_ROWS - n]
+            buf[n:n + len(take)] = block[take]
+            ids += [block_ids[j] for j in take]
+            meta += [block_meta[j] for j in take]
+            n += len(take)
+            done += len(take)
+            if n == SEGMENT_ROWS:
+                flush(buf, _vector_table(ids, meta), [], lo + int(take[-1]) + 1)
+                ids, meta, n = [], [], 0
+        bar.update(hi)
+        last = lo + hi
+    if n or not written():
+        flush(buf[:n], _vector_table(ids, meta), [], last)
+
+
+def _vector_table(ids: list[str], meta: list[dict]):
+    """Metadata of precomputed vectors: ids (and the source's columns, when it has any)."""
+    import pyarrow as pa
+
+    if any(set(m) - {"path", "caption"} or m.get("caption") for m in meta):
+        return rows_to_table([{"id": i, **m} for i, m in zip(ids, meta)])
+    empty = rows_to_table([])
+    cols = {c: pa.nulls(len(ids), empty.schema.field(c).type) for c in empty.column_names}
+    cols["id"] = pa.array(ids, pa.string())
+    return pa.table(cols, schema=empty.schema)
 
 
 def _index_and_manifest(db_dir: Path, name: str, source: Source, embedder, opts: BuildOptions,

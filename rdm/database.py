@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from . import index as faiss_index
 from . import store
-from .embedder import EmbedderIdentity
+from .identity import EmbedderIdentity
 from .errors import DatabaseError, RDMError
 from .segment import Segment, write_segment, write_segment_index
 
