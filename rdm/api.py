@@ -72,10 +72,13 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
     if clip is None and (append or resume) and (db_dir / store.MANIFEST).is_file():
         # keep the embedder the database was built with (the manifest says which; no need to load it)
         clip = store.read_manifest(db_dir, db_dir.name)["embedder"]["model"]
-    embedder = load_embedder(clip or DEFAULT_CLIP, device, dtype)
-    if src.kind == "embeddings" and src.vectors.shape[1] != embedder.dim:
-        raise SourceError(f"{source} holds {src.vectors.shape[1]}-d vectors but {embedder.identity.model} makes "
-                          f"{embedder.dim}-d ones: pass the --clip that produced them")
+    if src.kind == "embeddings":  # nothing to embed: the CLIP is recorded, loaded only if it is on this machine
+        from .embedder import embedder_for_vectors
+
+        embedder = embedder_for_vectors(clip or DEFAULT_CLIP, int(src.vectors.shape[1]),
+                                        load=lambda m: load_embedder(m, device, dtype))
+    else:
+        embedder = load_embedder(clip or DEFAULT_CLIP, device, dtype)
     opts = BuildOptions(batch_size=batch_size, workers=workers, index_factory=index_factory,
                         vector_dtype=vector_dtype, resume=resume, append=append, overwrite=overwrite, limit=limit,
                         progress=progress, batches_per_shard=checkpoint_every)

@@ -275,7 +275,7 @@ def build_database(source: Source, name: str, embedder, home: str | Path | None 
                            "check that the source holds images (jpg, png, webp, bmp, gif, tif)")
         manifest = _index_and_manifest(db_dir, name, source, embedder, opts, existing, progress, dtype)
         fault("before-commit")
-        store.commit(db_dir, manifest)
+        store.commit(db_dir, manifest, fault=fault)
         shutil.rmtree(db_dir / BUILD_DIR, ignore_errors=True)
         db = Database.open(db_dir, verify=False)
     return _report(db, state["embedded"], skipped, started, resumed_from)

@@ -1,6 +1,6 @@
 """`rdm compact`: merge a database's segments and drop removed rows, atomically and resumably.
 
-The live rows are copied, in row order, into new segments of up to SEGMENT_ROWS rows, renumbered
+The live rows are copied, in row order, into new segments of up to database.SEGMENT_ROWS rows, renumbered
 from 0, each encoded with the database's trained index (the training is kept). Every finished
 output segment is recorded in .compact/progress.json, so a killed compaction resumes after the last
 one; the input is named by its fingerprint, and a compaction of another state starts again. The new
@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from . import index as faiss_index
 from . import store
-from .database import SEGMENT_ROWS, Database, fault, finish_manifest, skipped_table
+from . import database
+from .database import Database, fault, finish_manifest, skipped_table
 from .segment import write_segment, write_segment_index
 
 WORK = ".compact"
@@ -50,7 +51,7 @@ def compact(db: Database, progress: bool = False) -> dict:
     bar = tqdm(total=len(live), initial=state["done_rows"], unit="row", desc="compacting", disable=not progress)
     while state["done_rows"] < len(live) or not state["segments"]:
         lo = state["done_rows"]
-        rows = live[lo:lo + SEGMENT_ROWS]
+        rows = live[lo:lo + database.SEGMENT_ROWS]
         vectors = db.vectors_at(rows)
         metadata = _metadata_of(db, rows)
         entry = write_segment(db.path, lo, vectors, metadata, skipped if lo == 0 else skipped_table([]),

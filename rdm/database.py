@@ -534,12 +534,7 @@ def info_from_manifest(path: Path, m: dict) -> dict:
 
 
 def _how_to_make(name: str) -> str | None:
-    """The command that makes a well-known database (rdm.pull knows the published ones)."""
-    try:
-        from .pull import how_to_make
-    except ImportError:
-        return None
-    try:
-        return how_to_make(name)
-    except Exception:  # noqa: BLE001 - a hint must never hide the real error
-        return None
+    """The command that makes a well-known database (rdm.registry knows the published ones)."""
+    from .registry import how_to_make
+
+    return how_to_make(name)
