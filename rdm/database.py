@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -163,6 +164,7 @@ class Database:
         self.tombstones = self._load_tombstones()
         self._stacked = None
         self._trained = None
+        self._lock = threading.Lock()  # the stacked index is made once, whichever thread searches first
         if self.dim != manifest.get("dim") or any(s.vectors.shape[1] != self.dim for s in self.segments):
             raise store.corrupt(self.name, "its files disagree on the vectors' dimension")
 
@@ -397,6 +399,10 @@ class Database:
 
     def stacked_index(self) -> faiss_index.StackedIndex:
         """The segments' shares of the index, stacked (memory-mapped on first use)."""
+        with self._lock:
+            return self._stack()
+
+    def _stack(self) -> faiss_index.StackedIndex:
         if self._stacked is None:
             entry = self.manifest["trained"]
             path = store.verify_file(self.path, self.name, entry)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class Segment:
     vectors: np.ndarray = field(init=False)
     _metadata: pa.Table | None = field(default=None, init=False)
     _meta_file: object = field(default=None, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)  # searches may run in threads
 
     def __post_init__(self):
         files = self.entry["files"]
@@ -134,6 +136,10 @@ class Segment:
 
     @property
     def metadata(self) -> pa.Table:
+        with self._lock:
+            return self._load_metadata()
+
+    def _load_metadata(self) -> pa.Table:
         if self._metadata is None:
             table = self._read_table(self._meta_file, self.entry["files"]["metadata"])
             if table.num_rows != self.rows:
@@ -143,10 +149,11 @@ class Segment:
         return self._metadata
 
     def column_names(self) -> list[str]:
-        if self._metadata is not None:
-            return self._metadata.column_names
-        self._meta_file.seek(0)
-        return pq.ParquetFile(self._meta_file).schema_arrow.names
+        with self._lock:
+            if self._metadata is not None:
+                return self._metadata.column_names
+            self._meta_file.seek(0)
+            return pq.ParquetFile(self._meta_file).schema_arrow.names
 
     def skipped(self) -> pa.Table:
         entry = self.entry["files"]["skipped"]

@@ -33,7 +33,6 @@ from safetensors.torch import save_file
 from rdm.build import BuildOptions, build_database
 from rdm.decode import decode_image
 from rdm.embedder import Embedder
-from rdm.index import build_index, default_factory, exact_topk, normalise, recall_at_k, search_index
 from rdm.sources import FolderSource
 from rdm.tiny import make_tiny_clip
 
@@ -122,44 +121,6 @@ def bench_build(n: int, batch: int) -> list[tuple]:
     return rows
 
 
-def embedding_like(n: int, d: int, seed: int, intrinsic: int = 24, noise: float = 0.2) -> np.ndarray:
-    """Unit vectors near a random `intrinsic`-dimensional subspace, like real embeddings (not uniform noise)."""
-    rng = np.random.default_rng(seed)
-    basis = rng.standard_normal((intrinsic, d)).astype(np.float32) / np.sqrt(intrinsic)
-    out = np.empty((n, d), np.float32)
-    for i in range(0, n, 100_000):
-        m = min(100_000, n - i)
-        z = rng.standard_normal((m, intrinsic)).astype(np.float32)
-        out[i:i + m] = normalise(z @ basis + noise * rng.standard_normal((m, d)).astype(np.float32) / np.sqrt(d))
-    return out
-
-
-def bench_search(sizes: list[int], d: int = 768, nq: int = 1000) -> list[tuple]:
-    rows = []
-    for n in sizes:
-        vectors = embedding_like(n, d, seed=n)
-        rng = np.random.default_rng(1)
-        queries = normalise(vectors[rng.choice(n, nq, replace=False)]
-                            + rng.standard_normal((nq, d)).astype(np.float32) * 0.03)
-        factory = "Flat" if n <= 200_000 else default_factory(n)
-        t = time.perf_counter()
-        index, spec = build_index(vectors, factory, seed=0)
-        build_s = time.perf_counter() - t
-        _, truth = exact_topk(queries, vectors, 10)
-        t = time.perf_counter()
-        _, found = search_index(index, spec, vectors, queries, 10)
-        qps_batch = nq / (time.perf_counter() - t)
-        t = time.perf_counter()
-        for q in queries[:100]:
-            search_index(index, spec, vectors, q[None], 10)
-        qps_single = 100 / (time.perf_counter() - t)
-        rows.append((f"{n:,} x {d}", spec.factory, spec.nprobe or "-", build_s, qps_batch, qps_single,
-                     recall_at_k(found, truth)))
-        print(f"  {n}: {spec.factory} built in {build_s:.1f}s", file=sys.stderr)
-        del vectors, index
-    return rows
-
-
 def table(header: list[str], rows: list[tuple]) -> str:
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -182,10 +143,7 @@ def main() -> None:
         print(table(["model", "dtype", "encoder-only", "rdm build", "build/encoder", "diffusers retriever loop",
                      "build/retriever"], rows))
     if args.part in ("search", "all"):
-        sizes = [20_000, 250_000] if args.quick else [100_000, 1_000_000]
-        rows = bench_search(sizes)
-        print("\nSearch, k=10, unit vectors near a 24-d subspace (queries/s; recall@10 against exact search)\n")
-        print(table(["database", "index", "nprobe", "build s", "q/s (batch 1000)", "q/s (single)", "recall@10"], rows))
+        print("\nsearch, open, remove, append and compaction at scale: python scripts/bench_scale.py", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from PIL import Image
 
 from rdm import api
 from rdm.database import Database
-from rdm.errors import SourceError
+from rdm.errors import RDMError, SourceError
 from rdm.sources import EmbeddingsSource, FolderSource, HFDatasetSource, open_source
 
 
@@ -103,6 +103,6 @@ def test_npy_parquet_and_compvis_npz_embeddings(tmp_path, tiny_clip):
         assert np.allclose(db.vectors, expected, atol=1e-6)  # stored exactly (normalised), not re-embedded
         assert (db.search(db.vectors, k=1).rows[:, 0] == np.arange(12)).all()
     assert ids["v.parquet"][0] == "item0" and ids["compvis.npz"][:4] == ["img0#0", "img0#1", "img0#2", "img1#0"]
-    with pytest.raises(SourceError, match="32-d|pass the --clip"):
+    with pytest.raises(RDMError, match="makes 32-d vectors, but these are 16-d"):
         np.save(tmp_path / "wrong.npy", vec[:, :16])
         api.build_index(str(tmp_path / "wrong.npy"), clip=tiny_clip, indexes=str(tmp_path / "ix"), progress=False)

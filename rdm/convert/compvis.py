@@ -334,6 +334,55 @@ def load_weights(model: torch.nn.Module, weights: dict) -> torch.nn.Module:
     return model.eval()
 
 
+def compvis_names(module_map: dict, model: torch.nn.Module, conv_attention: bool) -> dict[str, tuple[int, ...]]:
+    """The inverse of `map_key`: CompVis parameter name -> shape, for every parameter of `model`, in module-map order.
+
+    With `conv_attention`, the autoencoder's attention q/k/v/proj_out weights get CompVis's 1x1 conv shape.
+    """
+    params = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    out = {}
+    for cprefix, (dprefix, renames) in module_map.items():
+        inverse = {v: k for k, v in renames.items()}
+        for name, shape in params.items():
+            if not name.startswith(dprefix + "."):
+                continue
+            inner, _, param = name[len(dprefix) + 1:].rpartition(".")
+            inner = inverse.get(inner, inner)
+            key = ".".join(x for x in (cprefix, inner, param) if x)
+            if map_key(key, module_map) != name:
+                continue  # a more specific module owns this parameter
+            if conv_attention and renames is VAE_ATTENTION_NAMES and inner != "norm" and param == "weight":
+                shape = shape + (1, 1)
+            out[key] = shape
+    if len(out) != len(params):
+        raise RDMError(f"the key mapping does not cover the model: {len(params) - len(out)} parameters unnamed")
+    return out
+
+
+def compvis_layout(params: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Every state_dict entry (shape, dtype) of a CompVis LatentDiffusion checkpoint of this config.
+
+    DDPM schedule buffers, `model.diffusion_model.*`, the LitEma copies, then `first_stage_model.*`, as
+    `ldm.models.diffusion.ddpm.LatentDiffusion.state_dict()` holds them (the golden checkpoint's exactly;
+    within each part the order may differ). scripts/bench_convert.py writes a full-size one.
+    """
+    unet, vae, _ = build_models(params, device="meta")
+    steps = (params.get("timesteps", 1000),)
+    schedule = ["betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                "posterior_mean_coef1", "posterior_mean_coef2"]
+    layout = {k: (steps, torch.float32) for k in schedule}
+    unet_names = compvis_names(unet_module_map(params["unet_config"]["params"]), unet, conv_attention=False)
+    layout.update({UNET_PREFIX + k: (shape, torch.float32) for k, shape in unet_names.items()})
+    layout["model_ema.decay"], layout["model_ema.num_updates"] = ((), torch.float32), ((), torch.int32)
+    layout.update({ema_key(k): (shape, torch.float32) for k, shape in unet_names.items()})
+    vae_names = compvis_names(vae_module_map(params["first_stage_config"]["params"]["ddconfig"]), vae,
+                              conv_attention=True)
+    layout.update({VAE_PREFIX + k: (shape, torch.float32) for k, shape in vae_names.items()})
+    return layout
+
+
 # --- 3. The conversion ------------------------------------------------------------------------------
 
 def file_sha256(path) -> str:
@@ -367,8 +416,14 @@ def _int_or_none(value) -> int | None:
 
 
 def convert_compvis_checkpoint(ckpt_path, config_path, out_dir, clip: str = "ViT-L-14:openai",
-                               clip_dim: int | None = None, ema: bool = True, k: int = 4) -> Path:
-    """Convert a CompVis RDM checkpoint into an rdm model folder at `out_dir`; return its path."""
+                               clip_dim: int | None = None, ema: bool = True, k: int = 4, overwrite: bool = False,
+                               checkpoint_sha256: str | None = None, origin: dict | None = None) -> Path:
+    """Convert a CompVis RDM checkpoint into an rdm model folder at `out_dir`; return its path.
+
+    The checkpoint's tensors are memory-mapped (rdm.convert.safe_load), so only the weights kept are
+    read, once. `checkpoint_sha256` spares hashing a checkpoint whose digest is known (a verified
+    download); `origin` (e.g. {"asset", "url"}) is added to the recorded provenance.
+    """
     # 1. Read the config and build the diffusers architecture without allocating weights
     params = read_compvis_config(config_path)
     unet_params = params["unet_config"]["params"]
@@ -406,8 +461,9 @@ def convert_compvis_checkpoint(ckpt_path, config_path, out_dir, clip: str = "ViT
         unconditional="zeros",
         prediction_type=scheduler.config.prediction_type,
         source={"format": "compvis-latent-diffusion", "checkpoint": Path(ckpt_path).name,
-                "checkpoint_sha256": file_sha256(ckpt_path), "config": Path(config_path).name,
+                "checkpoint_sha256": checkpoint_sha256 or file_sha256(ckpt_path), "config": Path(config_path).name,
                 "config_sha256": file_sha256(config_path), "ema": ema,
-                "global_step": _int_or_none(checkpoint.get("global_step")), "converter": "rdm.convert.compvis"},
+                "global_step": _int_or_none(checkpoint.get("global_step")), "converter": "rdm.convert.compvis",
+                **(origin or {})},
     )
-    return save_model_folder(out_dir, unet, vae, scheduler, config)
+    return save_model_folder(out_dir, unet, vae, scheduler, config, overwrite=overwrite)

@@ -11,14 +11,20 @@ anything. Checkpoints are untrusted input, hence this restricted unpickler:
   any other global becomes an inert stub class that may be *stored* (as the Lightning class is, as
   a dict key) but raises `UnsafeCheckpoint` naming the global the moment the pickle tries to call
   it (REDUCE, NEWOBJ, INST, OBJ) or to set its state (BUILD). Nothing outside the allow-list runs.
-- `persistent_load` reads storages straight from the zip into flat tensors of the storage's dtype;
-  tensors are views made with `as_strided`, like `torch._utils._rebuild_tensor` does.
+- `persistent_load` gives each storage as a flat tensor of its dtype over the checkpoint's bytes,
+  memory-mapped (copy-on-write) where the zip stores it uncompressed, as `torch.save` does: nothing
+  is read until a tensor is used, so converting a 5 GB checkpoint touches only the weights it keeps
+  (EMA or raw, never optimizer state) and needs no second copy in memory (`torch.load(mmap=True)`
+  does the same). Compressed or misaligned entries are read into memory instead. Tensors are
+  views made with `as_strided`, like `torch._utils._rebuild_tensor` does.
 
 The legacy (pre-1.6, non-zip) format is refused.
 """
 
 import collections
+import mmap
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -127,9 +133,9 @@ def _stub(module: str, name: str) -> type:
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler of `data.pkl` that only builds tensors and containers (see module docstring)."""
 
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, mapped: mmap.mmap | None = None):
         super().__init__(file)
-        self._archive, self._prefix = archive, prefix
+        self._archive, self._prefix, self._mapped = archive, prefix, mapped
         self._storages: dict[str, torch.Tensor] = {}
 
     def find_class(self, module: str, name: str):
@@ -153,17 +159,47 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
     def _read_storage(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        """Flat tensor over the raw bytes of storage `key`, (numel,) of `dtype`."""
+        """Flat tensor over the raw bytes of storage `key`, (numel,) of `dtype`: mapped, else read."""
+        name = f"{self._prefix}data/{key}"
         try:
-            data = bytearray(self._archive.read(f"{self._prefix}data/{key}"))
+            info = self._archive.getinfo(name)
         except KeyError:
             raise RDMError(f"checkpoint is truncated: storage {key!r} is missing from the archive") from None
-        if not data:
-            return torch.empty(0, dtype=dtype)
-        flat = torch.frombuffer(data, dtype=dtype)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not info.file_size:
+            flat = torch.empty(0, dtype=dtype)
+        elif (start := self._mapped_start(info, itemsize)) is not None:
+            flat = torch.frombuffer(self._mapped, dtype=dtype, count=info.file_size // itemsize, offset=start)
+        else:
+            flat = torch.frombuffer(bytearray(self._archive.read(name)), dtype=dtype)
         if numel is not None and flat.numel() < numel:
             raise RDMError(f"checkpoint is truncated: storage {key!r} holds {flat.numel()} of {numel} elements")
         return flat
+
+    def _mapped_start(self, info: zipfile.ZipInfo, itemsize: int) -> int | None:
+        """Offset of an entry's bytes in the mapped file; None when it must be read (compressed, misaligned)."""
+        if self._mapped is None or info.compress_type != zipfile.ZIP_STORED:
+            return None
+        start = _entry_data_offset(self._mapped, info)
+        if start % itemsize or info.file_size % itemsize:
+            return None
+        if start + info.file_size > len(self._mapped):
+            raise RDMError(f"checkpoint is truncated: {info.filename} ends past the end of the file")
+        return start
+
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length (APPNOTE 4.3.7)
+
+
+def _entry_data_offset(mapped: mmap.mmap, info: zipfile.ZipInfo) -> int:
+    """Where an entry's data starts: after its local file header, whose extra field may differ from the directory's."""
+    header = mapped[info.header_offset:info.header_offset + _LOCAL_HEADER.size]
+    if len(header) < _LOCAL_HEADER.size:
+        raise RDMError(f"checkpoint is truncated: the header of {info.filename} is missing")
+    signature, name_len, extra_len = _LOCAL_HEADER.unpack(header)
+    if signature != b"PK\x03\x04":
+        raise RDMError(f"the checkpoint's zip is damaged: no local header for {info.filename}")
+    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
 
 def _data_pkl_name(archive: zipfile.ZipFile, path: Path) -> str:
@@ -186,6 +222,8 @@ def load_checkpoint(path) -> object:
             raise RDMError(f"{path} is in PyTorch's legacy (pre-1.6, non-zip) format, which rdm does not read; "
                            "re-save it with a recent torch.save (in a sandbox) or convert it to safetensors")
         raise RDMError(f"{path} is not a PyTorch checkpoint (expected a torch.save zip archive)")
+    with open(path, "rb") as f:  # copy-on-write: tensors may be written to, the file never is
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if path.stat().st_size else None
     with zipfile.ZipFile(path) as archive:
         pkl = _data_pkl_name(archive, path)
         prefix = pkl[: -len("data.pkl")]
@@ -195,7 +233,7 @@ def load_checkpoint(path) -> object:
                 raise RDMError(f"{path} was saved with {order}-endian byte order; only little-endian is supported")
         with archive.open(pkl) as f:
             try:
-                return _RestrictedUnpickler(f, archive, prefix).load()
+                return _RestrictedUnpickler(f, archive, prefix, mapped).load()
             except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
                     RuntimeError) as e:
                 raise RDMError(f"{path}: the checkpoint's pickle could not be read ({e})") from e

@@ -1,0 +1,422 @@
+"""The FastAPI application: the API, the clip-retrieval endpoints, the page, and the trust rules.
+
+Trust: requests from other machines are refused unless the service was started with allow_network
+(and, on loopback, a Host header naming another site is refused, against DNS rebinding); writes
+(remove) need the bearer token from --token-file; request bodies are capped before they are read
+whole. Every refusal is JSON {"error": message} with a 4xx status; an unexpected failure is a 500
+with a one-line message, never a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections import OrderedDict
+from importlib import resources
+
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import DatabaseBusy, RDMError
+from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, SCHEDULER_ALIASES
+from .clip_retrieval_compat import HIDDEN_COLUMNS
+from .clip_retrieval_compat import router as clip_router
+from .config import ServeConfig, is_loopback_host
+from .engine import Engine, Row
+from .images import ImageCache, render_file
+from .jobs import FINAL, Job, JobQueue, job_view, neighbour_view
+from .validation import (BadRequest, CompareRequest, GenerateRequest, ItemRef, RemoveRequest, SearchRequest,
+                         check_embedding, check_float, check_id, check_int, check_text, check_where,
+                         describe_validation)
+
+log = logging.getLogger("rdm.serve")
+STATIC = resources.files("rdm.service") / "static"
+SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                    (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; "
+                                                 b"style-src 'self'; script-src 'self'; frame-ancestors 'none'")]
+
+
+# --- ASGI middleware: who may ask, and how much they may send ---------------------------------------
+
+class Guard:
+    """Refuses non-loopback clients (unless allow_network), foreign Host headers on loopback, oversized bodies."""
+
+    def __init__(self, app, config: ServeConfig):
+        self.app = app
+        self.config = config
+        self.max_body = config.max_upload_bytes * 4 // 3 + 256 * 1024  # a base64 image inside JSON
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self._refusal(scope)
+        if refusal:
+            return await _send_json(send, *refusal)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _TooLarge()
+            return message
+
+        async def secure_send(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, secure_send)
+        except _TooLarge:
+            await _send_json(send, 413, f"request body larger than {self.max_body} bytes")
+
+    def _refusal(self, scope) -> tuple[int, str] | None:
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return 413, f"request body larger than {self.max_body} bytes"
+        if self.config.allow_network:
+            return None
+        client = (scope.get("client") or ("", 0))[0]
+        if not is_loopback_host(client or ""):
+            return 403, ("this service answers this machine only; start rdm serve with --allow-network to open "
+                         "generation and search to a network")
+        host = headers.get(b"host", b"").decode("latin-1")
+        hostname = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:host.find("]")]
+        if host and not is_loopback_host(hostname):
+            return 403, f"Host {host!r} is not this machine (start with --allow-network to serve other names)"
+        return None
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _send_json(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+                + SECURITY_HEADERS})
+    await send({"type": "http.response.body", "body": body})
+
+
+# --- the application -------------------------------------------------------------------------------
+
+def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
+    """The service around a loaded Engine; the caller serves it (rdm.service.server) and stops `app.state.queue`."""
+    app = FastAPI(title="rdm serve", version="1", summary="Retrieval-augmented diffusion: search, generate, compare",
+                  docs_url="/docs", redoc_url=None)
+    app.state.engine, app.state.config = engine, config
+    app.state.queue = JobQueue(engine, config)
+    app.state.uploads = OrderedDict()  # upload id -> ((1, D) vector, info)
+    app.state.images = ImageCache()
+    queue: JobQueue = app.state.queue
+
+    @app.exception_handler(BadRequest)
+    async def _bad(_request, e: BadRequest):
+        return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request, e: RequestValidationError):
+        errors = e.errors()
+        if any(err.get("type") == "json_invalid" for err in errors):
+            return JSONResponse({"error": f"malformed JSON: {errors[0].get('ctx', {}).get('error', 'cannot parse')}"},
+                                status_code=400)
+        return JSONResponse({"error": describe_validation(errors)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        message = (f"no such endpoint: {request.method} {request.url.path} (the API is listed at /docs)"
+                   if e.status_code in (404, 405) else str(e.detail))
+        return JSONResponse({"error": message}, status_code=e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(RDMError)
+    async def _rdm(_request, e: RDMError):
+        return JSONResponse({"error": str(e)}, status_code=409 if isinstance(e, DatabaseBusy) else 422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request, e: Exception):
+        log.exception("unexpected error")
+        return JSONResponse({"error": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+
+    app.include_router(clip_router)
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    # -- the page and service info --------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(str(STATIC / "index.html"), media_type="text/html")
+
+    @app.get("/api/health", tags=["service"])
+    def health():
+        return {"ok": True}
+
+    @app.get("/api/info", tags=["service"])
+    def info():
+        rc = engine.pipe.rdm_config
+        return {"model": {"name": engine.pipe.name_or_path and str(engine.pipe.name_or_path).rsplit("/", 1)[-1],
+                          "fingerprint": engine.pipe.fingerprint, "resolution": rc.resolution, "k": rc.k,
+                          "embedder": rc.embedder.get("model", "").rsplit("/", 1)[-1], "dim": rc.embedding_dim},
+                "defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "k": rc.k, "seed": 0},
+                "limits": {"max_k": config.max_k, "max_search_k": config.max_search_k, "max_steps": config.max_steps,
+                           "max_images": config.max_images, "max_compare_rows": config.max_compare_rows,
+                           "max_upload_bytes": config.max_upload_bytes, "max_queue": config.max_queue,
+                           "max_batch": config.max_batch},
+                "schedulers": list(SCHEDULER_ALIASES), "writes_enabled": config.token is not None,
+                "url_fetching": config.allow_urls}
+
+    @app.get("/api/stats", tags=["service"])
+    def stats():
+        return queue.stats()
+
+    # -- databases ------------------------------------------------------------------------------------
+    def public_info(db) -> dict:
+        d = db.info()
+        sources = [{k: v for k, v in s.items() if k != "path"} for s in d.get("sources", []) if isinstance(s, dict)]
+        return {"name": db.name, "count": db.count, "dim": db.dim, "fingerprint": db.fingerprint,
+                "compatible": engine.compatible(db), "embedder": d["embedder"].get("model", "").rsplit("/", 1)[-1],
+                "index_factory": d.get("index_factory"), "created": d.get("created"), "updated": d.get("updated"),
+                "columns": [c for c in d.get("columns", []) if c not in HIDDEN_COLUMNS], "sources": sources,
+                "skipped": len(d.get("skipped", []))}
+
+    @app.get("/api/databases", tags=["databases"])
+    def databases():
+        out = []
+        for name in engine.registry.names():
+            try:
+                out.append(public_info(engine.registry.get(name)))
+            except RDMError as e:
+                out.append({"name": name, "error": str(e), "compatible": False})
+        return out
+
+    @app.get("/api/databases/{name}", tags=["databases"])
+    def database_info(name: str):
+        return public_info(_served(name))
+
+    def _served(name: str):
+        try:
+            return engine.registry.get(name)
+        except RDMError as e:
+            raise BadRequest(404, str(e)) from None
+
+    @app.get("/api/databases/{name}/items", tags=["databases"])
+    def item(name: str, id: str = Query(..., description="item id")):  # noqa: A002
+        db = _served(name)
+        found = db.lookup(check_id(id))
+        if found is None:
+            raise BadRequest(404, f"database {name} has no item {id!r}")
+        record = found[0]
+        return {**{k: v for k, v in record.items() if k not in HIDDEN_COLUMNS + ("score", "row")},
+                "thumbnail_url": neighbour_view({"database": name, "id": record["id"]})["thumbnail_url"]}
+
+    @app.get("/api/databases/{name}/image", tags=["databases"], response_class=Response,
+             responses={200: {"content": {"image/png": {}}}})
+    def database_image(name: str, id: str = Query(...),  # noqa: A002
+                       size: str = Query("thumb", pattern="^(thumb|full)$")):
+        db = _served(name)
+        found = db.lookup(check_id(id))
+        if found is None:
+            raise BadRequest(404, f"database {name} has no item {id!r}")
+        path = db.image_file(found[0])
+        if path is None:
+            raise BadRequest(404, f"item {id!r} of {name} has no image file inside the database's source folder")
+        side = config.thumb_size if size == "thumb" else 1024
+        data = app.state.images.get_or_make((db.fingerprint, id, side), lambda: render_file(path, side, config))
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+
+    @app.post("/api/databases/{name}/remove", tags=["databases"])
+    def remove(name: str, body: RemoveRequest, request: Request):
+        _check_token(request, config)
+        db = _served(name)
+        where = check_where(body.where)
+        if not body.ids and not where:
+            raise BadRequest(422, "nothing to remove: give ids or a where filter")
+        clauses = [f"{col}={v}" for col, values in (where or {}).items() for v in values]
+        removed = db.remove(ids=[check_id(i) for i in body.ids], where=clauses or None)
+        log.info("takedown in %s: %d item(s) removed", name, len(removed))
+        return {"database": name, "removed": removed, "count": engine.registry.get(name).count}
+
+    # -- queries --------------------------------------------------------------------------------------
+    def query_of(text: str | None, image: ItemRef | None, embedding: list | None, dim: int):
+        """(1, D) query vector and its provenance record from exactly one of text, image, embedding."""
+        given = [n for n, v in (("prompt/text", text), ("image", image), ("embedding", embedding)) if v is not None]
+        if len(given) != 1:
+            raise BadRequest(422, f"give exactly one query (prompt or text, image, embedding); got "
+                                  f"{', '.join(given) or 'none'}")
+        if text is not None:
+            return engine.embed_text(check_text("prompt", text, config)), {"prompt": text}
+        if embedding is not None:
+            return check_embedding(embedding, dim), {"embedding": True}
+        if image.upload is not None and image.database is None and image.id is None:
+            found = app.state.uploads.get(image.upload)
+            if found is None:
+                raise BadRequest(404, f"no upload {image.upload!r} (uploads are kept for a while only; upload again)")
+            return found[0], {"image": f"upload {image.upload}"}
+        if image.database is not None and image.id is not None and image.upload is None:
+            _, vector = engine.item(image.database, check_id(image.id))
+            return vector[None, :], {"image": f"{image.database}/{image.id}"}
+        raise BadRequest(422, "image: give {\"upload\": ID} or {\"database\": NAME, \"id\": ITEM}")
+
+    @app.post("/api/uploads", tags=["search"], summary="upload an image query; returns its id")
+    async def upload(file: UploadFile = File(...)):
+        data = await file.read(config.max_upload_bytes + 1)
+        vector, size = await run_in_threadpool(engine.embed_image_bytes, data)
+        upload_id = "u-" + hashlib.sha256(data).hexdigest()[:24]
+        uploads = app.state.uploads
+        uploads[upload_id] = (vector, {"width": size[0], "height": size[1]})
+        uploads.move_to_end(upload_id)
+        while len(uploads) > config.uploads_kept:
+            uploads.popitem(last=False)
+        return {"upload": upload_id, "width": size[0], "height": size[1]}
+
+    @app.post("/api/search", tags=["search"])
+    def search(body: SearchRequest):
+        db = engine.database(body.database)
+        k = check_int("k", body.k, 1, config.max_search_k)
+        query, record = query_of(body.text, body.image, body.embedding, db.dim)
+        try:
+            result = db.search(query, k=k, where=check_where(body.where))
+        except RDMError as e:
+            raise BadRequest(422, str(e)) from None
+        hits = []
+        for h in result.hits(0):
+            view = neighbour_view({"database": db.name, **h})
+            view["metadata"] = {k2: v for k2, v in h.items() if k2 not in HIDDEN_COLUMNS + ("id", "score", "row")}
+            view["image_url"] = view["thumbnail_url"].replace("size=thumb", "size=full")
+            hits.append(view)
+        return {"database": db.name, "fingerprint": db.fingerprint, "query": record, "results": hits}
+
+    # -- generation -----------------------------------------------------------------------------------
+    def check_sampling(body) -> tuple[int, int]:
+        n = check_int("num_images", body.num_images, 1, config.max_images)
+        check_int("seed", body.seed, 0, 2**31 - 1 - n)
+        if body.steps is not None:
+            check_int("steps", body.steps, 1, config.max_steps)
+        if body.guidance is not None:
+            check_float("guidance", body.guidance, -config.max_guidance, config.max_guidance)
+        check_float("eta", body.eta, 0.0, 1.0)
+        k = engine.pipe.rdm_config.k if body.k is None else check_int("k", body.k, 0, config.max_k)
+        for choice in getattr(body, "databases", []) or [c for row in getattr(body, "rows", []) for c in row]:
+            check_float(f"weight of {choice.name}", choice.weight, 0.0, 1e6)
+        return n, k
+
+    def rows_for(query, record, choices, k, where, body, n, label) -> list[Row]:
+        neighbours = engine.neighbours(query, choices, k if choices else 0, where)
+        settings = engine.settings(neighbours.k, body.steps, body.guidance, body.scheduler, body.eta)
+        return [Row(query[0], neighbours.embeddings[0], neighbours.hits[0], neighbours.drawn, neighbours.notes,
+                    where or {}, body.seed + i, record, settings, label) for i in range(n)]
+
+    def describe(choices) -> str:
+        return ", ".join(c.name if c.weight == 1.0 else f"{c.name}:{c.weight:g}" for c in choices) or "no database"
+
+    @app.post("/api/generate", tags=["generate"], status_code=202)
+    def generate(body: GenerateRequest, request: Request):
+        n, k = check_sampling(body)
+        query, record = query_of(body.prompt, body.image, None, engine.dim)
+        where = check_where(body.where)
+        rows = rows_for(query, record, body.databases, k, where, body, n, describe(body.databases))
+        summary = {**body.model_dump(exclude_none=True), "query": record}
+        job = queue.submit(Job("generate", rows, summary, [describe(body.databases)]))
+        return JSONResponse(job_view(job, queue), status_code=202)
+
+    @app.post("/api/compare", tags=["generate"], status_code=202)
+    def compare(body: CompareRequest):
+        n, k = check_sampling(body)
+        if not 1 <= len(body.rows) <= config.max_compare_rows:
+            raise BadRequest(422, f"compare takes 1 to {config.max_compare_rows} rows, got {len(body.rows)}")
+        query, record = query_of(body.prompt, None, None, engine.dim)
+        where = check_where(body.where)
+        rows, labels = [], []
+        for choices in body.rows:
+            labels.append(describe(choices))
+            rows += rows_for(query, record, choices, k, where, body, n, labels[-1])
+        job = queue.submit(Job("compare", rows, {**body.model_dump(exclude_none=True), "query": record}, labels))
+        return JSONResponse(job_view(job, queue), status_code=202)
+
+    # -- jobs -----------------------------------------------------------------------------------------
+    @app.get("/api/jobs/{job_id}", tags=["jobs"])
+    def job_status(job_id: str):
+        return job_view(queue.get(job_id), queue)
+
+    @app.delete("/api/jobs/{job_id}", tags=["jobs"])
+    def job_cancel(job_id: str):
+        return job_view(queue.cancel(job_id), queue)
+
+    @app.get("/api/jobs/{job_id}/events", tags=["jobs"], summary="server-sent events: progress, then the final state")
+    async def job_events(job_id: str, request: Request):
+        job = queue.get(job_id)
+
+        async def stream():
+            seen, beat = -1, 0.0
+            while True:
+                job.last_seen = time.monotonic()
+                if job.version != seen:
+                    seen = job.version
+                    view = await run_in_threadpool(job_view, job, queue)
+                    final = view["state"] in FINAL  # the state the view shows, not the job's a moment later
+                    yield f"event: {view['state'] if final else 'progress'}\ndata: {json.dumps(view)}\n\n"
+                    if final:
+                        return
+                    beat = 0.0
+                elif beat > 10:
+                    yield ": keep-alive\n\n"
+                    beat = 0.0
+                await asyncio.sleep(0.1)  # a client that goes away ends the stream (Starlette cancels it)
+                beat += 0.1
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def output(job_id: str, index: int):
+        job = queue.get(job_id)
+        if not 0 <= index < len(job.outputs) or job.outputs[index] is None:
+            raise BadRequest(404, f"job {job_id} has no finished image {index}")
+        return job, job.outputs[index]
+
+    @app.get("/api/jobs/{job_id}/images/{index}.png", tags=["jobs"], response_class=Response,
+             responses={200: {"content": {"image/png": {}}}})
+    def job_image(job_id: str, index: int):
+        job, out = output(job_id, index)
+        return Response(out.png, media_type="image/png", headers={
+            "Content-Disposition": f'inline; filename="{job.id}-{index}-seed{out.provenance["seed"]}.png"'})
+
+    @app.get("/api/jobs/{job_id}/provenance/{index}.json", tags=["jobs"])
+    def job_provenance(job_id: str, index: int):
+        job, out = output(job_id, index)
+        return JSONResponse(out.provenance, headers={
+            "Content-Disposition": f'attachment; filename="{job.id}-{index}-seed{out.provenance["seed"]}.json"'})
+
+    @app.get("/api/jobs/{job_id}/provenance.json", tags=["jobs"], summary="every image's provenance, by row")
+    def job_provenance_all(job_id: str):
+        job = queue.get(job_id)
+        rows = [{"row": r.label, "index": i, "provenance": o.provenance if o else None}
+                for i, (r, o) in enumerate(zip(job.rows, job.outputs))]
+        data = {"format": "rdm-serve-job", "job": job.id, "kind": job.kind, "state": job.state,
+                "request": job.summary, "images": rows}
+        return JSONResponse(data, headers={"Content-Disposition": f'attachment; filename="{job.id}.json"'})
+
+    return app
+
+
+def _check_token(request: Request, config: ServeConfig) -> None:
+    if config.token is None:
+        raise BadRequest(403, "writes are disabled: start rdm serve with --token-file FILE to allow takedowns")
+    auth = request.headers.get("authorization", "")
+    scheme, _, given = auth.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), config.token.encode()):
+        raise BadRequest(401, "a valid token is needed: send 'Authorization: Bearer TOKEN' (the --token-file's)",
+                         {"WWW-Authenticate": "Bearer"})
+
+
+__all__ = ["create_app", "Guard"]

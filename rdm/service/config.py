@@ -1,0 +1,57 @@
+"""What `rdm serve` binds to, what it serves, and every limit it enforces."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Settings of one service process; the defaults are safe on a laptop (loopback only, no URL fetching)."""
+
+    host: str = "127.0.0.1"  # address to bind; anything but loopback needs allow_network
+    port: int = 8000  # TCP port (0: any free port)
+    model: str | None = None  # rdm model folder (default $RDM_MODEL)
+    indexes: str | None = None  # databases' home (default $RDM_INDEXES or ./indexes)
+    databases: tuple[str, ...] | None = None  # serve only these (names or folders); None: all in the home
+    token: str | None = field(default=None, repr=False)  # bearer token for writes (remove); None disables them
+    allow_network: bool = False  # accept generation and search from non-loopback clients
+    allow_urls: bool = False  # fetch image_url queries (never from local or private addresses)
+    device: str | None = None  # cpu, cuda ... (default: cuda when present)
+    dtype: str | None = None  # float32, float16 ... (default: rdm.generate.default_device)
+    # -- input bounds ---------------------------------------------------------------------------
+    max_upload_bytes: int = 8 * 1024 * 1024  # an uploaded or base64 image
+    max_pixels: int = 40_000_000  # decoded image size; more is refused as a decompression bomb
+    max_k: int = 32  # neighbours per generated image
+    max_search_k: int = 200  # results per search
+    max_steps: int = 150  # denoising steps
+    max_images: int = 8  # images per generate request
+    max_compare_rows: int = 6  # databases per compare request
+    max_guidance: float = 30.0  # |guidance scale|
+    max_prompt_chars: int = 1000
+    # -- load -----------------------------------------------------------------------------------
+    max_queue: int = 32  # jobs waiting or running; one more gets 429 + Retry-After
+    max_batch: int = 8  # images per pipeline call
+    abandon_after_s: float = 120.0  # a job nobody polled or streamed for this long is cancelled
+    keep_jobs: int = 256  # finished jobs kept in memory (oldest dropped first)
+    keep_result_bytes: int = 256 * 1024 * 1024  # PNG bytes kept in memory across finished jobs
+    uploads_kept: int = 256  # uploaded query images kept (as embeddings only)
+    thumb_size: int = 160  # thumbnail side in pixels
+    torch_threads: int | None = None  # torch intra-op threads for sampling (None: torch's default)
+
+    def binds_loopback(self) -> bool:
+        return is_loopback_host(self.host)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,179 @@
+"""The process's one pipeline, its embedder and the database registry: queries in, neighbours, images out.
+
+Request threads embed queries and retrieve neighbours (so a bad filter or an unknown database is a
+4xx before anything is queued, and a takedown committed meanwhile is honoured); the job worker hands
+whole batches of prepared rows to `sample`, one pipeline call per batch: queries (B, D), neighbours
+(B, k, D) and one seed per row, so rows of different requests, prompts and databases share each
+U-Net call. Each row's provenance is then completed with what the pipeline did not see: the original
+query, the databases and hits of that row, its filters and warnings.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .. import conditioning as cond
+from ..errors import DatabaseError, RDMError
+from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, RDMPipeline, make_scheduler
+from ..retrieval import DatabaseRegistry, DatabaseRetriever
+from .config import ServeConfig
+from .images import decode_query_image, png_bytes
+from .validation import BadRequest, DatabaseChoice
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What rows must share to run in one pipeline call (the batch key)."""
+
+    k: int  # neighbours in every row's context: the context tensor is (B, 1+k, D)
+    steps: int  # one timestep schedule per call
+    guidance: float  # one guidance scale per call
+    scheduler: str | None  # one sampler per call
+    eta: float
+    height: int  # one latent shape per call
+    width: int
+
+
+@dataclass
+class Row:
+    """One image to make: its query, its neighbours and its seed, ready for the pipeline."""
+
+    query: np.ndarray  # (D,) unit vector
+    neighbours: np.ndarray  # (k, D) the stored vectors, most similar first
+    hits: list[dict]  # the k neighbours' records (database, id, score, row, metadata)
+    drawn: list[dict]  # per database: name, fingerprint, weight, count, k_asked, k_drawn
+    notes: list[str]  # retrieval warnings (k clamped, few filter matches)
+    where: dict  # filters applied inside the searches
+    seed: int
+    query_record: dict  # {"prompt": ...} | {"image": ...} | {"embedding": True}
+    settings: Settings
+    label: str = ""  # the row's databases, for compare views
+    job: Any = None  # the Job it belongs to
+    index: int = 0  # position in the job
+    step: int = 0  # denoising steps done
+
+
+@dataclass
+class Output:
+    png: bytes
+    provenance: dict
+    width: int
+    height: int
+    hits: list[dict] = field(default_factory=list)
+
+
+class Cancelled(Exception):
+    """Raised from the step callback to stop a batch nobody waits for any more."""
+
+
+class Engine:
+    def __init__(self, pipe: RDMPipeline, registry: DatabaseRegistry, config: ServeConfig):
+        self.pipe = pipe
+        self.registry = registry
+        self.config = config
+        self._embedder_lock = threading.Lock()
+        self.embedder  # load the CLIP now, not on the first request
+
+    @property
+    def embedder(self):
+        with self._embedder_lock:
+            return self.pipe.embedder
+
+    @property
+    def dim(self) -> int:
+        return self.pipe.rdm_config.embedding_dim
+
+    # -- databases ------------------------------------------------------------------------------------
+    def database(self, name: str) -> DatabaseRetriever:
+        """A served database whose vectors come from the model's CLIP; 404 / 409 otherwise."""
+        if not isinstance(name, str) or not name:
+            raise BadRequest(422, "give a database name")
+        try:
+            db = self.registry.get(name)
+        except DatabaseError as e:
+            status = 404 if "no database" in str(e) or "no longer available" in str(e) else 409
+            raise BadRequest(status, str(e)) from None
+        if not self.embedder.identity.same_vectors_as(db.identity):
+            raise BadRequest(409, f"database {name} was built with {db.identity.describe()}, but this service's model "
+                                  f"uses {self.embedder.identity.describe()}; it cannot be searched here")
+        return db
+
+    def compatible(self, db: DatabaseRetriever) -> bool:
+        return self.embedder.identity.same_vectors_as(db.identity)
+
+    # -- queries --------------------------------------------------------------------------------------
+    def embed_text(self, text: str) -> np.ndarray:
+        return self.embedder.encode_text([text])  # (1, D)
+
+    def embed_image_bytes(self, data: bytes) -> tuple[np.ndarray, tuple]:
+        pixels, size = decode_query_image(data, self.embedder.pixel_transform, self.config)
+        return self.embedder.encode_pixels(np.array(pixels[None])), size  # (1, D)
+
+    def item(self, database: str, item_id: str) -> tuple[dict, np.ndarray]:
+        """(record, stored vector (D,)) of a database item; 404 when there is none."""
+        db = self.database(database)
+        found = db.lookup(item_id)
+        if found is None:
+            raise BadRequest(404, f"database {database} has no item {item_id!r}")
+        return found
+
+    # -- retrieval ------------------------------------------------------------------------------------
+    def neighbours(self, query: np.ndarray, choices: Sequence[DatabaseChoice], k: int,
+                   where: dict | None) -> cond.Neighbours:
+        """k neighbours of each query (Q, D) from the chosen databases, in proportion to their weights."""
+        if not choices or k == 0:
+            return cond.Neighbours(np.zeros((len(query), 0, self.dim), np.float32),
+                                   np.zeros((len(query), 0), np.float32), [[] for _ in range(len(query))])
+        names = [c.name for c in choices]
+        if len(set(names)) != len(names):
+            raise BadRequest(422, f"a database is listed twice: {', '.join(names)}")
+        sources = [(self.database(c.name), c.weight) for c in choices]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", cond.RetrievalWarning)  # kept in Neighbours.notes
+                return cond.retrieve(query, sources, k, where)
+        except RDMError as e:
+            raise BadRequest(422, str(e)) from None
+
+    # -- settings -------------------------------------------------------------------------------------
+    def settings(self, k: int, steps: int | None, guidance: float | None, scheduler: str | None,
+                 eta: float) -> Settings:
+        """Checked sampler settings (the scheduler and the model's learned null context must accept them)."""
+        config = self.pipe.rdm_config
+        try:
+            make_scheduler(scheduler, self.pipe.scheduler)
+        except RDMError as e:
+            raise BadRequest(422, str(e)) from None
+        if not config.query_token and k == 0:
+            raise BadRequest(422, "this model is conditioned on neighbours only: choose at least one database")
+        null = self.pipe.null_context
+        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+        if config.unconditional == "learned" and guidance != 1.0 and null is not None \
+                and null.shape[0] not in (1, k + int(config.query_token)):
+            raise BadRequest(422, f"this model's learned unconditional context fits k = "
+                                  f"{null.shape[0] - int(config.query_token)} neighbours only")
+        return Settings(k=k, steps=DEFAULT_STEPS if steps is None else steps, guidance=float(guidance),
+                        scheduler=scheduler, eta=float(eta), height=config.resolution, width=config.resolution)
+
+    # -- sampling -------------------------------------------------------------------------------------
+    def sample(self, rows: Sequence[Row], on_step: Callable[[int], None]) -> list[Output]:
+        """One pipeline call for rows sharing their Settings; on_step(i) after each step may raise Cancelled."""
+        s = rows[0].settings
+        assert all(r.settings == s for r in rows)
+        out = self.pipe(query_embeds=np.stack([r.query for r in rows]),  # (B, D)
+                        neighbor_embeds=np.stack([r.neighbours for r in rows]).reshape(len(rows), s.k, self.dim),
+                        seed=[r.seed for r in rows], num_inference_steps=s.steps, guidance_scale=s.guidance,
+                        scheduler=s.scheduler, eta=s.eta, height=s.height, width=s.width, output_type="pil",
+                        callback=lambda i, _t, _latents: on_step(i + 1))
+        outputs = []
+        for row, image, record in zip(rows, out.images, out.provenance):
+            prov = record.to_dict()
+            prov.update(query=row.query_record, databases=row.drawn, neighbours=row.hits, where=row.where,
+                        k=len(row.hits), index=row.index, warnings=list(row.notes))
+            outputs.append(Output(png_bytes(image), prov, image.width, image.height, row.hits))
+        return outputs

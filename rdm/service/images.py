@@ -1,0 +1,152 @@
+"""Images in and out, all through rdm.decode (the path builds use): uploads, database items, URL queries.
+
+- Uploads and base64 images are size-checked, then decoded by the embedder's PixelTransform.load
+  (bombs, truncated files and HTML named .png become `Undecodable`, here a 400 naming the reason).
+- Database images are found by id in the metadata; the file is read only when its real path (links
+  resolved) lies inside one of the database's source folders, then decoded and re-encoded as PNG:
+  the bytes on disk are never sent as they are, so a file that is not an image cannot reach a browser.
+- URLs are fetched only when the service was started with --allow-urls, only over http(s), never from
+  a loopback, private, link-local or otherwise non-public address (checked on the address actually
+  connected to), without redirects, within the upload size limit.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import ipaddress
+import socket
+import ssl
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+from PIL import Image
+
+from ..decode import DecodeOptions, Undecodable, decode_image
+from ..pixels import PixelTransform
+from .config import ServeConfig
+from .validation import BadRequest
+
+URL_TIMEOUT_S = 10.0
+
+
+def decode_query_image(data: bytes, transform: PixelTransform, config: ServeConfig) -> tuple[np.ndarray, tuple]:
+    """Bytes of an image query -> the embedder's uint8 pixels (H, W, 3) and the original (width, height)."""
+    if len(data) > config.max_upload_bytes:
+        raise BadRequest(413, f"image is larger than the upload limit of {config.max_upload_bytes} bytes")
+    try:
+        return transform.load(bytes(data), DecodeOptions(max_pixels=config.max_pixels))
+    except Undecodable as e:
+        raise BadRequest(400, f"cannot use this image: {e.reason} ({e.detail or 'no detail'})") from None
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ImageCache:
+    """Re-encoded database images (thumbnails and full size), least recently used dropped first."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get_or_make(self, key: tuple, make) -> bytes:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        data = make()
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = data
+                self._bytes += len(data)
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= len(old)
+        return data
+
+
+def render_file(path: Path, size: int | None, config: ServeConfig) -> bytes:
+    """A database image file (already checked to lie in its source folder) -> PNG bytes, fitted in size x size."""
+    try:
+        image = decode_image(str(path), DecodeOptions(max_pixels=config.max_pixels))
+    except Undecodable as e:
+        raise BadRequest(404, f"the item's image cannot be shown: {e.reason}") from None
+    if size:
+        image.thumbnail((size, size), Image.Resampling.BICUBIC)
+    return png_bytes(image)
+
+
+# --- URL queries (clip-retrieval's image_url) --------------------------------------------------------
+
+def public_address(host: str, port: int) -> str:
+    """The first address of host; BadRequest unless every address it resolves to is public."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise BadRequest(400, f"cannot resolve {host}: {e}") from None
+    addresses = [info[4][0] for info in infos]
+    for addr in addresses:
+        ip = ipaddress.ip_address(addr.split("%")[0])
+        if not ip.is_global or ip.is_multicast:
+            raise BadRequest(403, f"refusing to fetch from {host}: it resolves to a non-public address ({ip})")
+    return addresses[0]
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to an address checked beforehand, with the certificate checked for the host name."""
+
+    def __init__(self, host: str, address: str, port: int, timeout: float):
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self):
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    def __init__(self, host: str, address: str, port: int, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self):
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+def fetch_url(url: str, config: ServeConfig) -> bytes:
+    """The bytes at an http(s) URL, under the rules in this module's docstring."""
+    if not config.allow_urls:
+        raise BadRequest(403, "this service does not fetch URLs (start it with --allow-urls); send the image itself "
+                              "as base64 in 'image'")
+    if not isinstance(url, str) or len(url) > 2048:
+        raise BadRequest(400, "image_url must be a URL of at most 2048 characters")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(400, f"image_url must be an http or https URL, got {url[:80]!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    address = public_address(parts.hostname, port)
+    conn_cls = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
+    conn = conn_cls(parts.hostname, address, port, URL_TIMEOUT_S)
+    try:
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        conn.request("GET", path, headers={"User-Agent": "rdm-serve", "Accept": "image/*"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise BadRequest(400, f"image_url answered HTTP {response.status} (redirects are not followed)")
+        data = response.read(config.max_upload_bytes + 1)
+    except (OSError, http.client.HTTPException) as e:
+        raise BadRequest(400, f"cannot fetch image_url: {e}") from None
+    finally:
+        conn.close()
+    if len(data) > config.max_upload_bytes:
+        raise BadRequest(413, f"the image at image_url is larger than {config.max_upload_bytes} bytes")
+    return data

@@ -1,0 +1,134 @@
+"""Running the service: load the model once, build the app, serve it with uvicorn, report jobs at shutdown.
+
+`serve(config)` is what `rdm serve` calls; `start(config)` runs the same server in a thread on a
+socket it binds first (port 0 picks a free one), for tests and notebooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import uvicorn
+
+from ..errors import RDMError
+from .app import Guard, create_app
+from .config import ServeConfig
+from .engine import Engine
+
+log = logging.getLogger("rdm.serve")
+
+
+def build_app(config: ServeConfig, pipe=None):
+    """The ASGI app for a config (a loaded pipeline may be passed in, else the config's model is loaded)."""
+    import torch
+
+    from ..generate import load_pipeline
+    from ..retrieval import DatabaseRegistry
+
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    pipe = pipe or load_pipeline(config.model, config.device, config.dtype, progress=False)
+    pipe.set_progress_bar_config(disable=True)
+    registry = DatabaseRegistry(config.indexes, list(config.databases) if config.databases is not None else None)
+    app = create_app(Engine(pipe, registry, config), config)
+    app.add_middleware(Guard, config=config)
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, failing unfinished jobs as soon as a stop is asked for (so event streams end and report it)."""
+
+    def __init__(self, config: uvicorn.Config, app):
+        super().__init__(config)
+        self.rdm_app = app
+
+    def handle_exit(self, sig, frame):
+        self.rdm_app.state.queue.begin_shutdown()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """SIGINT/SIGTERM stop the server gracefully (uvicorn's own re-raises the signal afterwards, which would
+        kill the process before the jobs in flight are reported)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def _uvicorn_config(app, config: ServeConfig, **extra) -> uvicorn.Config:
+    return uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=5, lifespan="off", **extra)
+
+
+def check_binding(config: ServeConfig) -> None:
+    if not config.binds_loopback() and not config.allow_network:
+        raise RDMError(f"--host {config.host} would expose the service to a network; add --allow-network to open "
+                       "generation and search to it (writes still need --token-file), or bind 127.0.0.1")
+
+
+def serve(config: ServeConfig, pipe=None) -> None:
+    """Load, bind and serve until interrupted; every job still unfinished then is reported failed."""
+    check_binding(config)
+    if not log.handlers:  # the service's own messages (job reports, takedowns) on stderr, not every library's
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("rdm serve: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    app = build_app(config, pipe)
+    names = app.state.engine.registry.names()
+    print(f"rdm serve: http://{config.host}:{config.port}  ({len(names)} database(s): {', '.join(names) or 'none'}; "
+          f"API at /docs, clip-retrieval at /knn-service)", file=sys.stderr, flush=True)
+    server = _Server(_uvicorn_config(app, config), app)
+    try:
+        server.run()
+    finally:
+        app.state.queue.shutdown()
+
+
+@dataclass
+class Running:
+    """A server running in a thread (tests, notebooks)."""
+
+    url: str
+    app: object
+    server: _Server
+    thread: threading.Thread
+
+    def stop(self, timeout: float = 15.0) -> list[tuple[str, str]]:
+        self.app.state.queue.begin_shutdown()
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        return self.app.state.queue.shutdown()
+
+
+def start(config: ServeConfig, pipe=None, app=None) -> Running:
+    """Serve in a background thread on config.host:config.port (0: a free port); returns once it answers."""
+    check_binding(config)
+    app = app or build_app(config, pipe)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    server = _Server(_uvicorn_config(app, config), app)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="rdm-serve")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RDMError("the server did not start")
+        time.sleep(0.02)
+    host, port = sock.getsockname()[:2]
+    return Running(f"http://{host}:{port}", app, server, thread)

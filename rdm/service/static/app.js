@@ -1,0 +1,261 @@
+// rdm serve page: plain JS, no build step. Talks to the same API as any client (see /docs).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { info: null, databases: [], upload: null, job: null, source: null, history: [] };
+
+function el(tag, attrs = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "text") node.textContent = v;
+    else if (k === "class") node.className = v;
+    else node.setAttribute(k, v);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message || "";
+  box.hidden = !message;
+}
+
+async function api(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (e) {
+    throw new Error("the service cannot be reached (is rdm serve still running?)");
+  }
+  let body = null;
+  try { body = await response.json(); } catch (e) { /* not JSON */ }
+  if (!response.ok) {
+    let msg = (body && body.error) || `HTTP ${response.status}`;
+    if (response.status === 429) msg += ` (retry in ${response.headers.get("Retry-After") || "a few"} s)`;
+    throw new Error(msg);
+  }
+  return body;
+}
+
+// -- set-up ---------------------------------------------------------------------------------------
+async function init() {
+  try {
+    state.info = await api("/api/info");
+    const m = state.info.model;
+    $("model-info").textContent = `model ${m.name} · ${m.resolution}px · CLIP ${m.embedder} · default k ${m.k}`;
+    $("k").value = m.k; $("k").max = state.info.limits.max_k;
+    $("steps").value = Math.min(state.info.defaults.steps, 25); $("steps").max = state.info.limits.max_steps;
+    $("guidance").value = state.info.defaults.guidance;
+    $("num-images").max = state.info.limits.max_images;
+    state.databases = (await api("/api/databases")).filter((d) => d.compatible);
+    renderDatabases();
+  } catch (e) {
+    showError(e.message);
+  }
+  $("controls").addEventListener("submit", (ev) => { ev.preventDefault(); submit("generate"); });
+  $("compare").addEventListener("click", () => submit("compare"));
+  $("cancel").addEventListener("click", cancel);
+  $("image-file").addEventListener("change", uploadImage);
+  $("clear-image").addEventListener("click", clearImage);
+}
+
+function renderDatabases() {
+  const box = $("databases");
+  box.replaceChildren();
+  if (!state.databases.length) {
+    box.append(el("span", { class: "muted", text: "no database is served: generation uses the query alone" }));
+    return;
+  }
+  state.databases.forEach((d, i) => {
+    const check = el("input", { type: "checkbox", id: `db-${i}`, "data-name": d.name });
+    if (i === 0) check.checked = true;
+    const slider = el("input", { type: "range", min: "0", max: "1", step: "0.05", value: "1", id: `w-${i}`,
+                                 "aria-label": `weight of ${d.name}` });
+    const out = el("output", { text: "1.00" });
+    slider.addEventListener("input", () => { out.textContent = Number(slider.value).toFixed(2); });
+    const label = el("label", { for: `db-${i}`, title: `${d.count} items · ${d.fingerprint}` },
+                     [check, ` ${d.name} `, el("span", { class: "muted", text: `(${d.count})` })]);
+    box.append(el("div", { class: "db" }, [label, slider, out]));
+  });
+}
+
+function chosenDatabases() {
+  return state.databases.map((d, i) => ({ name: d.name, check: $(`db-${i}`), weight: Number($(`w-${i}`).value) }))
+    .filter((d) => d.check.checked && d.weight > 0).map(({ name, weight }) => ({ name, weight }));
+}
+
+function numberOf(id) {
+  const v = $(id).value.trim();
+  return v === "" ? undefined : Number(v);
+}
+
+async function uploadImage() {
+  const file = $("image-file").files[0];
+  if (!file) return;
+  showError("");
+  const form = new FormData();
+  form.append("file", file);
+  try {
+    const res = await api("/api/uploads", { method: "POST", body: form });
+    state.upload = { id: res.upload, name: file.name };
+    $("image-query").textContent = `image query: ${file.name} (${res.width}×${res.height})`;
+    $("clear-image").hidden = false;
+  } catch (e) {
+    clearImage();
+    showError(`cannot use ${file.name}: ${e.message}`);
+  }
+}
+
+function clearImage() {
+  state.upload = null;
+  $("image-file").value = "";
+  $("image-query").textContent = "";
+  $("clear-image").hidden = true;
+}
+
+// -- jobs -----------------------------------------------------------------------------------------
+async function submit(kind) {
+  showError("");
+  const prompt = $("prompt").value.trim();
+  const common = { k: numberOf("k"), seed: numberOf("seed") ?? 0, steps: numberOf("steps"),
+                   guidance: numberOf("guidance"), num_images: numberOf("num-images") ?? 1 };
+  let path, body;
+  if (kind === "compare") {
+    if (!prompt) return showError("compare needs a prompt");
+    const rows = chosenDatabases().map((d) => [{ name: d.name, weight: 1 }]);
+    rows.push([]);  // the control: the query alone
+    path = "/api/compare"; body = { prompt, rows, ...common };
+  } else {
+    if (!prompt && !state.upload) return showError("type a prompt or choose an image");
+    const query = state.upload && !prompt ? { image: { upload: state.upload.id } } : { prompt };
+    const databases = chosenDatabases();
+    path = "/api/generate"; body = { ...query, databases, ...common };
+    if (!databases.length) body.k = 0;
+  }
+  setBusy(true);
+  try {
+    const job = await api(path, { method: "POST", headers: { "Content-Type": "application/json" },
+                                  body: JSON.stringify(body) });
+    addHistory(job, prompt || (state.upload && state.upload.name));
+    follow(job);
+  } catch (e) {
+    setBusy(false);
+    showError(e.message);
+  }
+}
+
+function setBusy(busy) {
+  $("generate").disabled = busy; $("compare").disabled = busy; $("cancel").hidden = !busy;
+  $("progress").hidden = !busy;
+}
+
+function follow(job) {
+  state.job = job;
+  if (state.source) state.source.close();
+  showProgress(job);
+  const source = new EventSource(job.events_url);
+  state.source = source;
+  const update = (ev) => { const view = JSON.parse(ev.data); showProgress(view); if (view.images.length) render(view); };
+  source.addEventListener("progress", update);
+  for (const final of ["done", "failed", "cancelled"]) {
+    source.addEventListener(final, (ev) => { source.close(); finished(JSON.parse(ev.data)); });
+  }
+  source.onerror = () => { source.close(); poll(job.id); };
+}
+
+async function poll(id) {
+  try {
+    const view = await api(`/api/jobs/${id}`);
+    showProgress(view);
+    if (["done", "failed", "cancelled"].includes(view.state)) return finished(view);
+    setTimeout(() => poll(id), 500);
+  } catch (e) {
+    setBusy(false); showError(e.message);
+  }
+}
+
+function showProgress(view) {
+  $("progress").value = view.progress;
+  const where = view.state === "queued" && view.position ? ` (${view.position} image(s) ahead)` : "";
+  $("status-text").textContent = `${view.state}${where} · ${Math.round(view.progress * 100)}%`;
+  updateHistory(view);
+}
+
+function finished(view) {
+  setBusy(false);
+  showProgress(view);
+  if (view.state === "done") { render(view); $("status-text").textContent = `done · ${view.images.length} image(s)`; }
+  else showError(view.error || `job ${view.state}`);
+}
+
+async function cancel() {
+  if (!state.job) return;
+  try { await api(`/api/jobs/${state.job.id}`, { method: "DELETE" }); } catch (e) { showError(e.message); }
+}
+
+// -- results --------------------------------------------------------------------------------------
+function neighbourStrip(neighbours) {
+  return el("div", { class: "neighbours" }, neighbours.map((n) => el("figure", {}, [
+    el("img", { src: n.thumbnail_url, alt: `${n.database}/${n.id}`, title: `${n.database}/${n.id}  ${n.score.toFixed(3)}`,
+                loading: "lazy" }),
+    el("figcaption", { text: n.score.toFixed(2) })])));
+}
+
+function provenanceLink(image) {
+  return el("a", { class: "provenance", href: image.provenance_url, download: "", text: "provenance" });
+}
+
+function render(view) {
+  if (view.kind === "compare") return renderCompare(view);  // the last generation's grid stays above it
+  const box = $("results");
+  box.replaceChildren(...view.images.map((im) => el("div", { class: "card" }, [
+    el("img", { class: "sample", src: im.image_url, alt: `seed ${im.seed}` }),
+    el("div", { class: "meta" }, [el("span", { text: `seed ${im.seed} · ${im.row}` }),
+                                  el("span", {}, [el("a", { href: im.image_url, download: "", text: "PNG" }), " · ",
+                                                  provenanceLink(im)])]),
+    neighbourStrip(im.neighbours),
+    ...im.warnings.map((w) => el("div", { class: "warn", text: w }))])));
+}
+
+function renderCompare(view) {
+  const box = $("compare-view");
+  box.hidden = false;
+  const table = el("table", { class: "compare" });
+  view.labels.forEach((label) => {
+    const images = view.images.filter((im) => im.row === label);
+    const first = images[0];
+    table.append(el("tr", {}, [
+      el("th", { text: label }),
+      el("td", {}, [first ? neighbourStrip(first.neighbours) : el("span", { class: "muted", text: "…" })]),
+      ...images.map((im) => el("td", {}, [el("img", { class: "sample", src: im.image_url, alt: `${label} seed ${im.seed}` }),
+                                          el("div", { class: "meta" }, [el("span", { text: `seed ${im.seed}` }),
+                                                                       provenanceLink(im)])]))]));
+  });
+  const all = el("a", { href: `/api/jobs/${view.id}/provenance.json`, download: "", text: "all provenance (JSON)" });
+  box.replaceChildren(el("h2", { text: `compare: ${view.request.prompt}` }), table, all);
+}
+
+// -- history --------------------------------------------------------------------------------------
+function addHistory(job, label) {
+  state.history.unshift({ id: job.id, label: `${job.kind === "compare" ? "compare: " : ""}${label}`, state: job.state });
+  renderHistory();
+}
+
+function updateHistory(view) {
+  const item = state.history.find((h) => h.id === view.id);
+  if (item && item.state !== view.state) { item.state = view.state; renderHistory(); }
+}
+
+function renderHistory() {
+  $("history").replaceChildren(...state.history.map((h) => {
+    const li = el("li", { "data-job": h.id }, [h.label, " ", el("span", { class: "state", text: h.state })]);
+    li.addEventListener("click", async () => {
+      try { const view = await api(`/api/jobs/${h.id}`); showError(""); render(view); }
+      catch (e) { showError(e.message); }
+    });
+    return li;
+  }));
+}
+
+init();

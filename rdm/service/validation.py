@@ -1,0 +1,186 @@
+"""Requests and their bounds: every failure is a `BadRequest` with a status and a message that says what to do.
+
+The shapes are pydantic models (unknown fields are refused, so a typo is not silently ignored); the
+limits come from ServeConfig and are checked in `check_*`, which also turn JSON-level surprises (NaN,
+Infinity, a non-object body) into clear 400s before anything is embedded or queued.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .config import ServeConfig
+
+MAX_ID_CHARS = 1024  # an item id (a relative path in folder databases)
+MAX_FILTER_VALUES = 64
+
+
+class BadRequest(Exception):
+    """A request the service refuses; `status` is the HTTP status (4xx), `headers` e.g. Retry-After."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN / Infinity: 422
+
+
+class ItemRef(Strict):
+    """An image already known to the service: an upload's id, or a database item by id."""
+
+    upload: str | None = None  # id returned by POST /api/uploads
+    database: str | None = None  # database name ...
+    id: str | None = None  # ... and item id
+
+
+class DatabaseChoice(Strict):
+    name: str  # a served database
+    weight: float = 1.0  # share of the k neighbours, relative to the others
+
+
+class GenerateRequest(Strict):
+    prompt: str | None = None  # text query ...
+    image: ItemRef | None = None  # ... or an image query
+    databases: list[DatabaseChoice] = Field(default_factory=list)  # empty: the query alone
+    k: int | None = None  # neighbours per image (default: the model's k)
+    where: dict[str, list[str] | str] | None = None  # metadata filters inside each search
+    seed: int = 0  # image i of the request gets seed + i
+    num_images: int = 1
+    steps: int | None = None  # default: the pipeline's (CompVis: 50)
+    guidance: float | None = None  # default: the pipeline's (CompVis: 5.0)
+    scheduler: str | None = None  # None: the model's (CompVis DDIM); ddim, dpm++, euler ...
+    eta: float = 0.0  # DDIM eta in [0, 1]
+
+
+class CompareRequest(Strict):
+    prompt: str
+    rows: list[list[DatabaseChoice]]  # one row per entry; [] is a row without retrieval
+    k: int | None = None
+    where: dict[str, list[str] | str] | None = None
+    seed: int = 0
+    num_images: int = 1
+    steps: int | None = None
+    guidance: float | None = None
+    scheduler: str | None = None
+    eta: float = 0.0
+
+
+class SearchRequest(Strict):
+    database: str
+    text: str | None = None
+    image: ItemRef | None = None
+    embedding: list[float] | None = None
+    k: int = 10
+    where: dict[str, list[str] | str] | None = None
+
+
+class RemoveRequest(Strict):
+    ids: list[str] = Field(default_factory=list)
+    where: dict[str, list[str] | str] | None = None
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_json(body: bytes) -> Any:
+    """Parse a request body as JSON whatever its Content-Type (clip-retrieval's client sends none); NaN refused."""
+    if not body:
+        raise BadRequest(400, "empty request body: send a JSON object")
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise BadRequest(400, "request body is not UTF-8 JSON") from None
+    except ValueError as e:
+        raise BadRequest(400, f"malformed JSON: {e}") from None
+
+
+def model_from(cls: type[Strict], data: Any) -> Strict:
+    """Validate parsed JSON into a request model; 422 naming each wrong field."""
+    if not isinstance(data, dict):
+        raise BadRequest(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise BadRequest(422, describe_validation(e.errors())) from None
+
+
+def describe_validation(errors: list[dict]) -> str:
+    """pydantic's error list -> 'field: problem; field: problem'."""
+    parts = []
+    for err in errors[:8]:
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def check_int(name: str, value: int, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadRequest(422, f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return value
+
+
+def check_float(name: str, value: float, low: float, high: float) -> float:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+        raise BadRequest(422, f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
+    return float(value)
+
+
+def check_text(name: str, text: str, config: ServeConfig) -> str:
+    if not text.strip():
+        raise BadRequest(422, f"empty {name}: give some text")
+    if len(text) > config.max_prompt_chars:
+        raise BadRequest(422, f"{name} is {len(text)} characters; at most {config.max_prompt_chars}")
+    if "\x00" in text:
+        raise BadRequest(422, f"{name} contains a NUL character")
+    return text
+
+
+def check_id(item_id: str) -> str:
+    """An item id is only ever compared with stored ids; refuse what no id can be."""
+    if not item_id or len(item_id) > MAX_ID_CHARS or any(ord(c) < 32 for c in item_id):
+        raise BadRequest(404, "no such item (ids are non-empty, printable and at most "
+                              f"{MAX_ID_CHARS} characters)")
+    return item_id
+
+
+def check_where(where: dict | None) -> dict[str, list[str]] | None:
+    """{"style": "neon"} or {"style": ["neon", "flat"]} -> column -> values; None when empty."""
+    if not where:
+        return None
+    out = {}
+    for col, values in where.items():
+        values = [values] if isinstance(values, str) else list(values)
+        if not col or len(values) > MAX_FILTER_VALUES:
+            raise BadRequest(422, f"filter {col!r}: give a column and at most {MAX_FILTER_VALUES} values")
+        out[col] = values
+    return out
+
+
+def check_embedding(values: Any, dim: int) -> np.ndarray:
+    """A query vector from JSON: dim finite numbers, not all zero -> (1, dim) float32 unit vector."""
+    if not isinstance(values, list) or (values and isinstance(values[0], list)):
+        if isinstance(values, list) and len(values) == 1 and isinstance(values[0], list):
+            values = values[0]  # [[...]]: one query
+        else:
+            raise BadRequest(400, f"embedding_input must be a list of {dim} numbers")
+    if len(values) != dim:
+        raise BadRequest(400, f"embedding_input has {len(values)} numbers; the database's CLIP makes {dim}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise BadRequest(400, "embedding_input must hold numbers only")
+    vec = np.asarray(values, np.float64)
+    if not np.isfinite(vec).all():
+        raise BadRequest(400, "embedding_input holds NaN or infinite values")
+    norm = float(np.linalg.norm(vec))
+    if norm == 0.0 or not math.isfinite(norm):
+        raise BadRequest(400, "embedding_input is the zero vector (or too large to normalise)")
+    return (vec / norm).astype(np.float32)[None, :]

@@ -1,0 +1,117 @@
+"""The page in headless Chromium (Debian's chromium, driven by Playwright): prompt -> progress -> images with
+neighbours -> compare -> provenance download, with clear errors; saves docs/serve-page.png."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rdm.demo.evaluate import build_style_databases
+from rdm.demo.run import DEMO_CLIP, DEMO_MODEL, DEMO_START
+from rdm.service.config import ServeConfig
+from rdm.service.server import start
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve-page.png"
+STYLES = ("neon", "mosaic", "outline")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("page")
+    build_style_databases(f"local-dir:{DEMO_CLIP}", root / "toyart", 12, "{style}", STYLES, str(root / "indexes"),
+                          start=DEMO_START)
+    running = start(ServeConfig(port=0, model=str(DEMO_MODEL), indexes=str(root / "indexes")))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed (.ci/run installs Debian's chromium package)")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def test_prompt_progress_neighbours_compare_and_provenance(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1360, "height": 900}, accept_downloads=True,
+                            bypass_csp=True)  # wait_for_function evaluates strings; the page itself needs no eval
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#databases input[type=checkbox]")
+    assert page.locator("#databases .db").count() == 3
+    assert "demo" in page.inner_text("#model-info") or "model" in page.inner_text("#model-info")
+
+    # an error is shown, not thrown: no prompt
+    page.fill("#prompt", "")
+    page.click("#generate")
+    assert "type a prompt" in page.inner_text("#error")
+    # ... and a refusal from the server is shown with its message
+    page.fill("#prompt", "a red star")
+    page.fill("#steps", "100000")
+    page.click("#generate")
+    page.wait_for_selector("#error:not([hidden])")
+    page.wait_for_function("document.getElementById('error').textContent.includes('steps must be')")
+
+    # an image query is uploaded and named; a file that is not an image is refused with the decoder's reason
+    fake = tmp_path / "page.png"
+    fake.write_text("<!doctype html><p>not a picture</p>")
+    page.set_input_files("#image-file", str(fake))
+    page.wait_for_function("document.getElementById('error').textContent.includes('not-an-image')")
+    picture = next((server.app.state.engine.registry.home.parent / "toyart" / "neon").rglob("*.png"))
+    page.set_input_files("#image-file", str(picture))
+    page.wait_for_function("document.getElementById('image-query').textContent.startsWith('image query')")
+    page.click("#clear-image")
+
+    # prompt -> progress -> images with neighbours
+    page.fill("#steps", "8")
+    page.fill("#num-images", "2")
+    page.check("#db-0")
+    page.check("#db-1")
+    page.fill("#w-1", "0.5")
+    page.click("#generate")
+    page.wait_for_selector("#progress:not([hidden])")
+    page.wait_for_function("document.getElementById('status-text').textContent.includes('%')")
+    page.wait_for_selector("#results .card img.sample", timeout=120_000)
+    page.wait_for_function("document.querySelectorAll('#results .card img.sample').length === 2", timeout=120_000)
+    page.wait_for_function("document.getElementById('status-text').textContent.startsWith('done')", timeout=120_000)
+    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && "
+                           "i.naturalWidth > 0)")
+    neighbours = page.locator("#results .card").first.locator(".neighbours img")
+    assert neighbours.count() == 4  # the demo model's k
+    titles = [neighbours.nth(i).get_attribute("title") for i in range(4)]
+    assert {t.split("/")[0] for t in titles} <= {"neon", "mosaic"}
+
+    # provenance download
+    with page.expect_download() as info:
+        page.locator("#results a.provenance").first.click()
+    record = json.loads(Path(info.value.path()).read_text())
+    assert record["format"] == "rdm-provenance" and record["query"] == {"prompt": "a red star"}
+    assert record["seed"] == 0 and {d["name"] for d in record["databases"]} == {"neon", "mosaic"}
+
+    # compare: a row per checked collection, and one without retrieval
+    page.check("#db-2")
+    page.click("#compare")
+    page.wait_for_function("document.querySelectorAll('#compare-view tr').length === 4", timeout=120_000)
+    page.wait_for_function("document.getElementById('status-text').textContent.startsWith('done')", timeout=180_000)
+    page.wait_for_function("[...document.querySelectorAll('#compare-view img')].every(i => i.complete && "
+                           "i.naturalWidth > 0)")
+    rows = page.locator("#compare-view tr")
+    assert [rows.nth(i).locator("th").inner_text() for i in range(4)] == ["mosaic", "neon", "outline", "no database"]
+    assert all(rows.nth(i).locator("img.sample").count() == 2 for i in range(4))
+    assert rows.nth(3).locator(".neighbours img").count() == 0
+    assert page.locator("#history li").count() == 2
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    assert not errors, errors
+    page.close()
