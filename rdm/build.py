@@ -43,7 +43,7 @@ from .database import (SEGMENT_ROWS, Database, choose_dtype, fault, finish_manif
 from .decode import DecodeOptions
 from .errors import DatabaseError, RDMError
 from .pixels import PixelTransform, decode_batch, init_worker
-from .segment import write_segment, write_segment_index
+from .segment import read_npy_picks, read_npy_rows, write_segment, write_segment_index
 from .sources import Item, Source
 
 BUILD_DIR = ".build"
@@ -186,6 +186,8 @@ class Progress:
         self.work = work
         self.state = state or {"segments": [], "files": [], "next_index": 0, "next_row": None,
                                "embedded": 0, "trained": None}
+        # "pending": {shard: segment entry} a parallel engine (rdm.build_ray) finished ahead of the
+        # ordered "segments"; kept (and reused on resume) until the shards before them are done
 
     @classmethod
     def load(cls, work: Path) -> "Progress":
@@ -194,7 +196,8 @@ class Progress:
 
     def save(self) -> None:
         s = self.state
-        s["files"] = sorted({e["name"] for seg in s["segments"] for e in seg["files"].values()}
+        segments = s["segments"] + list(s.get("pending", {}).values())
+        s["files"] = sorted({e["name"] for seg in segments for e in seg["files"].values()}
                             | ({s["trained"]["name"]} if s.get("trained") else set()))
         store.atomic_write_json(self.work / store.PROGRESS, s)
 
@@ -243,8 +246,13 @@ def _default_workers() -> int:
 
 # -- the build ----------------------------------------------------------------------------------
 def build_database(source: Source, name: str, embedder, home: str | Path | None = None,
-                   options: BuildOptions | None = None) -> BuildReport:
-    """Embed a source into the database `name` (created, resumed, appended to or overwritten)."""
+                   options: BuildOptions | None = None, engine=None) -> BuildReport:
+    """Embed a source into the database `name` (created, resumed, appended to or overwritten).
+
+    `engine` runs read -> decode -> embed -> write from where the progress stands, with the signature
+    of `embed_into_segments` (this process and its decoding workers, the default) or
+    `rdm.build_ray.RayEngine` (a Ray Data pipeline); the driver's plan, index and commit are the same.
+    """
     opts = options or BuildOptions()
     if opts.batch_size < 1:
         raise RDMError("--batch-size must be at least 1")
@@ -265,7 +273,7 @@ def build_database(source: Source, name: str, embedder, home: str | Path | None 
         present = set()
         if existing is not None:
             present = set(existing.rows_of(_source_ids(source, opts)))
-        _embed_into_segments(source, embedder, opts, db_dir, progress, present, dtype)
+        (engine or embed_into_segments)(source, embedder, opts, db_dir, progress, present, dtype)
         skipped = [r for seg in state["segments"] for r in _segment_skipped(db_dir, name, seg)]
         if existing is None and sum(s["rows"] for s in state["segments"]) == 0:
             reasons = Counter(s["reason"] for s in skipped)
@@ -315,8 +323,8 @@ def _segment_skipped(db_dir: Path, name: str, seg: dict) -> list[dict]:
         s.close()
 
 
-def _embed_into_segments(source: Source, embedder, opts: BuildOptions, db_dir: Path, progress: Progress,
-                         present: set[str], dtype: str) -> None:
+def embed_into_segments(source: Source, embedder, opts: BuildOptions, db_dir: Path, progress: Progress,
+                        present: set[str], dtype: str) -> None:
     """Read, decode and embed from where the progress stands, writing a segment per shard of source items."""
     state = progress.state
     start, stop = state["next_index"], opts.limit
@@ -460,11 +468,11 @@ def _index_and_manifest(db_dir: Path, name: str, source: Source, embedder, opts:
 
 
 def _segment_vectors(db_dir: Path, name: str, seg: dict) -> np.ndarray:
-    return np.load(db_dir / seg["files"]["vectors"]["name"], mmap_mode="r", allow_pickle=False)
+    return read_npy_rows(db_dir / seg["files"]["vectors"]["name"])
 
 
 def _sample(db_dir: Path, name: str, segments: list[dict], n: int, seed: int) -> np.ndarray:
-    """A seeded random sample of n vectors across segments (float32), read from the memory maps."""
+    """A seeded random sample of n vectors across segments (float32), read chunk by chunk."""
     total = sum(s["rows"] for s in segments)
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(total, min(n, total), replace=False))
@@ -472,7 +480,7 @@ def _sample(db_dir: Path, name: str, segments: list[dict], n: int, seed: int) ->
     for s in segments:
         local = picks[(picks >= offset) & (picks < offset + s["rows"])] - offset
         if len(local):
-            out.append(np.asarray(_segment_vectors(db_dir, name, s)[local], np.float32))
+            out.append(read_npy_picks(db_dir / s["files"]["vectors"]["name"], local).astype(np.float32))
         offset += s["rows"]
     return np.concatenate(out)
 
@@ -483,6 +491,6 @@ def _tune(db: Database, spec: faiss_index.IndexSpec, seed: int) -> None:
     sets = {}
     for kind, make in (("image", faiss_index.image_like_queries), ("text", faiss_index.text_like_queries)):
         q = make(base, seed)
-        sets[kind] = (q, db._exact_search(q, 10, None)[1])
+        sets[kind] = (q, db._exact_search(q, 10, None, streamed=True)[1])
     nlist = db.stacked_index().nlist
     faiss_index.tune(spec, nlist, lambda q, k, sp: db._index_search(q, k, None, sp)[1], sets)

@@ -30,7 +30,7 @@ from . import index as faiss_index
 from . import store
 from .identity import EmbedderIdentity
 from .errors import DatabaseError, RDMError
-from .segment import Segment, write_segment, write_segment_index
+from .segment import Segment, read_npy_rows, write_segment, write_segment_index
 
 FILTER_EXACT_MAX = 20_000  # filters matching at most this many rows: exact search over those rows;
 # more: the index itself searches with a FAISS IDSelector
@@ -375,13 +375,19 @@ class Database:
             recs = [[next(it) for r in row if r >= 0] for row in rows]
         return SearchResult(scores=scores, rows=rows, vectors=self.vectors_at(rows), records=recs, database=self.name)
 
-    def _exact_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over the stored vectors, block by block; removed or filtered-out rows score -inf."""
+    def _exact_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
+                      streamed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the stored vectors, block by block; removed or filtered-out rows score -inf.
+
+        streamed: read the blocks from the files instead of the memory maps (one pass over a large database,
+        as when tuning, without leaving it all resident)."""
         best_s = np.full((len(queries), 0), -np.inf, np.float32)
         best_r = np.full((len(queries), 0), -1, np.int64)
         for seg in self.segments:
+            path = self.path / seg.entry["files"]["vectors"]["name"]
             for lo in range(0, seg.rows, EXACT_CHUNK):
-                block = np.asarray(seg.vectors[lo:lo + EXACT_CHUNK], np.float32)
+                block = read_npy_rows(path, lo, lo + EXACT_CHUNK) if streamed else seg.vectors[lo:lo + EXACT_CHUNK]
+                block = np.asarray(block, np.float32)
                 rows = np.arange(seg.start + lo, seg.start + lo + len(block), dtype=np.int64)
                 sims = queries @ block.T  # (Q, n)
                 keep = self.is_live(rows) if len(self.tombstones) else None

@@ -9,9 +9,7 @@ writes it as JSON beside the PNG, with the same stem.
 from __future__ import annotations
 
 import json
-import os
 import platform
-import secrets
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from importlib import metadata
@@ -32,7 +30,7 @@ class Provenance:
     model: dict  # name_or_path, fingerprint (sha256 of its safetensors), embedder identity, source
     databases: list[dict]  # per source: name, fingerprint, weight, count, k_asked, k_drawn
     neighbours: list[dict]  # in context order: database, id, score, row, path, caption ... (or ref, score)
-    scheduler: dict  # name, num_inference_steps, guidance_scale, eta, config
+    scheduler: dict  # name, num_inference_steps, guidance_scale, style_scale, eta, config
     size: dict  # height, width in pixels
     runtime: dict  # device, dtype
     where: dict = field(default_factory=dict)  # metadata filters applied inside the search
@@ -65,18 +63,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def scheduler_record(scheduler, num_inference_steps: int, guidance_scale: float, eta: float) -> dict:
-    """The scheduler's class, sampling settings and full config (JSON types)."""
+def scheduler_record(scheduler, num_inference_steps: int, guidance_scale: float, eta: float,
+                     style_scale: float | None = None) -> dict:
+    """The scheduler's class, sampling settings (style_scale None: plain guidance) and full config (JSON types)."""
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     return {"name": type(scheduler).__name__, "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale, "eta": eta, "config": json.loads(json.dumps(config, default=str))}
+            "guidance_scale": guidance_scale, "style_scale": style_scale, "eta": eta,
+            "config": json.loads(json.dumps(config, default=str))}
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    """Write JSON atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    """Write JSON atomically and durably (rdm.store.atomic_write)."""
+    from .store import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2, default=str) + "\n")
+    return Path(path)

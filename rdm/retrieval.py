@@ -94,15 +94,11 @@ class DatabaseRetriever:
 
     def lookup(self, item_id: str) -> tuple[dict, np.ndarray] | None:
         """(record, stored vector (D,)) of the item with this id, or None; the id is only compared, never a path."""
-        if self.count == 0:
-            return None
-        probe = np.zeros((1, self.dim), np.float32)
-        probe[0, 0] = 1.0  # any unit vector: the filter leaves at most one candidate
         with self._lock:
-            result = self.database.search(probe, k=1, where={"id": [item_id]})
-            if result.rows[0, 0] < 0:
+            row = self.database.rows_of([item_id]).get(item_id)  # hashed id keys: no scan of the metadata
+            if row is None:
                 return None
-            return result.hits(0)[0], np.asarray(result.embeddings()[0, 0], np.float32)
+            return self.database.records([row])[0], self.database.vectors_at([row])[0]
 
     def info(self) -> dict:
         with self._lock:

@@ -36,6 +36,41 @@ def id_hashes(ids) -> np.ndarray:
     return np.fromiter((xxhash.xxh3_64_intdigest(i.encode()) for i in ids), np.uint64, len(ids))
 
 
+def npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
+    """(data offset, shape, dtype) of a C-ordered .npy file, from its header."""
+    mapped = np.load(path, mmap_mode="r", allow_pickle=False)  # reads the header; touches no data page
+    if not isinstance(mapped, np.memmap) or not mapped.flags.c_contiguous:
+        raise ValueError(f"{path}: not a C-ordered array")
+    return mapped.offset, mapped.shape, mapped.dtype
+
+
+def read_npy_rows(path: Path, lo: int = 0, hi: int | None = None) -> np.ndarray:
+    """Rows lo..hi of a 2-d .npy with plain reads: streaming a file through a memory map would leave every
+    page it touched resident (and counted in the process's RSS) for as long as the map lives."""
+    offset, shape, dtype = npy_layout(path)
+    hi = shape[0] if hi is None else min(hi, shape[0])
+    row = int(np.prod(shape[1:])) * dtype.itemsize
+    with open(path, "rb") as f:
+        f.seek(offset + lo * row)
+        out = np.fromfile(f, dtype=dtype, count=max(0, hi - lo) * row // dtype.itemsize)
+    return out.reshape((max(0, hi - lo),) + tuple(shape[1:]))
+
+
+def read_npy_picks(path: Path, rows: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+    """The given sorted rows of a 2-d .npy, read chunk by chunk (bounded memory, no memory map)."""
+    rows = np.asarray(rows, np.int64)
+    parts = []
+    i = 0
+    while i < len(rows):
+        lo = int(rows[i])
+        j = int(np.searchsorted(rows, lo + chunk))
+        block = read_npy_rows(path, lo, int(rows[j - 1]) + 1)
+        parts.append(block[rows[i:j] - lo])
+        i = j
+    _, shape, dtype = npy_layout(path)
+    return np.concatenate(parts) if parts else np.zeros((0,) + tuple(shape[1:]), dtype)
+
+
 def _write_npy(array: np.ndarray):
     return lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
@@ -45,11 +80,15 @@ def _write_parquet(table: pa.Table):
 
 
 def write_segment(db_dir: Path, start: int, vectors: np.ndarray, metadata: pa.Table, skipped: pa.Table,
-                  dtype: str = "float32") -> dict:
-    """Write a new segment folder atomically; return its manifest entry (files relative to db_dir)."""
+                  dtype: str = "float32", label: str | None = None) -> dict:
+    """Write a new segment folder atomically; return its manifest entry (files relative to db_dir).
+
+    The folder is named after `start` (its first row), or after `label` when the writer does not know
+    its rows yet (a parallel build's worker: the driver sets the entry's start when it orders them).
+    """
     if dtype not in VECTOR_DTYPES:
         raise ValueError(f"vector dtype must be one of {VECTOR_DTYPES}, got {dtype}")
-    seg_id = f"s{start:012d}-{secrets.token_hex(4)}"
+    seg_id = f"{label or f's{start:012d}'}-{secrets.token_hex(4)}"
     root = db_dir / store.SEGMENTS
     tmp = root / f".tmp-{seg_id}"
     tmp.mkdir(parents=True)

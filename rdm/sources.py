@@ -8,6 +8,8 @@ Three kinds, one contract (`Source.iter_items(start)` yields `Item`s in a fixed 
                      Dataset scripts are never run (datasets >= 4 does not run them at all).
   EmbeddingsSource   precomputed vectors: .npy, .parquet with an embedding column, or CompVis's
                      .npz retrieval databases (keys embedding, img_id, patch_coords).
+  WebDatasetSource, ParquetImageSource (rdm.sources_webdataset): img2dataset's tar shards
+                     (`shards/{00000..00099}.tar`) and parquet output, and parquets of image paths.
 `open_source(spec)` picks the kind from what `spec` is.
 """
 
@@ -223,15 +225,15 @@ class EmbeddingsSource:
         self.vectors, self.ids, self.meta = self._read()
         if self.vectors.ndim != 2 or self.vectors.shape[0] == 0:
             raise SourceError(f"{path}: expected a non-empty (N, D) array of embeddings, got {self.vectors.shape}")
-        if len(set(self.ids)) != len(self.ids):
+        if self.ids is not None and len(set(self.ids)) != len(self.ids):
             raise SourceError(f"{path}: ids are not unique")
 
-    def _read(self) -> tuple[np.ndarray, list[str], list[dict]]:
+    def _read(self) -> tuple[np.ndarray, list[str] | None, list[dict] | None]:
+        """(vectors, ids, metadata); a .npy is memory-mapped and its ids are its row numbers (None: implied)."""
         suffix = self.path.suffix.lower()
         try:
             if suffix == ".npy":
-                vec = np.load(self.path, allow_pickle=False)
-                return vec, [str(i) for i in range(len(vec))], [{} for _ in range(len(vec))]
+                return np.load(self.path, mmap_mode="r", allow_pickle=False), None, None
             if suffix == ".npz":
                 return self._read_compvis_npz()
             if suffix == ".parquet":
@@ -273,15 +275,30 @@ class EmbeddingsSource:
         return vec, ids, [{k: json_safe(v) for k, v in r.items()} for r in rest.to_pylist()]
 
     def describe(self) -> dict:
-        return {"type": "embeddings", "path": str(self.path), "count": len(self.ids), "dim": int(self.vectors.shape[1])}
+        return {"type": "embeddings", "path": str(self.path), "count": len(self), "dim": int(self.vectors.shape[1])}
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return int(self.vectors.shape[0])
+
+    def iter_blocks(self, start: int = 0, size: int = 65_536) -> Iterator[tuple[int, np.ndarray, list[str], list[dict]]]:
+        """(first index, vectors (n, D) float32, ids, metadata) blocks from `start`, read from the file."""
+        from .segment import read_npy_rows
+
+        for lo in range(start, len(self), size):
+            hi = min(lo + size, len(self))
+            ids = [str(i) for i in range(lo, hi)] if self.ids is None else self.ids[lo:hi]
+            meta = [{} for _ in range(hi - lo)] if self.meta is None else self.meta[lo:hi]
+            meta = [dict(m, path=None, caption=m.get("caption")) for m in meta]
+            if isinstance(self.vectors, np.memmap):  # a .npy: read, not mapped (RSS stays flat as N grows)
+                block = read_npy_rows(self.path, lo, hi)
+            else:
+                block = self.vectors[lo:hi]
+            yield lo, np.asarray(block, np.float32), ids, meta
 
     def iter_items(self, start: int = 0) -> Iterator[Item]:
-        for i in range(start, len(self.ids)):
-            yield Item(index=i, id=self.ids[i], embedding=np.asarray(self.vectors[i], np.float32),
-                       meta=dict(self.meta[i], path=None, caption=self.meta[i].get("caption")))
+        for lo, block, ids, meta in self.iter_blocks(start):
+            for j in range(len(ids)):
+                yield Item(index=lo + j, id=ids[j], embedding=block[j], meta=meta[j])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +310,10 @@ def open_source(spec: str, *, split: str = "train", image_column: str | None = N
     hf_opts = dict(split=split, image_column=image_column, caption_column=caption_column, streaming=streaming)
     if spec.startswith("hf:"):
         return HFDatasetSource(spec[3:], **hf_opts)
+    from .sources_webdataset import ParquetImageSource, WebDatasetSource, is_image_parquet, is_shard_spec
+
+    if is_shard_spec(spec):
+        return WebDatasetSource(spec)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() in (".npy", ".npz"):
@@ -301,11 +322,15 @@ def open_source(spec: str, *, split: str = "train", image_column: str | None = N
             names = pq.read_schema(path).names
             if any(c in names for c in EMBEDDING_COLUMNS):
                 return EmbeddingsSource(path)
+            if is_image_parquet(path) and not image_column:
+                return ParquetImageSource(str(path))
             return HFDatasetSource(str(path), **hf_opts)
         raise SourceError(f"{spec} is a file rdm cannot read as a source (.npy, .npz, .parquet, or a folder)")
     if path.is_dir():
         is_saved = any((path / f).is_file() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
         has_parquet = any(path.glob("*.parquet"))
+        if has_parquet and not (is_saved or image_column or streaming) and is_image_parquet(path):
+            return ParquetImageSource(str(path))
         if is_saved or has_parquet or image_column or streaming:
             return HFDatasetSource(str(path), **hf_opts)
         return FolderSource(path)

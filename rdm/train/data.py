@@ -324,7 +324,7 @@ def mine_neighbours(queries: np.ndarray, own_ids: Sequence[str] | None, db: Data
     todo = np.arange(n)
     depth = min(db.count, 2 * k + 8)
     while len(todo):
-        found = db.search(queries[todo], k=depth)
+        found = db.search(queries[todo], k=depth, records=False)  # rows and scores only
         own = [own_ids[i] for i in todo] if own_ids is not None else None
         s, r, ns, nd = exclude_self_and_duplicates(found.scores, found.rows, own, db_ids, k, threshold)
         done = ~((r < 0).any(1) & (depth < db.count))
