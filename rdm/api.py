@@ -57,12 +57,21 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
                 index_factory: str | None = None, vector_dtype: str | None = None, resume: bool = False,
                 append: bool = False, overwrite: bool = False, limit: int | None = None, checkpoint_every: int = 16,
                 split: str = "train", image_column: str | None = None, caption_column: str | None = None,
-                streaming: bool = False, progress: bool = True) -> "BuildReport":
-    """`rdm build-index`: open the source, load the embedder, build (or resume/append) the database."""
+                streaming: bool = False, progress: bool = True, engine: str = "local",
+                ray_address: str | None = None) -> "BuildReport":
+    """`rdm build-index`: open the source, load the embedder, build (or resume/append) the database.
+
+    engine "local" runs the stages in this process and its decoding workers; "ray" runs them as a
+    Ray Data pipeline on the cluster at `ray_address` (default: a local one), see rdm.build_ray.
+    """
     from .build import BuildOptions, build_database
     from .embedder import DEFAULT_CLIP
     from .sources import open_source
 
+    if engine not in ("local", "ray"):
+        raise RDMError(f"--engine must be local or ray, not {engine}")
+    if ray_address and engine != "ray":
+        raise RDMError("--ray-address needs --engine ray")
     src = open_source(source, split=split, image_column=image_column, caption_column=caption_column,
                       streaming=streaming)
     if len(src) == 0:
@@ -82,7 +91,12 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
     opts = BuildOptions(batch_size=batch_size, workers=workers, index_factory=index_factory,
                         vector_dtype=vector_dtype, resume=resume, append=append, overwrite=overwrite, limit=limit,
                         progress=progress, batches_per_shard=checkpoint_every)
-    return build_database(src, name, embedder, indexes, opts)
+    runner = None
+    if engine == "ray":
+        from .build_ray import RayEngine
+
+        runner = RayEngine(address=ray_address, dtype=None if dtype == "auto" else dtype)
+    return build_database(src, name, embedder, indexes, opts, engine=runner)
 
 
 def _size(n: float) -> str:

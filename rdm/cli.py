@@ -8,7 +8,7 @@ import warnings
 
 import click
 
-from . import api
+from . import api, registry
 from .demo import toyart
 from .errors import RDMError
 
@@ -57,8 +57,11 @@ def main(ctx: click.Context, indexes: str | None) -> None:
 @click.option("--workers", default=None, type=click.IntRange(0), help="decoding processes (0 = in-line)")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16")
-@click.option("--index-factory", default=None, help='FAISS factory string, e.g. "Flat", "IVF1024,SQ8", "HNSW32"')
-@click.option("--resume", is_flag=True, help="continue an interrupted build")
+@click.option("--index-factory", default=None, help='FAISS factory string: "Flat" (exact) or an inverted file, e.g. '
+              '"IVF1024,PQ96", "IVF4096,SQ8" (default: exact up to 200k vectors, else IVF-PQ tuned to recall@10 0.95)')
+@click.option("--vector-dtype", type=click.Choice(["float32", "float16"]), default=None,
+              help="stored vectors (default: float16 above 1M vectors, else float32)")
+@click.option("--resume", is_flag=True, help="continue an interrupted build (or start it; exits 0 when complete)")
 @click.option("--append", is_flag=True, help="add the source's new items to an existing database")
 @click.option("--overwrite", is_flag=True, help="rebuild an existing database")
 @click.option("--limit", type=click.IntRange(1), default=None, help="embed at most N items")
@@ -68,16 +71,21 @@ def main(ctx: click.Context, indexes: str | None) -> None:
 @click.option("--image-column", default=None, help="image column (Hugging Face sources)")
 @click.option("--caption-column", default=None, help="caption column (Hugging Face sources)")
 @click.option("--streaming", is_flag=True, help="stream the dataset instead of downloading it whole")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process and its decoding workers; ray: a Ray Data pipeline (pip install 'rdm[ray]')")
+@click.option("--ray-address", default=None, help="Ray cluster to run on (e.g. auto, HEAD:6379); default: a local one")
 @indexes_option
 @click.pass_context
-def build_index(ctx, source, name, clip, batch_size, workers, device, dtype, index_factory, resume, append, overwrite,
-                limit, checkpoint_every, split, image_column, caption_column, streaming, indexes):
+def build_index(ctx, source, name, clip, batch_size, workers, device, dtype, index_factory, vector_dtype, resume, append,
+                overwrite, limit, checkpoint_every, split, image_column, caption_column, streaming, engine, ray_address,
+                indexes):
     """Embed SOURCE (a folder, a dataset or an embeddings file) into a named database."""
     report = api.build_index(source, name=name, clip=clip, indexes=_home(ctx, indexes), batch_size=batch_size,
                              workers=workers, device=device, dtype=dtype, index_factory=index_factory,
-                             resume=resume, append=append, overwrite=overwrite, limit=limit,
+                             vector_dtype=vector_dtype, resume=resume, append=append, overwrite=overwrite, limit=limit,
                              checkpoint_every=checkpoint_every, split=split,
-                             image_column=image_column, caption_column=caption_column, streaming=streaming)
+                             image_column=image_column, caption_column=caption_column, streaming=streaming,
+                             engine=engine, ray_address=ray_address)
     click.echo(api.format_report(report))
 
 
@@ -99,8 +107,8 @@ def list_cmd(ctx, indexes):
 @indexes_option
 @click.pass_context
 def info(ctx, db, as_json, indexes):
-    """Describe database DB (a name or a database folder)."""
-    data = api.open_database(db, _home(ctx, indexes)).info()
+    """Describe database DB (a name or a database folder) from its manifest."""
+    data = api.info(db, _home(ctx, indexes))
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -143,7 +151,89 @@ def search(ctx, db, text, images, k, where, as_json, sheet, device, indexes):
 def remove(ctx, db, ids, where, indexes):
     """Remove items by id or metadata filter (takedowns), without re-embedding."""
     removed, left = api.remove(db, list(ids), list(where), _home(ctx, indexes))
-    click.echo(f"removed {len(removed)} item(s) from {db}; {left} left")
+    click.echo(f"removed {len(removed)} item(s) from {db}; {left} left (rdm compact {db} reclaims their space)")
+
+
+@main.command()
+@click.argument("db")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@indexes_option
+@click.pass_context
+def compact(ctx, db, quiet, indexes):
+    """Merge DB's segments and drop removed items, atomically (a killed compaction resumes when rerun)."""
+    r = api.compact(db, _home(ctx, indexes), progress=not quiet)
+    click.echo(f"compacted {r['name']}: {r['segments_before']} -> {r['segments_after']} segment(s), "
+               f"{r['removed_rows_dropped']} removed row(s) dropped, {r['count']} items, {r['seconds']:.1f} s"
+               + (f" (resumed after {r['resumed_segments']} finished segment(s))" if r["resumed_segments"] else ""))
+
+
+@main.command()
+@click.argument("db")
+@indexes_option
+@click.pass_context
+def verify(ctx, db, indexes):
+    """Check the size and digest of every file of DB (exits 1 on the first that differs)."""
+    r = api.verify(db, _home(ctx, indexes))
+    click.echo(f"{r['name']}: {r['files']} files, {r['bytes']} bytes, {r['segments']} segment(s), {r['count']} items: ok")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--db", "dbs", multiple=True, required=True, help="a database the images may look like (repeatable)")
+@click.option("--target", default=None, help="the --db the images should look like: its retrieval precision and "
+              "probe accuracy are reported")
+@click.option("--prompt", default=None, help="the content the images should show (CLIP text-image similarity)")
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1),
+              help="nearest neighbours per image over all the databases")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the linear probe's training split")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--device", default=None, help="the CLIP's device (default: cuda when present)")
+@indexes_option
+@click.pass_context
+def score(ctx, images, dbs, target, prompt, k, seed, as_json, device, indexes):
+    """Style adherence of IMAGES (files or folders) to each --db: neighbours, a linear probe, prompt similarity."""
+    from .score import ScoreOptions
+    from .score import score as run_score
+
+    report = run_score(list(images), list(dbs), ScoreOptions(k=k, target=target, prompt=prompt, seed=seed,
+                                                             device=device), indexes=_home(ctx, indexes))
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (non-loopback needs --allow-network)")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--model", default=None, help="rdm model folder (default: $RDM_MODEL)")
+@click.option("--db", "dbs", multiple=True, help="serve only this database (name or folder; repeatable; default: all in "
+              "--indexes)")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="file holding the bearer token that takedowns (remove) need; without it writes are disabled")
+@click.option("--allow-network", is_flag=True, help="answer generation and search from other machines too")
+@click.option("--allow-urls", is_flag=True, help="fetch image_url queries (never from local or private addresses)")
+@click.option("--max-queue", default=32, show_default=True, type=click.IntRange(1), help="jobs waiting or running")
+@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="images per pipeline call")
+@click.option("--device", default=None, help="cpu, cuda ... (default: cuda when present)")
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch threads for sampling (default: torch's)")
+@indexes_option
+@click.pass_context
+def serve(ctx, host, port, model, dbs, token_file, allow_network, allow_urls, max_queue, max_batch, device, threads,
+          indexes):
+    """Serve the API, clip-retrieval's /knn-service and the web page from one loaded model."""
+    from pathlib import Path
+
+    from .service.config import ServeConfig
+    from .service.server import serve as run_server
+
+    token = None
+    if token_file:
+        token = Path(token_file).read_text().strip()
+        if len(token) < 16:
+            raise RDMError(f"the token in {token_file} is {len(token)} characters; use at least 16 "
+                           "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    config = ServeConfig(host=host, port=port, model=model, indexes=_home(ctx, indexes), databases=tuple(dbs) or None,
+                         token=token, allow_network=allow_network, allow_urls=allow_urls, max_queue=max_queue,
+                         max_batch=max_batch, device=device, torch_threads=threads)
+    run_server(config)
 
 
 @main.command("toyart")
@@ -175,8 +265,12 @@ def toyart_cmd(out, count, styles, size, seed, start, style_caption_prob):
               "'a yellow square']")
 @click.option("--seeds", default=2, show_default=True, type=click.IntRange(1), help="images per prompt")
 @click.option("--seed", default=0, show_default=True, type=int, help="first seed")
-@click.option("--steps", default=25, show_default=True, type=click.IntRange(1), help="denoising steps")
+@click.option("--steps", default=None, type=click.IntRange(1), help="denoising steps [default: 8]")
+@click.option("--scheduler", default=None, help="sampler: ddim-trailing (DDIM from t = T), ddim, dpm++, ... "
+              "[default: ddim-trailing]")
 @click.option("--guidance", default=3.0, show_default=True, type=float, help="classifier-free guidance scale")
+@click.option("--style-scale", default=None, type=float, help="the neighbours' own guidance scale (two-condition "
+              "guidance, as rdm sample) [default: plain guidance]")
 @click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(0, 1),
               help="DDIM eta: 0 deterministic (CompVis' default), 1 ancestral (DDPM-like)")
 @click.option("-k", "k", default=None, type=click.IntRange(1), help="neighbours per query [default: the model's]")
@@ -184,19 +278,21 @@ def toyart_cmd(out, count, styles, size, seed, start, style_caption_prob):
               help="toy-art images in each style's database")
 @click.option("--styles", default=None, help="comma-separated subset of: " + ", ".join(toyart.STYLES))
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-@click.option("--threads", type=click.IntRange(0), default=1, show_default=True,
-              help="torch CPU threads (0: torch's default); the demo's small batches gain little from more, and a "
-              "busy CPU makes more much slower")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="torch CPU threads [default: the idle cores, at most 4]; the demo's small batches gain little from "
+              "more, and a busy CPU makes more much slower")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def demo(out, model, clip, prompts, seeds, seed, steps, guidance, eta, k, n_per_style, styles, device, threads,
-         quiet):
+def demo(out, model, clip, prompts, seeds, seed, steps, scheduler, guidance, style_scale, eta, k, n_per_style, styles,
+         device, threads, quiet):
     """Swap the style by swapping the database: one grid of the same prompts and seeds, a row per toy-art style."""
     from .demo.run import DemoConfig, run_demo
 
     chosen = {"styles": tuple(s.strip() for s in styles.split(","))} if styles else {}
     chosen.update({"prompts": tuple(prompts)} if prompts else {})
-    run_demo(DemoConfig(out=out, model=model, clip=clip, seeds=seeds, seed=seed, steps=steps, guidance=guidance,
-                        eta=eta, k=k, n_per_style=n_per_style, device=device, threads=threads or None,
+    chosen.update({"steps": steps} if steps else {})
+    chosen.update({"scheduler": scheduler} if scheduler else {})
+    run_demo(DemoConfig(out=out, model=model, clip=clip, seeds=seeds, seed=seed, guidance=guidance,
+                        style_scale=style_scale, eta=eta, k=k, n_per_style=n_per_style, device=device, threads=threads,
                         progress=not quiet, **chosen),
              log=click.echo)
 
@@ -218,6 +314,10 @@ def sampling_options(f):
                      help="images per prompt (seeds SEED, SEED+1, ...)"),
         click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="denoising steps"),
         click.option("--guidance", type=float, default=5.0, show_default=True, help="classifier-free guidance scale"),
+        click.option("--style-scale", type=float, default=None,
+                     help="style strength: the neighbours' own guidance scale (two-condition guidance; --guidance then "
+                     "weighs the prompt alone). 0 ignores the neighbours, = --guidance is plain guidance [default: "
+                     "plain guidance]"),
         click.option("--scheduler", default=None, help="ddim (default, as CompVis), dpm++, euler, ... or a diffusers "
                      "scheduler class"),
         click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
@@ -249,10 +349,11 @@ def _retrieval_warnings(run):
     return result
 
 
-def _sample_options(k, num_images, steps, guidance, scheduler, eta, seed, where, height, width, quiet):
+def _sample_options(k, num_images, steps, guidance, style_scale, scheduler, eta, seed, where, height, width, quiet):
     from .generate import SampleOptions
 
-    return SampleOptions(k=k, num_images=num_images, steps=steps, guidance=guidance, scheduler=scheduler, eta=eta,
+    return SampleOptions(k=k, num_images=num_images, steps=steps, guidance=guidance, style_scale=style_scale,
+                         scheduler=scheduler, eta=eta,
                          seed=seed,
                          where=tuple(where), height=height, width=width, progress=not quiet)
 
@@ -269,12 +370,13 @@ def _sample_options(k, num_images, steps, guidance, scheduler, eta, seed, where,
 @sampling_options
 @indexes_option
 @click.pass_context
-def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guidance, scheduler, eta, seed, where,
-           height, width, device, dtype, quiet, indexes):
+def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guidance, style_scale, scheduler, eta, seed,
+           where, height, width, device, dtype, quiet, indexes):
     """Generate images for PROMPT, conditioned on its neighbours in the --db databases."""
     from . import generate
 
-    options = _sample_options(k, num_images, steps, guidance, scheduler, eta, seed, where, height, width, quiet)
+    options = _sample_options(k, num_images, steps, guidance, style_scale, scheduler, eta, seed, where, height, width,
+                              quiet)
     result = _retrieval_warnings(lambda: generate.sample(
         prompt, model=model, databases=list(dbs), options=options, image=image, refs=list(refs), out=out,
         indexes=_home(ctx, indexes), device=device, dtype=dtype))
@@ -292,12 +394,13 @@ def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guid
 @sampling_options
 @indexes_option
 @click.pass_context
-def compare(ctx, prompt, dbs, out, model, k, num_images, steps, guidance, scheduler, eta, seed, where, height, width,
-            device, dtype, quiet, indexes):
+def compare(ctx, prompt, dbs, out, model, k, num_images, steps, guidance, style_scale, scheduler, eta, seed, where,
+            height, width, device, dtype, quiet, indexes):
     """Sample PROMPT with the same seeds and model once per --db, in one labelled grid."""
     from . import generate
 
-    options = _sample_options(k, num_images, steps, guidance, scheduler, eta, seed, where, height, width, quiet)
+    options = _sample_options(k, num_images, steps, guidance, style_scale, scheduler, eta, seed, where, height, width,
+                              quiet)
     grid_path, provenance = _retrieval_warnings(lambda: generate.compare(
         prompt, list(dbs), model=model, options=options, out=out, indexes=_home(ctx, indexes), device=device,
         dtype=dtype))
@@ -321,6 +424,32 @@ def convert(ckpt, config, clip, out, no_ema, k):
     if result.note:
         click.echo(result.note, err=True)
     click.echo(f"model folder: {result.path}  (embedder {result.embedder['model']}, dim {result.embedder['dim']})")
+
+
+@main.command(epilog="\b\nAssets:\n" + "\n".join(f"  {a.name:<15} {a.size:>7}  {a.about}"
+                                                  for a in registry.ASSETS.values()))
+@click.argument("name", type=click.Choice(list(registry.ASSETS)))
+@click.option("--url", default=None, help="a mirror's URL of the file, or the path of a copy downloaded elsewhere "
+              "[default: $RDM_PULL_URL_<NAME>, else $RDM_PULL_MIRROR/<file>, else the publisher's URL]")
+@click.option("--config", default=None, help="the model's CompVis config.yaml (a path or URL), when the mirror holds "
+              "another model [default: the published one]")
+@click.option("--sha256", default=None, help="the file's expected sha256 (replaces the digest recorded at the first "
+              "download)")
+@click.option("--clip", default=None, help="the CLIP the vectors or the model were made with [default: the asset's, "
+              "ViT-L-14:openai]")
+@click.option("--force", is_flag=True, help="download and install again what is installed")
+@click.option("--keep", is_flag=True, help="keep the downloaded file in $RDM_HOME/downloads")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@indexes_option
+@click.pass_context
+def pull(ctx, name, url, config, sha256, clip, force, keep, quiet, indexes):
+    """Download a published model or database set (resumable, verified) and install it."""
+    from .pull import pull as run_pull
+
+    result = run_pull(name, url=url, config=config, sha256=sha256, clip=clip, force=force, keep=keep,
+                      indexes=_home(ctx, indexes), progress=False if quiet else None, log=click.echo)
+    if result.kind == "databases" and result.installed:
+        click.echo(f"sample with: rdm sample --db {result.installed[0].name} \"a lighthouse at dusk\"")
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -368,10 +497,18 @@ def _preset(preset: str | None, config: str | None, default: str = "small") -> s
 @click.option("--dedup-threshold", type=float, default=0.95, show_default=True,
               help="database items at least this similar (cosine) to a training image are not its neighbours")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
-              help="[default: epsilon, or the --init model's]")
+              help="[default: the --init model's, else the preset's, else epsilon]")
 @click.option("--noise-schedule", type=click.Choice(["ldm", "ddpm"]), default=None,
               help="ldm: CompVis' latent schedule; ddpm: Ho et al.'s, for pixel space [default: the --init model's, "
               "else the preset's]")
+@click.option("--zero-snr/--no-zero-snr", "zero_snr", default=None,
+              help="rescale the noise schedule to zero terminal SNR (Lin et al. 2024; needs --prediction-type "
+              "v_prediction) [default: the --init model's, else the preset's]")
+@click.option("--timestep-spacing", type=click.Choice(["leading", "trailing", "linspace"]), default=None,
+              help="sampling timesteps saved with the model: trailing starts at t = T (use with --zero-snr), "
+              "leading is CompVis' [default: the --init model's, else the preset's]")
+@click.option("--neighbour-drop", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="probability of zeroing the neighbours alone, the query kept (trains the --style-scale context)")
 @click.option("--checkpoint-every", type=click.IntRange(0), default=None, help="steps between checkpoints")
 @click.option("--sample-every", type=click.IntRange(-1), default=None,
               help="steps between sample grids (0: at the end only, -1: never)")
@@ -392,8 +529,8 @@ def _preset(preset: str | None, config: str | None, default: str = "small") -> s
 @click.pass_context
 def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, query, steps, batch_size, grad_accum,
           lr, lr_schedule, warmup_steps, mixed_precision, ema_decay, cond_drop, fixed_k, dedup_threshold,
-          prediction_type, noise_schedule, checkpoint_every, sample_every, resume, seed, limit, split, image_column,
-          caption_column, cache_dir, cpu, threads, quiet, indexes):
+          prediction_type, noise_schedule, zero_snr, timestep_spacing, neighbour_drop, checkpoint_every, sample_every,
+          resume, seed, limit, split, image_column, caption_column, cache_dir, cpu, threads, quiet, indexes):
     """Train (or fine-tune, or resume) a retrieval-augmented diffusion model.
 
     On several GPUs: accelerate launch -m rdm.cli train ... (--batch-size is per GPU).
@@ -407,6 +544,7 @@ def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, qu
         grad_accum=grad_accum, lr=lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
         mixed_precision=mixed_precision, ema_decay=ema_decay, cond_drop=cond_drop, random_k=not fixed_k,
         dedup_threshold=dedup_threshold, prediction_type=prediction_type, noise_schedule=noise_schedule,
+        zero_snr=zero_snr, timestep_spacing=timestep_spacing, neighbour_drop=neighbour_drop,
         checkpoint_every=checkpoint_every,
         sample_every=sample_every, resume=resume, seed=seed, limit=limit, split=split, image_column=image_column,
         caption_column=caption_column, cache_dir=cache_dir, cpu=cpu, threads=threads or None, progress=not quiet)

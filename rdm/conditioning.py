@@ -12,7 +12,7 @@ the database (CompVis `scripts/knn2img.py`: `c = torch.cat([c, nn_embeddings], d
 unconditional context of zeros of the same shape for classifier-free guidance (`uc = torch.zeros_like(c)`).
 
 Everything here is a small pure function over numpy/torch arrays plus `retrieve`, which only calls the
-`search` contract of `rdm.database.Retriever`, so any retriever with that contract can stand in.
+`search` contract of `rdm.retrieval.Retriever`, so any retriever with that contract can stand in.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .database import Retriever, parse_where
+from .database import parse_where
 from .errors import DatabaseError, RDMError
+from .identity import EmbedderIdentity
+from .retrieval import Retriever
 from .sources import json_safe
 
 
@@ -63,12 +65,8 @@ def describe_embedder(identity: Mapping[str, Any]) -> str:
 
 
 def same_embedder(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Same dimension, and same weights checksum when both record one, else the same model id."""
-    if a.get("dim") != b.get("dim"):
-        return False
-    if a.get("weights_sha256") and b.get("weights_sha256"):
-        return a["weights_sha256"] == b["weights_sha256"]
-    return a.get("model") == b.get("model")
+    """The one identity rule (EmbedderIdentity.same_vectors_as) on identity dicts."""
+    return EmbedderIdentity.from_dict(a).same_vectors_as(EmbedderIdentity.from_dict(b))
 
 
 def check_embedder(model: Mapping[str, Any], database: Mapping[str, Any], database_name: str) -> None:
@@ -215,3 +213,15 @@ def unconditional_context(context: torch.Tensor, kind: str = "zeros",
 def guided_noise(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance eps_u + s * (eps_c - eps_u) (Ho & Salimans 2022, as CompVis ddim.py)."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def query_only_context(context: torch.Tensor) -> torch.Tensor:
+    """[query, 0, ..., 0] (B, 1+k, D): the context with its neighbour slots zeroed, the query kept."""
+    return torch.cat([context[:, :1], torch.zeros_like(context[:, 1:])], dim=1)  # (B, 1+k, D)
+
+
+def style_guided_noise(eps_uncond: torch.Tensor, eps_query: torch.Tensor, eps_full: torch.Tensor, scale: float,
+                       style_scale: float) -> torch.Tensor:
+    """Two-condition guidance eps_0 + s_q (eps_q - eps_0) + s_nn (eps_qnn - eps_q) (Brooks et al. 2023,
+    InstructPix2Pix, Eq. 3; Chen et al. 2022, Re-Imagen, Sec. 3.2): s_nn = s_q is plain guidance, 0 the query alone."""
+    return eps_uncond + scale * (eps_query - eps_uncond) + style_scale * (eps_full - eps_query)

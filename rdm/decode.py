@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -39,6 +40,14 @@ class Undecodable(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+class SkipPayload(NamedTuple):
+    """What a source gives instead of image bytes when it already knows the item cannot be embedded
+    (a truncated tar member, a failed download): decoding turns it into this skip record."""
+
+    reason: str  # one of the SKIP_REASONS keys
+    detail: str
 
 
 SKIP_REASONS = {
@@ -165,7 +174,8 @@ def decode_with_size(source: ImageInput, options: DecodeOptions = DecodeOptions(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise Undecodable("decompression-bomb", str(e)) from None
     except UnidentifiedImageError as e:
-        raise Undecodable("not-an-image", str(e)) from None
+        # PIL names a bytes source by its BytesIO's address, different in every process: keep details stable
+        raise Undecodable("not-an-image", re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "image bytes", str(e))) from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, KeyError) as e:
         # PIL reports truncated/corrupt data as OSError, SyntaxError (bad headers) or ValueError.
         if isinstance(e, FileNotFoundError):

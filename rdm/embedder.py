@@ -19,7 +19,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field  # noqa: F401
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,44 +34,13 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .errors import EmbedderUnavailable, RDMError
+from .identity import EmbedderIdentity, _norm_pre  # noqa: F401 (re-exported)
 from .pixels import PixelTransform
 
 DEFAULT_CLIP = "ViT-L-14:openai"
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 BF16_MAX_COSINE_ERROR = 1e-2  # the fastest dtype must stay within this cosine distance of float32
 HUB_PROBE_TIMEOUT_S = 5.0
-
-
-@dataclass(frozen=True)
-class EmbedderIdentity:
-    """What a database records about the CLIP that made its vectors, and what a model checks."""
-
-    model: str  # the id it was loaded from, e.g. "ViT-L-14:openai" or "local-dir:/abs/path"
-    architecture: str  # open_clip architecture name or config summary
-    weights_sha256: str  # checksum of the float32 state dict (sorted keys), independent of file format
-    dim: int  # embedding dimension
-    preprocess: dict = field(default_factory=dict)  # size, mean, std, interpolation, resize_mode
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "EmbedderIdentity":
-        return cls(**{k: d[k] for k in ("model", "architecture", "weights_sha256", "dim")},
-                   preprocess=dict(d.get("preprocess", {})))
-
-    def same_vectors_as(self, other: "EmbedderIdentity") -> bool:
-        """True when both produce the same vectors: same weights, dim and preprocessing."""
-        return (self.weights_sha256 == other.weights_sha256 and self.dim == other.dim
-                and _norm_pre(self.preprocess) == _norm_pre(other.preprocess))
-
-    def describe(self) -> str:
-        return f"{self.model} (dim {self.dim}, weights {self.weights_sha256[:12]})"
-
-
-def _norm_pre(p: dict) -> dict:
-    """Preprocess dict with tuples as lists, so JSON round-trips compare equal."""
-    return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in p.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +298,35 @@ class Embedder:
                for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
+    def encode_image_inputs(self, images: Sequence) -> tuple[np.ndarray, list[str]]:
+        """Query images of any kind -> ((N, D) unit vectors, labels): paths and bytes are decoded exactly as
+        database builds decode them (encode_image_files), PIL images get the same resize and crop."""
+        vectors = np.zeros((len(images), self.dim), np.float32)
+        files = [i for i, im in enumerate(images) if not isinstance(im, Image.Image)]
+        if files:
+            vectors[files] = self.encode_image_files([images[i] for i in files])
+        pil = [i for i, im in enumerate(images) if isinstance(im, Image.Image)]
+        if pil:
+            vectors[pil] = self.encode_images([images[i].convert("RGB") for i in pil])
+        labels = [str(im) if not isinstance(im, (Image.Image, bytes)) else
+                  (getattr(im, "filename", "") or f"image[{i}]") for i, im in enumerate(images)]
+        return vectors, labels
+
+    def encode_image_files(self, sources: Sequence, batch_size: int = 64) -> np.ndarray:
+        """Image paths or encoded bytes -> (N, D) unit vectors, decoded exactly as database builds decode them
+        (PixelTransform.load: the same JPEG draft scaling), so a database image queried by its file finds itself."""
+        from .decode import Undecodable
+
+        pixels = []
+        for src in sources:
+            try:
+                pixels.append(self.pixel_transform.load(src)[0])
+            except Undecodable as e:
+                label = src if isinstance(src, (str, os.PathLike)) else "uploaded image"
+                raise RDMError(f"cannot read query image {label}: {e.reason} ({e.detail})") from None
+        out = [self.encode_pixels(np.stack(pixels[i:i + batch_size])) for i in range(0, len(pixels), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Strings -> (N, D) unit vectors."""
@@ -347,3 +346,91 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in table:
         raise RDMError(f"unknown dtype '{dtype}': use auto, float32, float16 or bfloat16")
     return table[dtype]
+
+
+@lru_cache(maxsize=4)
+def load_cached(model_id: str, device: str | None = None, dtype: str = "auto") -> Embedder:
+    """Load an embedder by model id once per process (databases, queries and training share it)."""
+    return Embedder.load(model_id, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Vectors made elsewhere: the identity without the weights
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IdentityOnly:
+    """A CLIP known by id and dim alone, for precomputed vectors whose weights are not on this machine.
+
+    It has what a build records (`identity`, `dim`) and nothing to embed with; its identity has no
+    weights checksum (`weights_sha256` None), so models and databases match it by model id and dim
+    (`EmbedderIdentity.same_vectors_as`).
+    """
+
+    identity: EmbedderIdentity
+
+    @property
+    def dim(self) -> int:
+        return self.identity.dim
+
+
+def identity_only(model_id: str, dim: int) -> IdentityOnly:
+    """The identity of CLIP `model_id` making `dim`-d vectors, without loading or downloading weights.
+
+    The id is checked as far as open_clip knows it offline: the architecture and pretrained tag
+    must exist, and the architecture's embedding size must be `dim`.
+    """
+    kind, name, tag = parse_model_id(model_id)
+    canonical, arch = model_id, "unknown"
+    if kind == "local-dir":
+        canonical = f"local-dir:{Path(name).expanduser().resolve()}"
+    elif kind == "tag":
+        arch = name
+        if Path(tag).expanduser().is_file():
+            canonical = f"{name}:{Path(tag).expanduser().resolve()}"
+        elif not get_pretrained_cfg(name, tag):
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise RDMError(f"unknown CLIP '{model_id}': '{tag}' is neither a pretrained tag of {name} "
+                           f"({', '.join(tags) or 'none'}) nor an existing weights file")
+        made = (open_clip.get_model_config(name) or {}).get("embed_dim")
+        if made is not None and made != dim:
+            raise RDMError(f"{model_id} makes {made}-d vectors, but these are {dim}-d: give the CLIP that made them")
+    return IdentityOnly(EmbedderIdentity(model=canonical, architecture=arch, weights_sha256=None, dim=int(dim)))
+
+
+def weights_on_this_machine(model_id: str) -> bool:
+    """True when loading `model_id` needs no download: a local folder or file, or weights in the caches."""
+    kind, name, tag = parse_model_id(model_id)
+    if kind == "local-dir":
+        path = Path(name).expanduser()
+        return (path / "open_clip_config.json").is_file() and any(
+            any(path.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth"))
+    if kind == "hf-hub":
+        return (isinstance(huggingface_hub.try_to_load_from_cache(name, "open_clip_config.json"), str)
+                and any(isinstance(huggingface_hub.try_to_load_from_cache(name, f), str) for f in HF_WEIGHT_FILES))
+    if Path(tag).expanduser().is_file():
+        return True
+    cfg = get_pretrained_cfg(name, tag) or {}
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo, filename = (hub.rstrip("/"), "") if hub.endswith("/") else os.path.split(hub)
+        return any(isinstance(huggingface_hub.try_to_load_from_cache(repo, f), str)
+                   for f in ([filename] if filename else HF_WEIGHT_FILES))
+    url = cfg.get("url", "")
+    return bool(url) and (Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)).is_file()
+
+
+def embedder_for_vectors(model_id: str, dim: int,
+                         load: Callable[[str], Embedder] | None = None) -> Embedder | IdentityOnly:
+    """What records precomputed `dim`-d vectors: the CLIP itself (full identity, weights checksum) when
+    its weights are on this machine, else `identity_only` (nothing is downloaded to embed nothing).
+
+    `load` loads a model id (default: `load_cached` on the CPU in float32).
+    """
+    if not weights_on_this_machine(model_id):
+        return identity_only(model_id, dim)
+    embedder = (load or (lambda m: load_cached(m, "cpu", "float32")))(model_id)
+    if embedder.dim != dim:
+        raise RDMError(f"{embedder.identity.model} makes {embedder.dim}-d vectors, but these are {dim}-d: "
+                       "give the CLIP that made them")
+    return embedder

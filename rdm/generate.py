@@ -19,14 +19,16 @@ import torch
 from PIL import Image
 
 from . import api
-from .conditioning import parse_database_spec
+from .conditioning import describe_embedder, parse_database_spec, same_embedder
 from .convert.compvis import convert_compvis_checkpoint
 from .embedder import _parse_dtype
 from .errors import EmbedderUnavailable, RDMError
 from .modelformat import RDMConfig, read_rdm_config
 from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, RDMPipeline
 from .provenance import write_json
+from .registry import installed_models, model_asset_for, models_home
 from .sheets import grid
+from .store import atomic_write
 
 MODEL_ENV = "RDM_MODEL"  # model folder used when --model is not given
 NO_DATABASE = "none"  # --db none: condition on the query alone
@@ -41,6 +43,7 @@ class SampleOptions:
     num_images: int = 1  # images per prompt; image i gets seed + i
     steps: int = DEFAULT_STEPS  # denoising steps
     guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale
+    style_scale: float | None = None  # the neighbours' own guidance scale (two-condition guidance); None: plain
     scheduler: str | None = None  # None: the model's (CompVis DDIM); "dpm++", "euler", ... or a diffusers class
     eta: float = 0.0  # DDIM eta (CompVis --ddim_eta): 0 deterministic, 1 ancestral (DDPM-like) sampling
     seed: int | None = 0  # first image's seed (deterministic by default); None draws one at random (recorded)
@@ -71,16 +74,38 @@ class ConvertResult:
 
 # --- Models and databases --------------------------------------------------------------------------
 
-def resolve_model(model: str | os.PathLike | None) -> Path:
-    """The model folder: the argument, else $RDM_MODEL; a clear error when neither is given."""
+def resolve_model(model: str | os.PathLike | None, databases: Sequence[str] = (), indexes: str | None = None) -> Path:
+    """The model folder: the argument, else $RDM_MODEL, else the installed model made for the databases' CLIP."""
     chosen = model or os.environ.get(MODEL_ENV)
     if not chosen:
-        raise RDMError(f"no model given: pass --model PATH or set ${MODEL_ENV} to an rdm model folder "
-                       "(make one from a CompVis checkpoint with `rdm convert CKPT --config YAML --clip ID --out DIR`)")
+        return choose_model(databases, indexes)
     path = Path(chosen).expanduser()
     if not path.is_dir():
         raise RDMError(f"model folder not found: {path}")
     return path
+
+
+def choose_model(databases: Sequence[str], indexes: str | None = None) -> Path:
+    """The first installed model (rdm.registry.installed_models) whose CLIP made every database's vectors."""
+    models = installed_models()
+    if not databases:
+        raise RDMError(f"no model given, and without a database there is no CLIP to choose one by: pass --model PATH "
+                       f"or set ${MODEL_ENV} (installed: {', '.join(str(m) for m in models) or 'none'})")
+    wanted = {name: api.open_database(name, indexes).identity.to_dict() for name in dict.fromkeys(databases)}
+    for path in models:
+        try:
+            embedder = read_rdm_config(path).embedder
+        except RDMError:
+            continue  # a damaged folder is no candidate; naming it with --model shows why
+        if all(same_embedder(embedder, identity) for identity in wanted.values()):
+            return path
+    name, identity = next(iter(wanted.items()))
+    asset = model_asset_for(identity["model"])
+    fix = (f"run `rdm pull {asset.name}` (the published model for {identity['model']})" if asset else
+           f"train one on it (`rdm train --db {name} ...`)")
+    raise RDMError(f"no model given, and no installed model was made for the CLIP of database {name}, "
+                   f"{describe_embedder(identity)}: {fix}, or pass --model PATH or set ${MODEL_ENV} "
+                   f"(looked in {models_home()} and the bundled demo model)")
 
 
 def default_device(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
@@ -143,10 +168,8 @@ def free_stem(folder: Path, stem: str, suffixes: Sequence[str] = (".png", ".json
 
 
 def save_png(image: Image.Image, path: Path) -> Path:
-    """Save a PNG atomically (temp file, then os.replace)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Save a PNG atomically and durably (rdm.store.atomic_write)."""
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
     return path
 
 
@@ -178,8 +201,8 @@ def _run(pipe: RDMPipeline, prompt: str | None, databases: list[tuple[str, float
     """One pipeline call with the options; returns the PIL images and their provenance dicts."""
     out = pipe(prompt=prompt, image=image, refs=list(refs) or None, databases=databases or None,
                where=list(options.where) or None, k=options.k, num_images_per_prompt=options.num_images,
-               num_inference_steps=options.steps, guidance_scale=options.guidance, scheduler=options.scheduler,
-               eta=options.eta,
+               num_inference_steps=options.steps, guidance_scale=options.guidance, style_scale=options.style_scale,
+               scheduler=options.scheduler, eta=options.eta,
                seed=options.seed, height=options.height, width=options.width, output_type="pil", indexes=indexes)
     return out.images, [p.to_dict() for p in out.provenance]
 
@@ -206,7 +229,8 @@ def sample(prompt: str | None, model: str | None = None, databases: Sequence[str
         options = replace(options, seed=secrets.randbelow(2**31 - options.num_images))
 
     # 2. Sample
-    pipe = pipe or load_pipeline(model, device, dtype, options.progress)
+    pipe = pipe or load_pipeline(resolve_model(model, [name for name, _ in dbs], indexes), device, dtype,
+                                 options.progress)
     images, records = _run(pipe, prompt, dbs, options, image, refs, indexes)
 
     # 3. Write each image with its provenance, then the grid
@@ -240,7 +264,8 @@ def compare(prompt: str, databases: Sequence[str], model: str | None = None,
     if out.suffix.lower() != ".png":
         raise RDMError(f"--out must name a .png file, got {out}")
 
-    pipe = pipe or load_pipeline(model, device, dtype, options.progress)
+    every_db = [name for dbs in rows_specs for name, _ in dbs]
+    pipe = pipe or load_pipeline(resolve_model(model, every_db, indexes), device, dtype, options.progress)
     neighbours, samples, labels, rows = [], [], [], []
     for spec, dbs in zip(databases, rows_specs):
         images, records = _run(pipe, prompt, dbs, options, None, (), indexes)
@@ -269,7 +294,8 @@ def record_embedder(model_dir: Path, identity: dict) -> RDMConfig:
 
 
 def convert(ckpt: str | os.PathLike, config: str | os.PathLike, clip: str, out: str | os.PathLike, ema: bool = True,
-            k: int = 4) -> ConvertResult:
+            k: int = 4, overwrite: bool = False, checkpoint_sha256: str | None = None,
+            origin: dict | None = None) -> ConvertResult:
     """`rdm convert`: a CompVis checkpoint -> an rdm model folder that records which CLIP it expects."""
     # 1. Identify the CLIP (its weights checksum is what databases are checked against)
     identity, note = None, None
@@ -280,7 +306,8 @@ def convert(ckpt: str | os.PathLike, config: str | os.PathLike, clip: str, out: 
                 "its id and dimension, so databases are matched by model id instead of weights checksum")
     # 2. Convert (reads the checkpoint without running anything from its pickle)
     path = convert_compvis_checkpoint(ckpt, config, out, clip=identity["model"] if identity else clip,
-                                      clip_dim=identity["dim"] if identity else None, ema=ema, k=k)
+                                      clip_dim=identity["dim"] if identity else None, ema=ema, k=k,
+                                      overwrite=overwrite, checkpoint_sha256=checkpoint_sha256, origin=origin)
     # 3. Record the full identity
     if identity is not None:
         record_embedder(path, identity)

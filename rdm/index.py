@@ -164,7 +164,7 @@ def training_size(factory: str, dim: int) -> int:
 def encode(trained: faiss.Index, vectors: np.ndarray, start: int, chunk: int = 65_536) -> bytes:
     """A segment's share: its vectors encoded with the trained index, labelled start .. start + n - 1."""
     index = faiss.clone_index(trained)
-    _set_quantizer_ef(ivf_of(index), 64)
+    _set_quantizer_ef(ivf_of(index), 16)  # assignment: a near-best list is fine, searches probe several
     for i in range(0, len(vectors), chunk):
         block = np.ascontiguousarray(vectors[i:i + chunk], dtype=np.float32)
         index.add_with_ids(block, np.arange(start + i, start + i + len(block), dtype=np.int64))

@@ -16,7 +16,6 @@ architecture-independent facts as data. Weights are safetensors only.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -218,10 +217,6 @@ def model_fingerprint(path) -> str:
     files = sorted(path.rglob("*.safetensors"), key=lambda f: f.relative_to(path).as_posix())
     if not files:
         raise RDMError(f"{path} holds no safetensors weights to fingerprint")
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f.relative_to(path).as_posix().encode() + b"\n")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
+    from .store import sha256_files
+
+    return sha256_files(path, files)

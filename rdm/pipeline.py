@@ -22,6 +22,7 @@ on first use, and must match it.
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +37,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from . import conditioning as cond
-from . import store
 from .database import Database
-from .decode import DecodeOptions, Undecodable, decode_image
 from .embedder import Embedder
 from .errors import RDMError
 from .modelformat import NULL_CONTEXT_NAME, RDMConfig, model_fingerprint, read_rdm_config, save_model_folder
 from .provenance import Provenance, scheduler_record
+from .retrieval import Retriever, registry_for
 
 DEFAULT_STEPS = 50  # CompVis knn2img.py --ddim_steps
 DEFAULT_GUIDANCE = 5.0  # CompVis knn2img.py --scale
@@ -50,6 +50,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Scheduler names a user may type -> (diffusers class name, config overrides).
 SCHEDULER_ALIASES = {
     "ddim": ("DDIMScheduler", {}),
+    "ddim-trailing": ("DDIMScheduler", {"timestep_spacing": "trailing"}),  # steps from t = T (Lin et al. 2024)
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "plms": ("PNDMScheduler", {"skip_prk_steps": True}),  # CompVis PLMSSampler
@@ -78,7 +79,8 @@ class RDMPipelineOutput(BaseOutput):
 # --- Small helpers ---------------------------------------------------------------------------------
 
 def make_scheduler(name: str | None, base: SchedulerMixin) -> SchedulerMixin:
-    """The scheduler to sample with: `base` (the model's, CompVis DDIM once converted) or one built from its config."""
+    """The scheduler to sample with: `base` (the model's, CompVis DDIM once converted) or one built from its config,
+    which keeps the schedule the model was trained with (trained_schedule); a class that cannot is refused."""
     if name is None:
         return base
     class_name, overrides = SCHEDULER_ALIASES.get(name.lower(), (name, {}))
@@ -88,28 +90,34 @@ def make_scheduler(name: str | None, base: SchedulerMixin) -> SchedulerMixin:
                        f"compatible with {type(base).__name__}: {', '.join(sorted(compatible))}")
     if type(base).__name__ == class_name and not overrides:
         return base
-    return compatible[class_name].from_config(base.config, **overrides)
+    takes = inspect.signature(compatible[class_name].__init__).parameters
+    if base.config.get("clip_sample") and "clip_sample" not in takes and "thresholding" in takes:
+        # x0 clipped to the image range, as the model's sampler does: thresholding with a ceiling of 1 clips
+        overrides = {"thresholding": True, "sample_max_value": base.config.get("clip_sample_range", 1.0), **overrides}
+    sampler = compatible[class_name].from_config(base.config, **overrides)
+    kept = trained_schedule(sampler)
+    lost = [f"{key}={value!r}" for key, value in trained_schedule(base).items()
+            if kept[key] != value and (key != "timestep_spacing" or value == "trailing")]  # trailing: zero SNR
+    if lost:
+        raise RDMError(f"scheduler '{name}' ({class_name}) cannot sample with the model's {', '.join(lost)}; use one "
+                       f"that supports them, e.g. ddim, dpm++, euler, unipc or ddpm")
+    return sampler
+
+
+def trained_schedule(scheduler: SchedulerMixin) -> dict:
+    """The settings a sampler must share with training: prediction type, zero terminal SNR, timestep spacing
+    (Lin et al. 2024). A scheduler class without a setting has its only behaviour (epsilon, no rescaling, None),
+    even where from_config kept the model's value in its config."""
+    takes = inspect.signature(type(scheduler).__init__).parameters
+    own = lambda key, default: scheduler.config.get(key, default) if key in takes else default  # noqa: E731
+    return {"prediction_type": own("prediction_type", "epsilon"),
+            "rescale_betas_zero_snr": own("rescale_betas_zero_snr", False),
+            "timestep_spacing": own("timestep_spacing", None)}
 
 
 def as_list(x: Any) -> list:
     """None -> [], a single item -> [item], a list or tuple -> list."""
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def load_images(images: Sequence[ImageInput]) -> tuple[list[Image.Image], list[str]]:
-    """PIL images (paths decoded like database items) and a label for each."""
-    out, labels = [], []
-    for i, im in enumerate(images):
-        if isinstance(im, Image.Image):
-            out.append(im.convert("RGB"))
-            labels.append(getattr(im, "filename", "") or f"image[{i}]")
-            continue
-        try:
-            out.append(decode_image(str(im), DecodeOptions()))
-        except Undecodable as e:
-            raise RDMError(f"cannot read image {im}: {e.reason} ({e.detail})") from None
-        labels.append(str(im))
-    return out, labels
 
 
 def to_output(images: torch.Tensor, output_type: str):
@@ -230,24 +238,17 @@ class RDMPipeline(DiffusionPipeline):
         """Prompts or images -> (P, D) CLIP unit vectors, with a provenance record for each query."""
         if prompts:
             return torch.from_numpy(self.embedder.encode_text(prompts)), [{"prompt": p} for p in prompts]
-        pil, labels = load_images(images)
-        return torch.from_numpy(self.embedder.encode_images(pil)), [{"image": label} for label in labels]
+        vectors, labels = self.embedder.encode_image_inputs(images)  # decoded as database builds decode
+        return torch.from_numpy(vectors), [{"image": label} for label in labels]
 
-    def open_database(self, name: str, indexes=None) -> Database:
-        """A database by name or folder, kept open between calls until a writer commits a new generation."""
-        path = store.resolve(name, indexes)
-        try:
-            stat = (path / store.MANIFEST).stat()
-            stamp = (stat.st_ino, stat.st_mtime_ns)  # the commit os.replace()s manifest.json
-        except OSError:
-            return Database.open(name, indexes)  # raises the store's clear error (missing, unfinished ...)
-        key = str(path.resolve())
-        if key not in self._databases or self._databases[key][0] != stamp:
-            self._databases[key] = (stamp, Database.open(name, indexes))
-        return self._databases[key][1]
+    def open_database(self, name: str, indexes=None) -> Retriever:
+        """A database by name or folder from the registry `indexes` (or the default one of that home, $RDM_INDEXES
+        or ./indexes): opened once per process, reopened after a writer commits; the pipeline keeps no cache."""
+        return registry_for(indexes).get(name)
 
-    def sources(self, databases, indexes=None) -> list[tuple[Any, float]]:
-        """(retriever, weight) pairs from a name, 'name:weight', a Database/Retriever, or a list of those or pairs."""
+    def sources(self, databases, indexes=None) -> list[tuple[Retriever, float]]:
+        """(retriever, weight) pairs from a name, 'name:weight', a Retriever (a Database, or anything with the
+        rdm.retrieval.Retriever contract), or a list of those or of (retriever, weight) pairs."""
         items = databases if isinstance(databases, list) else [databases]
         out = []
         for item in items:
@@ -255,9 +256,10 @@ class RDMPipeline(DiffusionPipeline):
             if isinstance(db, (str, Path)):
                 name, parsed = cond.parse_database_spec(str(db))
                 db, weight = self.open_database(name, indexes), parsed if weight is None else weight
-            if not hasattr(db, "search"):
-                raise RDMError(f"not a database: {db!r} (give a name, a Database or a (database, weight) pair)")
-            cond.check_embedder(self.rdm_config.embedder, db.identity.to_dict(), getattr(db, "name", repr(db)))
+            if not isinstance(db, Retriever):
+                raise RDMError(f"not a database: {db!r} (give a name, a Retriever such as a Database, or a "
+                               "(retriever, weight) pair)")
+            cond.check_embedder(self.rdm_config.embedder, db.identity.to_dict(), db.name)
             out.append((db, 1.0 if weight is None else float(weight)))
         return out
 
@@ -294,6 +296,7 @@ class RDMPipeline(DiffusionPipeline):
         num_images_per_prompt: int = 1,
         num_inference_steps: int = DEFAULT_STEPS,
         guidance_scale: float = DEFAULT_GUIDANCE,
+        style_scale: float | None = None,
         scheduler: str | None = None,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -320,6 +323,10 @@ class RDMPipeline(DiffusionPipeline):
             k: neighbours per query from the databases (default: the model's rdm_config.k); refs are all used.
             num_images_per_prompt: images per query, each with its own seed.
             num_inference_steps, guidance_scale, eta: sampler settings (CompVis: 50, 5.0, 0.0).
+            style_scale: None (plain classifier-free guidance, one unconditional and one full context), or the
+                neighbours' own guidance scale s_nn of two-condition guidance (rdm.conditioning.style_guided_noise):
+                guidance_scale then weighs the query alone against the unconditional context and style_scale the
+                neighbours against the query alone; 0 ignores the neighbours, guidance_scale equals plain guidance.
             scheduler: None (the model's scheduler, CompVis DDIM once converted), "dpm++", an alias in
                 SCHEDULER_ALIASES or a compatible diffusers scheduler class name.
             generator / seed: noise source; seed s gives image i the seed s + i. Without either a seed is drawn
@@ -352,6 +359,10 @@ class RDMPipeline(DiffusionPipeline):
             raise RDMError("num_images_per_prompt and num_inference_steps must be at least 1")
         if k is not None and k < 0:
             raise RDMError(f"k must be >= 0, got {k}")
+        if style_scale is not None and not (self.rdm_config.query_token and math.isfinite(style_scale)):
+            raise RDMError(f"style_scale must be a finite number and the model must put the query first in its "
+                           f"context (query_token); got {style_scale} for a model with query_token="
+                           f"{self.rdm_config.query_token}")
         height, width = self.check_size(height, width)
         sampler = make_scheduler(scheduler, self.scheduler)
         sources = self.sources(databases, indexes) if "databases" in retrieval else []
@@ -377,9 +388,8 @@ class RDMPipeline(DiffusionPipeline):
         elif ref_images:
             if k not in (None, len(ref_images)):
                 raise RDMError(f"every --ref image is a neighbour: k={k} does not apply to {len(ref_images)} refs")
-            pil, labels = load_images(ref_images)
-            neighbours = cond.reference_neighbours(None if query is None else query.numpy(),
-                                                   self.embedder.encode_images(pil), labels)
+            ref_vectors, labels = self.embedder.encode_image_inputs(ref_images)
+            neighbours = cond.reference_neighbours(None if query is None else query.numpy(), ref_vectors, labels)
         elif neighbor_embeds is not None:
             given_n = torch.as_tensor(neighbor_embeds, dtype=torch.float32).cpu().numpy()
             if given_n.ndim != 3 or given_n.shape[0] != n_queries or given_n.shape[2] != dim:
@@ -397,10 +407,14 @@ class RDMPipeline(DiffusionPipeline):
         query_b = None if query is None else query.repeat_interleave(n, dim=0)  # (B, D)
         context = cond.build_context(query_b, torch.from_numpy(per_image.embeddings), self.rdm_config.query_token)
         context = context.to(device=device, dtype=dtype)  # (B, T, D)
-        do_guidance = guidance_scale != 1.0  # CompVis knn2img.py: `if opt.scale != 1.0: uc = zeros_like(c)`
+        do_guidance = guidance_scale != 1.0 or style_scale is not None  # CompVis knn2img.py: `if opt.scale != 1.0`
         if do_guidance:
             uncond = cond.unconditional_context(context, self.rdm_config.unconditional, self.null_context)
-            context = torch.cat([uncond, context])  # (2B, T, D): unconditional first
+            if style_scale is None:
+                context = torch.cat([uncond, context])  # (2B, T, D): unconditional first
+            else:  # two-condition guidance: unconditional, the query alone, query + neighbours, in one U-Net call
+                context = torch.cat([uncond, cond.query_only_context(context), context])  # (3B, T, D)
+        copies = len(context) // batch  # 1, 2 (guidance) or 3 (style guidance) contexts per image
 
         # 5. Prepare timesteps
         sampler.set_timesteps(num_inference_steps, device=device)
@@ -412,15 +426,19 @@ class RDMPipeline(DiffusionPipeline):
             generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         latents = self.prepare_latents(sampler, batch, height, width, generator, latents, device)
 
-        # 7. Denoising loop: one batched U-Net call per step, guidance eps_u + s * (eps_c - eps_u); the latents
-        #    stay float32 between steps, only the U-Net runs in the model's dtype
+        # 7. Denoising loop: one batched U-Net call per step, guidance eps_u + s * (eps_c - eps_u) (or its
+        #    two-condition form with style_scale); the latents stay float32 between steps, only the U-Net runs in
+        #    the model's dtype
         step_kwargs = _step_kwargs(sampler, eta, generator)
         with self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
-                x = torch.cat([latents, latents]) if do_guidance else latents  # (2B, C, h, w)
+                x = torch.cat([latents] * copies) if do_guidance else latents  # (copies * B, C, h, w)
                 x = sampler.scale_model_input(x, t).to(dtype)
                 eps = self.unet(x, t, encoder_hidden_states=context).sample.float()
-                if do_guidance:
+                if style_scale is not None:
+                    eps_u, eps_q, eps_c = eps.chunk(3)
+                    eps = cond.style_guided_noise(eps_u, eps_q, eps_c, guidance_scale, style_scale)
+                elif do_guidance:
                     eps_u, eps_c = eps.chunk(2)
                     eps = cond.guided_noise(eps_u, eps_c, guidance_scale)
                 latents = sampler.step(eps, t, latents, **step_kwargs).prev_sample
@@ -434,7 +452,7 @@ class RDMPipeline(DiffusionPipeline):
         # 9. Provenance, one record per image
         model = {"name_or_path": self.name_or_path, "fingerprint": self.fingerprint,
                  "embedder": self.rdm_config.embedder, "source": self.rdm_config.source}
-        settings = scheduler_record(sampler, num_inference_steps, guidance_scale, eta)
+        settings = scheduler_record(sampler, num_inference_steps, guidance_scale, eta, style_scale)
         records = [Provenance(
             query=queries[b // n], seed=None if seeds is None else seeds[b], model=model,
             databases=neighbours.drawn, neighbours=per_image.hits[b], scheduler=settings,

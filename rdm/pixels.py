@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .decode import DEFAULT_MAX_ASPECT, DecodeOptions, Undecodable, crop_aspect, decode_with_size
+from .decode import DEFAULT_MAX_ASPECT, DecodeOptions, SkipPayload, Undecodable, crop_aspect, decode_with_size
 
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -89,6 +89,8 @@ def decode_one(payload, transform: PixelTransform, options: DecodeOptions):
     """payload -> (uint8 pixels, width, height) or raise Undecodable."""
     if payload is None:
         raise Undecodable("missing", "no image in this row")
+    if isinstance(payload, SkipPayload):
+        raise Undecodable(payload.reason, payload.detail)
     pixels, (width, height) = transform.load(payload, options)
     return pixels, width, height
 

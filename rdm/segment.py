@@ -160,16 +160,14 @@ class Segment:
         return self.entry["rows"]
 
     def _read_table(self, f, entry: dict, columns=None) -> pa.Table:
+        """A parquet file's table from its bytes (digest checked first when verifying); Arrow reads an
+        in-memory buffer, never a Python file object from its own threads."""
+        f.seek(0)
+        data = f.read()
+        if self.verify and xxhash.xxh3_128_hexdigest(data) != entry[store.HASH]:
+            raise store.corrupt(self.name, f"{entry['name']} does not match its checksum")
         try:
-            if self.verify:
-                f.seek(0)
-                h = xxhash.xxh3_128()
-                while block := f.read(1 << 24):
-                    h.update(block)
-                if h.hexdigest() != entry[store.HASH]:
-                    raise store.corrupt(self.name, f"{entry['name']} does not match its checksum")
-            f.seek(0)
-            return pq.read_table(f, columns=columns)
+            return pq.read_table(pa.BufferReader(data), columns=columns)
         except pa.ArrowException as e:
             raise store.corrupt(self.name, f"{entry['name']}: {e}") from None
 
@@ -191,8 +189,10 @@ class Segment:
         with self._lock:
             if self._metadata is not None:
                 return self._metadata.column_names
-            self._meta_file.seek(0)
-            return pq.ParquetFile(self._meta_file).schema_arrow.names
+            try:
+                return pq.read_schema(self.db_dir / self.entry["files"]["metadata"]["name"]).names
+            except (OSError, pa.ArrowException):  # deleted by a compaction since: read the table we hold open
+                return self._load_metadata().column_names
 
     def skipped(self) -> pa.Table:
         entry = self.entry["files"]["skipped"]

@@ -105,21 +105,29 @@ class HashingWriter:
         return False
 
 
-def digest_file(path: Path, chunk: int = 1 << 24) -> str:
-    """xxh3-128 hex digest of a file."""
-    h = xxhash.xxh3_128()
+def _hash_file(path: Path, h, chunk: int = 1 << 24, prefix: bytes = b""):
+    h.update(prefix)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
-    return h.hexdigest()
+    return h
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """sha256 hex digest (for published artifacts whose digests are sha256)."""
+def digest_file(path: Path) -> str:
+    """xxh3-128 hex digest of a file (what manifests record)."""
+    return _hash_file(path, xxhash.xxh3_128()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest (for published artifacts, whose digests are sha256)."""
+    return _hash_file(path, hashlib.sha256()).hexdigest()
+
+
+def sha256_files(root: Path, files: list[Path]) -> str:
+    """One sha256 over files in the order given, each preceded by its path relative to root."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    for f in files:
+        _hash_file(f, h, prefix=f.relative_to(root).as_posix().encode() + b"\n")
     return h.hexdigest()
 
 

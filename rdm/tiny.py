@@ -38,3 +38,20 @@ def make_tiny_clip(path: str | Path, seed: int = 0, model_cfg: dict | None = Non
     pre = dict(TINY_PREPROCESS_CFG, size=cfg["vision_cfg"]["image_size"])
     (path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": pre}, indent=2))
     return f"local-dir:{path.resolve()}"
+
+
+def make_tiny_rdm(path: str | Path, clip_identity: dict, resolution: int = 16, k: int = 3, seed: int = 0,
+                  channels: int = 32) -> Path:
+    """Write a random tiny pixel-space rdm model folder (U-Net of two `channels`-wide levels) for a CLIP identity."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from .modelformat import RDMConfig, save_model_folder
+
+    torch.manual_seed(seed)
+    dim = int(clip_identity["dim"])
+    unet = UNet2DConditionModel(sample_size=resolution, in_channels=3, out_channels=3, block_out_channels=(channels, channels),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=dim,
+                                layers_per_block=1, attention_head_dim=4, norm_num_groups=8)
+    config = RDMConfig(embedder=dict(clip_identity), embedding_dim=dim, resolution=resolution, latent_channels=3, k=k)
+    return save_model_folder(path, unet, None, DDIMScheduler(clip_sample=False), config, overwrite=True)

@@ -8,6 +8,9 @@ Build: for each model (ViT-B-32 with random weights — the speed does not depen
 the tiny test CLIP) and the dtype rdm picks, three figures measured in the same run on the same JPEGs:
   encoder-only   pixels already decoded and resized, batched through encode_pixels;
   rdm build      build_database end to end (decoding in spawned workers overlapped with encoding);
+  ray build      the same build with --engine ray on a local Ray cluster of all this machine's CPUs
+                 (read + decode as Ray tasks, one embedding actor; needs `pip install "rdm[ray]"`,
+                 skipped without it); its segment-write and commit times are printed beside it;
   baseline       diffusers' examples/research_projects/rdm/retriever.py way: `dataset.map`, one image
                  per call, float32, no batching (same open_clip model and preprocessing).
 Search: exact ("Flat") over 100k x 768 and the default approximate index over 1M x 768 random unit
@@ -81,6 +84,44 @@ def rdm_build(emb: Embedder, root: Path, batch: int, home: Path) -> float:
     return report.embedded / (time.perf_counter() - t)
 
 
+def ray_build(emb: Embedder, root: Path, batch: int, home: Path) -> float | None:
+    """--engine ray end to end on a local cluster started beforehand (its start-up is not counted)."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    from rdm.build_ray import RayEngine
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    t = time.perf_counter()
+    report = build_database(FolderSource(root), f"bench{time.time_ns()}", emb, home,
+                            BuildOptions(batch_size=batch, progress=False), engine=RayEngine())
+    assert report.embedded == len(FolderSource(root))
+    return report.embedded / (time.perf_counter() - t)
+
+
+def segment_write_and_commit(dim: int, home: Path) -> tuple[float, float]:
+    """MB/s of write_segment (1024 float32 rows + metadata) and seconds of a manifest commit."""
+    from rdm import store
+    from rdm.database import rows_to_table, skipped_table
+    from rdm.segment import write_segment
+
+    rows = 1024
+    vec = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)
+    meta = rows_to_table([{"id": f"{i:09d}", "path": f"/data/{i:09d}.jpg", "caption": "a caption " * 5}
+                          for i in range(rows)])
+    home.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    n = 8
+    entries = [write_segment(home, i * rows, vec, meta, skipped_table([])) for i in range(n)]
+    mb = sum(e["bytes"] for x in entries for e in x["files"].values()) / 1e6
+    write = mb / (time.perf_counter() - t)
+    t = time.perf_counter()
+    store.atomic_write_json(home / "manifest.json", {"segments": entries * 1000})  # a 8000-segment manifest
+    return write, time.perf_counter() - t
+
+
 def diffusers_baseline(model_id: str, root: Path, n: int) -> float:
     """The research retriever's loop: dataset.map, one image per call, float32, no batching."""
     import datasets
@@ -115,9 +156,16 @@ def bench_build(n: int, batch: int) -> list[tuple]:
             emb = Embedder.load(model_id, device="cpu")
             enc = encoder_only(emb, files, batch)
             build = rdm_build(emb, tmp / "jpegs", batch, tmp / "ix")
+            on_ray = ray_build(emb, tmp / "jpegs", batch, tmp / "ix")
             base = diffusers_baseline(model_id, tmp / "jpegs", min(n, 128))
-            rows.append((label, str(emb.dtype).replace("torch.", ""), enc, build, build / enc, base, build / base))
-            print(f"  {label}: encoder {enc:.1f}/s, build {build:.1f}/s, baseline {base:.1f}/s", file=sys.stderr)
+            ray_cols = ("n/a", "n/a") if on_ray is None else (on_ray, on_ray / build)
+            rows.append((label, str(emb.dtype).replace("torch.", ""), enc, build, build / enc, *ray_cols, base,
+                         build / base))
+            print(f"  {label}: encoder {enc:.1f}/s, build {build:.1f}/s, ray {on_ray or 0:.1f}/s, "
+                  f"baseline {base:.1f}/s", file=sys.stderr)
+        write, commit = segment_write_and_commit(768, tmp / "segments")
+        print(f"  segment writes {write:.0f} MB/s (1024 x 768 float32 + metadata each); "
+              f"commit of an 8000-segment manifest {commit:.2f} s", file=sys.stderr)
     return rows
 
 
@@ -140,8 +188,8 @@ def main() -> None:
         n = args.images or (128 if args.quick else 512)
         rows = bench_build(n, args.batch_size)
         print(f"\nBuild throughput, {n} JPEGs 512x384, batch {args.batch_size} (images/s)\n")
-        print(table(["model", "dtype", "encoder-only", "rdm build", "build/encoder", "diffusers retriever loop",
-                     "build/retriever"], rows))
+        print(table(["model", "dtype", "encoder-only", "rdm build", "build/encoder", "ray build", "ray/local",
+                     "diffusers retriever loop", "build/retriever"], rows))
     if args.part in ("search", "all"):
         print("\nsearch, open, remove, append and compaction at scale: python scripts/bench_scale.py", file=sys.stderr)
 

@@ -74,7 +74,7 @@ def run(cmd: list[str], env: dict) -> dict:
     """Run a command; its wall time, peak RSS (os.wait4) and output."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=env.get("PYTHONPATH"))  # that rdm, not ./rdm
         _, status, usage = os.wait4(p.pid, 0)
         seconds = time.perf_counter() - t
         out.seek(0)

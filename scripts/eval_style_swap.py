@@ -10,7 +10,8 @@
     python scripts/eval_style_swap.py evaluate --model models/demo-rdm --databases toyart-{style} \\
         --classifier models/toyart-judge --contents 16 --seeds 0 1 2 3 --out reports/style_swap.json
 
-See rdm/demo/evaluate.py for what is measured.
+See rdm/demo/evaluate.py for what is measured: the judge's style-swap and content accuracies, and rdm score's
+judge-free retrieval precision, probe accuracy and CLIP content similarity (--no-score skips them).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 from pathlib import Path
 
 from rdm.demo.classifier import Augment, ClassifierConfig, ClassifierTrainConfig, ToyArtClassifier, train_classifier
-from rdm.demo.evaluate import (StyleSwapConfig, build_style_databases, contact_sheet, content_grid,
+from rdm.demo.evaluate import (StyleSwapConfig, build_style_databases, contact_sheet, content_grid, database_scorer,
                                open_style_databases, pipeline_sampler, run_style_swap)
 from rdm.demo.toyart import STYLES
 
@@ -52,14 +53,16 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     if a.device:
         pipe = pipe.to(a.device)
     sampler = pipeline_sampler(pipe, k=a.k, num_inference_steps=a.steps, guidance_scale=a.guidance,
-                               scheduler=a.scheduler, indexes=a.indexes, eta=a.eta)
+                               scheduler=a.scheduler, indexes=a.indexes, eta=a.eta, style_scale=a.style_scale)
     databases = open_style_databases(a.databases, a.styles, a.indexes)
+    scorer = None if a.no_score else database_scorer(databases, k=a.score_k)
     judge = ToyArtClassifier.load(a.classifier)
     config = StyleSwapConfig(contents=content_grid(a.contents), seeds=tuple(a.seeds), batch_size=a.batch_size,
                              control=not a.no_control)
-    report = run_style_swap(sampler, databases, judge, config, keep_images=bool(a.sheet), log=say)
+    report = run_style_swap(sampler, databases, judge, config, keep_images=bool(a.sheet), log=say, scorer=scorer)
     report["model"] = {"path": str(Path(a.model).resolve()), "fingerprint": pipe.fingerprint}
-    report["sampling"] = {"k": a.k, "steps": a.steps, "guidance": a.guidance, "eta": a.eta, "scheduler": a.scheduler}
+    report["sampling"] = {"k": a.k, "steps": a.steps, "guidance": a.guidance, "style_scale": a.style_scale,
+                          "eta": a.eta, "scheduler": a.scheduler}
     report["databases"] = {s: getattr(db, "fingerprint", None) for s, db in databases.items()}
     report["judge"] = {"path": str(Path(a.classifier).resolve()), "heldout": judge.metrics.get("heldout")}
     if a.sheet:
@@ -112,10 +115,15 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--contents", type=int, default=16, help="content prompts (shape x colour pairs, 1-64)")
     e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     e.add_argument("--k", type=int, default=None, help="neighbours per query (default: the model's)")
-    e.add_argument("--steps", type=int, default=25, help="denoising steps (rdm demo: 25)")
+    e.add_argument("--steps", type=int, default=25,
+                   help="denoising steps (the figures so far: 25; rdm demo now samples 8 with --scheduler ddim-trailing)")
     e.add_argument("--guidance", type=float, default=3.0, help="guidance scale (rdm demo: 3.0)")
     e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (rdm demo: 0, deterministic)")
-    e.add_argument("--scheduler", default=None)
+    e.add_argument("--style-scale", type=float, default=None, help="the neighbours' guidance scale (rdm sample "
+                   "--style-scale); default: plain guidance")
+    e.add_argument("--score-k", type=int, default=10, help="neighbours per sample for rdm score's retrieval precision")
+    e.add_argument("--no-score", action="store_true", help="skip rdm score (the judge-free measures)")
+    e.add_argument("--scheduler", default=None, help="the model's (default), ddim-trailing (rdm demo's), dpm++ ...")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--no-control", action="store_true", help="skip the query-alone control")
     e.add_argument("--device", default=None, help="move the pipeline there (cuda, cpu)")

@@ -5,6 +5,14 @@
 #
 #   bash scripts/train_demo.sh                                   # CPU defaults (hours on 2 cores)
 #   CLIP_STEPS=5000 RDM_STEPS=20000 RDM_BATCH=128 DEVICE=cuda CLIP_WORKERS=12 bash scripts/train_demo.sh
+#   CLIP_FROM=rdm/assets/demo/clip RDM_INIT=rdm/assets/demo/rdm bash scripts/train_demo.sh   # fine-tune the bundled
+#                                                                model onto the leak-free schedule (CPU: ~1 h)
+#   SCHEDULE=legacy CLIP_FROM=rdm/assets/demo/clip bash scripts/train_demo.sh   # the previous bundled model
+#
+# The schedule (SCHEDULE=leak-free, the default): the small preset's DDPM betas rescaled to zero terminal SNR,
+# v-prediction and trailing timesteps (Lin et al. 2024), so that the model cannot read the image's colour from
+# the initial noise (the previous model's samples sat on a seed-dependent tint), plus --neighbour-drop 0.1 so
+# that the query-only context of --style-scale is one the model has seen.
 #
 # Settings (environment variables):
 RUN=${RUN:-runs/demo}                  # work folder: toy art, CLIP, databases, training cache, RDM run
@@ -18,8 +26,13 @@ CLIP_FROM=${CLIP_FROM:-}               # an existing demo CLIP folder to reuse i
 CLIP_STEPS=${CLIP_STEPS:-3000}         # demo CLIP optimiser steps (rdm/demo/clip.py); the bundled CLIP: 3000
 CLIP_BATCH=${CLIP_BATCH:-128}          # image/caption pairs per CLIP step; the bundled CLIP: 128
 CLIP_WORKERS=${CLIP_WORKERS:-1}        # processes rendering the CLIP's toy art on the fly
-RDM_STEPS=${RDM_STEPS:-3000}           # RDM stage 1 optimiser steps, on CompVis' latent (ldm) noise schedule
-RDM_FT_STEPS=${RDM_FT_STEPS:-2250}     # stage 2: fine-tuning onto the pixel-space (ddpm) schedule; 0 skips it
+SCHEDULE=${SCHEDULE:-leak-free}        # leak-free (zero terminal SNR, v-prediction, trailing) or legacy (the
+#                                        previous bundled model: epsilon, 3000 steps on ldm then 2250 on ddpm)
+RDM_INIT=${RDM_INIT:-}                 # leak-free only: fine-tune this rdm model folder instead of training from
+#                                        scratch, e.g. rdm/assets/demo/rdm (its prediction type changes to v)
+RDM_STEPS=${RDM_STEPS:-3000}           # RDM optimiser steps: from scratch (or legacy stage 1, ldm schedule)
+RDM_FT_STEPS=${RDM_FT_STEPS:-2250}     # fine-tuning steps: from RDM_INIT (or legacy stage 2, onto ddpm); 0 skips
+NEIGHBOUR_DROP=${NEIGHBOUR_DROP:-0.1}  # leak-free only: share of steps with the neighbours alone zeroed
 RDM_BATCH=${RDM_BATCH:-32}             # RDM images per step
 PRECISION=${PRECISION:-bf16}           # RDM mixed precision: no, bf16 (AVX512-BF16/AMX CPUs, Ampere+ GPUs), fp16
 THREADS=${THREADS:-2}                  # torch CPU threads for the RDM (1 is fastest on a busy, shared CPU)
@@ -55,22 +68,39 @@ fi
 rdm build-index "$RUN/toyart" --name demo-train --clip "local-dir:$RUN/clip" --indexes "$RUN/indexes" \
     --device "$DEVICE"
 
-# 4. The RDM: caption (text) queries, so the style has to come from the neighbours. The bundled model was made
-#    in two stages: 3000 steps on CompVis' latent noise schedule, whose samples in pixel space came out tinted
-#    (it leaves 0.028 of the signal at t = T; see NOISE_SCHEDULES in rdm/train/loop.py), then fine-tuned onto
-#    DDPM's pixel schedule. A fresh run can train on ddpm from the start (the small preset's default now):
-#    RDM_STEPS=N RDM_FT_STEPS=0 STAGE1_SCHEDULE=ddpm.
+# 4. The RDM: caption (text) queries, so the style has to come from the neighbours.
 cpu_flag=(); [ "$DEVICE" = cpu ] && cpu_flag=(--cpu)
 threads_flag=(); [ -n "$THREADS" ] && threads_flag=(--threads "$THREADS")
 common=(--indexes "$RUN/indexes" train --preset small --query text --data "$RUN/toyart" --db demo-train
         --clip "local-dir:$RUN/clip" --batch-size "$RDM_BATCH" --mixed-precision "$PRECISION" --cache-dir "$RUN/cache"
         "${cpu_flag[@]}" "${threads_flag[@]}")
-rdm "${common[@]}" --out "$RUN/rdm" --steps "$RDM_STEPS" --seed "$SEED" --noise-schedule "${STAGE1_SCHEDULE:-ldm}"
-final="$RUN/rdm/model"
-if [ "$RDM_FT_STEPS" -gt 0 ]; then
-    rdm "${common[@]}" --out "$RUN/rdm-ddpm" --init "$RUN/rdm/model" --noise-schedule ddpm --steps "$RDM_FT_STEPS" \
-        --seed $((SEED + 1))
-    final="$RUN/rdm-ddpm/model"
+if [ "$SCHEDULE" = leak-free ]; then
+    # The small preset's schedule: ddpm betas rescaled to zero terminal SNR, v-prediction, trailing timesteps
+    # (saved in the model's scheduler config, so `rdm sample`/`rdm demo` sample with it, whichever sampler).
+    leak_free=(--noise-schedule ddpm --prediction-type v_prediction --zero-snr --timestep-spacing trailing
+               --neighbour-drop "$NEIGHBOUR_DROP")
+    if [ -n "$RDM_INIT" ]; then
+        rdm "${common[@]}" "${leak_free[@]}" --out "$RUN/rdm" --init "$RDM_INIT" --steps "$RDM_FT_STEPS" \
+            --seed $((SEED + 2))
+    else
+        rdm "${common[@]}" "${leak_free[@]}" --out "$RUN/rdm" --steps "$RDM_STEPS" --seed "$SEED"
+    fi
+    final="$RUN/rdm/model"
+elif [ "$SCHEDULE" = legacy ]; then
+    # The previous bundled model: 3000 steps on CompVis' latent schedule, whose samples in pixel space came out
+    # tinted (it leaves 0.028 of the signal at t = T; see NOISE_SCHEDULES in rdm/train/loop.py), then fine-tuned
+    # onto DDPM's pixel schedule, epsilon prediction throughout.
+    legacy=(--prediction-type epsilon --no-zero-snr --timestep-spacing leading)
+    rdm "${common[@]}" "${legacy[@]}" --out "$RUN/rdm" --steps "$RDM_STEPS" --seed "$SEED" --noise-schedule ldm
+    final="$RUN/rdm/model"
+    if [ "$RDM_FT_STEPS" -gt 0 ]; then
+        rdm "${common[@]}" "${legacy[@]}" --out "$RUN/rdm-ddpm" --init "$RUN/rdm/model" --noise-schedule ddpm \
+            --steps "$RDM_FT_STEPS" --seed $((SEED + 1))
+        final="$RUN/rdm-ddpm/model"
+    fi
+else
+    echo "error: SCHEDULE must be leak-free or legacy, got $SCHEDULE" >&2
+    exit 1
 fi
 
 # 5. Ship: configs and safetensors only, within the size limit

@@ -113,3 +113,34 @@ def write_zoo(root: Path) -> tuple[list[str], dict[str, str]]:
     (root / "bomb.png").write_bytes(png_bytes(np.zeros((2, 2), np.uint8), 8, size=(40000, 40000)))
     (root / "notes.txt").write_text("not an image extension: ignored, not skipped")
     return good_names, bad
+
+
+def write_shards(root: Path, shards: int = 3, per_shard: int = 5) -> list[str]:
+    """img2dataset-style webdataset shards: KEY.jpg + KEY.json + KEY.txt per sample; returns the keys.
+
+    Shard 1's third image is corrupt (garbage bytes) and shard 2 is cut off in the middle of a member.
+    """
+    import json
+    import tarfile
+
+    root.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for s in range(shards):
+        path = root / f"{s:05d}.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                buf = io.BytesIO()
+                Image.fromarray(base_picture(50 + s * per_shard + i)).save(buf, "JPEG")
+                image = buf.getvalue() if (s, i) != (1, 2) else b"\xff\xd8" + bytes(range(256)) * 4
+                meta = {"url": f"https://example.org/{key}.jpg", "key": key, "status": "success",
+                        "error_message": None, "width": 48, "height": 40, "original_width": 48, "original_height": 40}
+                for ext, data in (("jpg", image), ("json", json.dumps(meta).encode()), ("txt", f"picture {key}".encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                keys.append(key)
+    last = root / f"{shards - 1:05d}.tar"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2 + 700])  # inside a member's data: that sample is truncated
+    return keys

@@ -271,6 +271,72 @@ def test_no_database_conditions_on_the_query_alone(pipe):
     assert seen[0].shape == (2, 1, 32) and out.provenance[0].neighbours == [] and out.provenance[0].databases == []
 
 
+
+# --- 3b. Style strength: two-condition guidance ------------------------------------------------------
+
+def test_style_scale_batches_three_contexts_in_one_unet_call(pipe, dbs):
+    seen, hook = _contexts(pipe)
+    try:
+        out = pipe("a red circle", databases="A", indexes=dbs, k=3, seed=0, num_images_per_prompt=2,
+                   style_scale=2.0, **FAST)
+    finally:
+        hook.remove()
+    assert len(seen) == FAST["num_inference_steps"]  # one U-Net call per step
+    context = seen[0]  # (3B, 1+k, D): unconditional, the query alone, query + neighbours
+    assert context.shape == (6, 4, 32) and all(torch.equal(c, context) for c in seen)
+    uncond, query_only, full = context.chunk(3)
+    assert torch.count_nonzero(uncond) == 0
+    rows = [h["row"] for h in out.provenance[0].neighbours]
+    assert np.array_equal(full[0, 1:].numpy(), Database.open("A", dbs).vectors[rows])
+    assert torch.equal(query_only[:, 0], full[:, 0]) and torch.count_nonzero(query_only[:, 1:]) == 0
+    assert out.provenance[0].scheduler["style_scale"] == 2.0 and out.provenance[0].scheduler["guidance_scale"] == 5.0
+
+
+def test_style_scale_zero_gives_the_query_alone_and_equal_scales_plain_guidance(pipe, dbs):
+    query = pipe.embedder.encode_text(["a red circle"])
+    neighbours = Database.open("A", dbs).vectors[None, :3]  # (1, 3, D)
+    run = lambda n, **kw: pipe(query_embeds=query, neighbor_embeds=n, seed=5, guidance_scale=3.0, **kw,  # noqa: E731
+                               **FAST).images
+    plain, zeroed = run(neighbours), run(np.zeros_like(neighbours))  # neighbour slots zero: the query alone
+    no_style = run(neighbours, style_scale=0.0)
+    assert np.abs(no_style - zeroed).max() < 1e-5  # batched 3B vs 2B kernels differ only in rounding
+    assert np.abs(no_style - plain).max() > 1e-3  # ... and the neighbours did matter
+    assert np.abs(run(neighbours, style_scale=3.0) - plain).max() < 1e-5  # s_nn = s_q: plain guidance
+    assert np.abs(run(neighbours, style_scale=6.0) - plain).max() > 1e-3
+    assert pipe(query_embeds=query, neighbor_embeds=neighbours, seed=5, **FAST).provenance[0].scheduler[
+        "style_scale"] is None  # the default: plain guidance, recorded as such
+
+
+def test_style_guidance_formula():
+    e0, eq, eqn = torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([4.0])
+    assert cond.style_guided_noise(e0, eq, eqn, 3.0, 0.5).item() == 1 + 3 * 1 + 0.5 * 2
+    assert torch.equal(cond.style_guided_noise(e0, eq, eqn, 2.0, 2.0), cond.guided_noise(e0, eqn, 2.0))
+    ctx = torch.randn(2, 4, 8)
+    q = cond.query_only_context(ctx)
+    assert torch.equal(q[:, 0], ctx[:, 0]) and torch.count_nonzero(q[:, 1:]) == 0 and q.shape == ctx.shape
+
+
+def test_a_sampler_chosen_at_sample_time_keeps_the_trained_schedule():
+    from diffusers import DPMSolverMultistepScheduler
+
+    from rdm.pipeline import make_scheduler, trained_schedule
+
+    trained = DDIMScheduler(beta_schedule="linear", rescale_betas_zero_snr=True, prediction_type="v_prediction",
+                            timestep_spacing="trailing", clip_sample=True)
+    for name in ("dpm++", "euler", "unipc", "ddpm"):
+        sampler = make_scheduler(name, trained)
+        assert trained_schedule(sampler) == trained_schedule(trained) == {
+            "prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}, name
+    dpm = make_scheduler("dpm++", trained)
+    assert isinstance(dpm, DPMSolverMultistepScheduler) and dpm.config.algorithm_type == "dpmsolver++"
+    dpm.set_timesteps(5)
+    assert int(dpm.timesteps[0]) == 999  # trailing: sampling starts at t = T, where the rescaled SNR is zero
+    for name in ("plms", "heun", "deis"):  # no zero-SNR rescaling: refused, not silently lost
+        with pytest.raises(RDMError, match="cannot sample with the model's .*rescale_betas_zero_snr=True"):
+            make_scheduler(name, trained)
+    assert isinstance(make_scheduler("plms", DDIMScheduler()), type(make_scheduler("pndm", DDIMScheduler())))
+
+
 # --- 4. Errors -------------------------------------------------------------------------------------
 
 def test_database_of_another_embedder_is_refused_naming_both(pipe, tmp_path, tiny_clip):

@@ -142,6 +142,24 @@ def test_compare_writes_one_grid_row_per_database(setup, tmp_path):
         assert sheet.height == 30 + PAD + 3 * (160 + LABEL_H + PAD)  # title, then three rows of 160 px tiles
 
 
+def test_style_scale_in_sample_and_compare_is_recorded_and_zero_is_the_query_alone(setup, tmp_path):
+    sample(setup, tmp_path / "plain", "--db", "A", *FASTER)
+    sample(setup, tmp_path / "zero", "--db", "A", "--style-scale", "0", *FASTER)
+    sample(setup, tmp_path / "four", "--db", "A", "--style-scale", "4", *FASTER)
+    records = {d: json.loads((tmp_path / d / "a-red-circle-1.json").read_text()) for d in ("plain", "zero", "four")}
+    assert [records[d]["scheduler"]["style_scale"] for d in ("plain", "zero", "four")] == [None, 0.0, 4.0]
+    images = {d: pixels(tmp_path / d / "a-red-circle-1.png") for d in records}
+    assert not np.array_equal(images["zero"], images["four"]) and not np.array_equal(images["plain"], images["four"])
+    # the query alone: the neighbours retrieved from A or from B make no difference at style scale 0
+    sample(setup, tmp_path / "zeroB", "--db", "B", "--style-scale", "0", *FASTER)
+    assert np.abs(pixels(tmp_path / "zeroB" / "a-red-circle-1.png") - images["zero"]).max() <= 1
+    out = tmp_path / "cmp" / "grid.png"
+    rdm("--indexes", setup["home"], "compare", "a red circle", "--db", "A", "--db", "none", "--model", setup["model"],
+        "--style-scale", "2", "--out", out, *FASTER)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["images"][0]["scheduler"]["style_scale"] for r in rows] == [2.0, 2.0]
+
+
 def test_errors_are_clear(setup, tmp_path, monkeypatch):
     monkeypatch.delenv("RDM_MODEL", raising=False)
     result = rdm("--indexes", setup["home"], "sample", "a red circle", "--db", "A", ok=False)

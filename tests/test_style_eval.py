@@ -140,6 +140,33 @@ def test_inputs_are_checked():
         StyleSwapConfig(contents=(("star", "mauve"),))
 
 
+def test_rdm_score_of_the_rows_follows_the_database_without_a_judge(tmp_path):
+    """Real toy-art databases (the bundled demo CLIP) and a sampler drawing real toy art: rdm score's retrieval
+    precision and probe accuracy are high when the samples take their database's style, low when they do not."""
+    from rdm.database import Database
+    from rdm.demo.evaluate import build_style_databases, database_scorer
+    from rdm.demo.run import DEMO_CLIP, DEMO_START
+
+    styles = ("flat", "neon", "dotted")
+    build_style_databases(f"local-dir:{DEMO_CLIP}", tmp_path / "art", 32, "{style}", styles, str(tmp_path / "idx"),
+                          start=DEMO_START, spec=ToyArtSpec(size=64))
+    databases = {style: Database.open(style, tmp_path / "idx") for style in styles}
+    config = StyleSwapConfig(contents=content_grid(4), seeds=(0,))
+    scorer = database_scorer(databases, k=5)
+    obeying = run_style_swap(toy_sampler(lambda db, p, s: db.name if db is not None else "flat"), databases,
+                             OracleJudge(), config, scorer=scorer)
+    ignoring = run_style_swap(toy_sampler(lambda db, p, s: "flat"), databases, OracleJudge(), config, scorer=scorer)
+    for style in styles:
+        score = obeying["per_database"][style]["score"]
+        assert score["probe_accuracy"] >= 0.75 and score["retrieval_precision"] > 1 / 3, (style, score)
+        assert score["probe_heldout_accuracy"] >= 0.9 and score["k"] == 5 and score["content"] > 0
+    assert ignoring["per_database"]["neon"]["score"]["probe_accuracy"] <= 0.25
+    assert obeying["summary"]["score"]["probe_accuracy"] > ignoring["summary"]["score"]["probe_accuracy"] + 0.4
+    assert "retrieval_precision" not in obeying["per_database"][CONTROL]["score"]  # the control has no target
+    assert "rdm score (no judge" in obeying["markdown"]
+    json.dumps({k: v for k, v in obeying.items()})  # still plain JSON
+
+
 def test_pipeline_sampler_passes_one_seed_per_image_and_none_for_the_control():
     class FakePipe:
         def set_progress_bar_config(self, **kw):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import GOLDEN, make_folder
 from rdm import api
+from rdm import conditioning as cond
 from rdm.cli import main as cli
 from rdm.convert.compvis import convert_compvis_checkpoint
 from rdm.database import Database
@@ -280,6 +281,65 @@ def test_noise_schedule_from_the_preset_or_chosen_and_kept_or_changed_by_fine_tu
         train(config(toy, tmp_path / "bad", steps=1, noise_schedule="cosine"))
 
 
+def test_zero_terminal_snr_v_prediction_and_trailing_steps_are_saved_and_sampled_with(toy, tmp_path):
+    small = load_preset("small").train  # the demo preset trains on the leak-free schedule (Lin et al. 2024)
+    assert (small["prediction_type"], small["zero_snr"], small["timestep_spacing"]) == ("v_prediction", True,
+                                                                                        "trailing")
+    run = train(config(toy, tmp_path / "zsnr", steps=2, noise_schedule="ddpm", prediction_type="v_prediction",
+                       zero_snr=True, timestep_spacing="trailing"))
+    _, _, scheduler, cfg, _ = load_model_components(run.model_dir)
+    sc = scheduler.config
+    assert (sc.prediction_type, sc.rescale_betas_zero_snr, sc.timestep_spacing, sc.beta_schedule) == (
+        "v_prediction", True, "trailing", "linear") and cfg.prediction_type == "v_prediction"
+    assert scheduler.alphas_cumprod[-1] == 0 and scheduler.alphas_cumprod[0] > 0.99  # no signal left at t = T
+    x0 = torch.ones(1, 3, 4, 4)
+    assert torch.equal(scheduler.add_noise(x0, torch.zeros_like(x0), torch.tensor([999])), torch.zeros_like(x0))
+
+    # Sampling uses what training used, with the model's sampler or one chosen at sample time.
+    pipe = RDMPipeline.from_pretrained(run.model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    steps = []
+    for name in (None, "dpm++"):
+        out = pipe(query_embeds=torch.randn(1, 32), neighbor_embeds=torch.randn(1, 2, 32), num_inference_steps=3,
+                   scheduler=name, seed=0, output_type="np", callback=lambda i, t, _x: steps.append(t))
+        used = out.provenance[0].scheduler["config"]
+        assert (used["prediction_type"], used["rescale_betas_zero_snr"], used["timestep_spacing"]) == (
+            "v_prediction", True, "trailing") and np.isfinite(out.images).all()
+    assert steps[0] == steps[3] == 999  # trailing: both start at t = T
+
+    # Fine-tuning keeps the schedule, or moves an epsilon model onto it; epsilon at zero SNR is refused.
+    kept = load_model_components(train(config(toy, tmp_path / "kept", init=str(run.model_dir), steps=1)).model_dir)
+    assert kept[2].config.rescale_betas_zero_snr and kept[3].prediction_type == "v_prediction"
+    eps = train(config(toy, tmp_path / "eps", steps=1, noise_schedule="ddpm"))
+    moved = train(config(toy, tmp_path / "moved", init=str(eps.model_dir), steps=1, prediction_type="v_prediction",
+                         zero_snr=True, timestep_spacing="trailing"))
+    _, _, scheduler, cfg, _ = load_model_components(moved.model_dir)
+    assert scheduler.config.rescale_betas_zero_snr and cfg.prediction_type == scheduler.config.prediction_type == \
+        "v_prediction" and scheduler.config.beta_schedule == "linear"
+    with pytest.raises(RDMError, match="zero terminal SNR needs --prediction-type v_prediction"):
+        train(config(toy, tmp_path / "bad", steps=1, zero_snr=True))
+    with pytest.raises(RDMError, match="timestep_spacing must be one of"):
+        train(config(toy, tmp_path / "bad2", steps=1, timestep_spacing="sideways"))
+
+
+def test_neighbour_drop_trains_the_query_only_context_of_style_guidance(captioned, tmp_path):
+    db = Database.open(captioned["db"], captioned["indexes"])
+    data = prepare_training_data(open_source(captioned["data"]), db, api.embedder_for(db), None, 16, 4,
+                                 DUP_THRESHOLD, cache_dir=captioned["cache"], progress=False, query="text")
+    index = np.arange(8)
+    batch = lambda **kw: make_batch(data, index, step_generator(0, 5, 0, 0), 1.0,  # noqa: E731
+                                    config(captioned, tmp_path, query="text", cond_drop=0.0, **kw), 1000,
+                                    torch.device("cpu"))
+    plain, dropped = batch(), batch(neighbour_drop=0.5)
+    for name in ("x0", "noise", "t"):  # drawn last: the other draws are those of a run without it
+        torch.testing.assert_close(dropped[name], plain[name])
+    torch.testing.assert_close(dropped["context"][:, 0], plain["context"][:, 0])  # the query is kept
+    gone = (dropped["context"][:, 1:] == 0).all(2).all(1) & (plain["context"][:, 1:] != 0).any(2).any(1)
+    assert 0 < gone.sum() < 8
+    assert dropped["mask"][gone].all()  # unmasked zeros: what rdm.conditioning.query_only_context gives
+    torch.testing.assert_close(dropped["context"][gone], cond.query_only_context(plain["context"])[gone])
+
+
 @pytest.mark.parametrize("query", ["image", "mixed"])
 @pytest.mark.filterwarnings("ignore:1 of 8 training images have no caption")
 def test_resume_reaches_the_same_state_as_an_uninterrupted_run(toy, captioned, tmp_path, query):
@@ -314,12 +374,15 @@ def test_cli_train(toy, tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["--indexes", toy["indexes"], "train", "--data", toy["data"], "--db", toy["db"],
                                       "--out", str(out), "--preset", "tiny", "--steps", "3", "-k", "2",
                                       "--batch-size", "4", "--dedup-threshold", str(DUP_THRESHOLD),
-                                      "--prediction-type", "v_prediction", "--mixed-precision", "bf16",
+                                      "--prediction-type", "v_prediction", "--zero-snr", "--timestep-spacing",
+                                      "trailing", "--neighbour-drop", "0.2", "--mixed-precision", "bf16",
                                       "--sample-every", "-1", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "steps      0 -> 3" in result.output
     _, _, scheduler, cfg, _ = load_model_components(out / "model")
     assert cfg.k == 2 and cfg.prediction_type == "v_prediction" == scheduler.config.prediction_type
+    assert scheduler.config.rescale_betas_zero_snr and scheduler.config.timestep_spacing == "trailing"
+    assert json.loads((out / "train_config.json").read_text())["neighbour_drop"] == 0.2
     bad = CliRunner().invoke(cli, ["--indexes", toy["indexes"], "train", "--data", toy["data"], "--db", toy["db"],
                                    "--out", str(tmp_path / "x"), "--preset", "nope", "--quiet"])
     assert bad.exit_code == 1 and "no preset 'nope'" in bad.output

@@ -29,7 +29,6 @@ diffusers model and every diffusers parameter must be filled; anything else is a
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
@@ -386,12 +385,10 @@ def compvis_layout(params: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype
 # --- 3. The conversion ------------------------------------------------------------------------------
 
 def file_sha256(path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex sha256 of a file (rdm.store.sha256_file)."""
+    from ..store import sha256_file
+
+    return sha256_file(path)
 
 
 def check_schedule(state_dict: dict, scheduler: DDIMScheduler, ckpt_path) -> None:

@@ -6,7 +6,10 @@ seeds, and the toy-art classifier (rdm.demo.classifier) judges every sample:
 * style-swap accuracy: share of samples in the database's style (goal >= 90%);
 * content accuracy: share with the prompted shape and colour (goal >= 80%);
 * the control: the same prompts and seeds with no database (the query alone), and the style mix it gives;
-* a confusion matrix, database style x predicted style.
+* a confusion matrix, database style x predicted style;
+* with a `scorer` (`database_scorer`: rdm score, rdm/score.py), measures that need no judge: retrieval
+  precision and linear-probe accuracy towards the database sampled from (over all the style
+  databases), and CLIP similarity with each sample's prompt.
 
 The sampler is a parameter, `sampler(prompts, database, seeds) -> images` (database None is the
 control), so the bookkeeping is testable without a trained model; `pipeline_sampler` adapts an
@@ -32,6 +35,7 @@ STYLE_SWAP_GOAL = 0.90
 CONTENT_GOAL = 0.80
 
 Sampler = Callable[[list[str], Any, list[int]], list[Image.Image]]  # (prompts, database or None, seeds) -> images
+Scorer = Callable[[list[Image.Image], Any, list[str]], dict]  # (images, style or None, prompts) -> rdm score summary
 
 
 class Judge(Protocol):
@@ -115,7 +119,7 @@ def summarise(samples: list[dict], style: str | None) -> dict:
 
 def run_style_swap(sampler: Sampler, databases: Mapping[str, Any], judge: Judge,
                    config: StyleSwapConfig = StyleSwapConfig(), keep_images: bool = False,
-                   log: Callable[[str], None] | None = None) -> dict:
+                   log: Callable[[str], None] | None = None, scorer: Scorer | None = None) -> dict:
     """The style-swap proof: sample every database (keyed by the style it holds) and the control; judge; tabulate."""
     # 1. Check inputs
     unknown = [style for style in databases if style not in STYLES]
@@ -134,12 +138,16 @@ def run_style_swap(sampler: Sampler, databases: Mapping[str, Any], judge: Judge,
         if log:
             log(f"sampled {len(rows[CONTROL])} images with no database")
 
-    # 3. Judge every sample
+    # 3. Judge every sample (and score each database's samples with rdm score)
     for samples in rows.values():
         judge_samples(judge, samples)
 
     # 4. Tabulate
     per_database = {name: summarise(samples, None if name == CONTROL else name) for name, samples in rows.items()}
+    if scorer is not None:
+        for name, samples in rows.items():
+            per_database[name]["score"] = scorer([j["image"] for j in samples], None if name == CONTROL else name,
+                                                 [j["prompt"] for j in samples])
     styles = [s for s in databases]
     swap = [per_database[s]["style_swap_accuracy"] for s in styles]
     content = [per_database[s]["content_accuracy"] for s in styles]
@@ -166,6 +174,10 @@ def run_style_swap(sampler: Sampler, databases: Mapping[str, Any], judge: Judge,
         "samples": [{k: v for k, v in j.items() if k != "image"} | {"database": name}
                     for name, samples in rows.items() for j in samples],
     }
+    if scorer is not None:
+        scores = [per_database[s]["score"] for s in styles]
+        report["summary"]["score"] = {key: sum(sc[key] for sc in scores) / len(scores)
+                                      for key in ("retrieval_precision", "probe_accuracy", "content")}
     if CONTROL in per_database:
         report["summary"]["control_style_shares"] = per_database[CONTROL]["style_shares"]
         report["summary"]["control_content_accuracy"] = per_database[CONTROL]["content_accuracy"]
@@ -204,6 +216,18 @@ def markdown(report: dict) -> str:
               "|---|" + "---:|" * len(report["confusion"]["columns"])]
     for name, counts in zip(report["confusion"]["rows"], report["confusion"]["counts"]):
         lines.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
+    if "score" in s:
+        lines += ["", "rdm score (no judge; over all the style databases, towards the one sampled from):", "",
+                  "| database | retrieval precision | probe accuracy | CLIP content similarity |",
+                  "|---|---:|---:|---:|"]
+        for name, row in report["per_database"].items():
+            sc = row["score"]
+            precision = _pct(sc["retrieval_precision"]) if "retrieval_precision" in sc else "-"
+            probe = _pct(sc["probe_accuracy"]) if "probe_accuracy" in sc else "-"
+            lines.append(f"| {name} | {precision} | {probe} | {sc['content']:.3f} |")
+        mean = s["score"]
+        lines.append(f"| **mean over databases** | **{_pct(mean['retrieval_precision'])}** | "
+                     f"**{_pct(mean['probe_accuracy'])}** | {mean['content']:.3f} |")
     return "\n".join(lines)
 
 
@@ -230,17 +254,35 @@ def contact_sheet(report: dict, out: str | Path, columns: int = 16, size: int = 
 
 
 def pipeline_sampler(pipe, k: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
-                     scheduler: str | None = None, indexes: str | None = None, eta: float = 0.0) -> Sampler:
+                     scheduler: str | None = None, indexes: str | None = None, eta: float = 0.0,
+                     style_scale: float | None = None) -> Sampler:
     """A Sampler drawing from an rdm.pipeline.RDMPipeline: one image per prompt, seeded per image."""
     pipe.set_progress_bar_config(disable=True)
 
     def sample(prompts: list[str], database: Any, seeds: list[int]) -> list[Image.Image]:
         out = pipe(prompt=list(prompts), databases=database, k=k, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, scheduler=scheduler, eta=eta, seed=list(seeds), indexes=indexes,
+                   guidance_scale=guidance_scale, style_scale=style_scale, scheduler=scheduler, eta=eta,
+                   seed=list(seeds), indexes=indexes,
                    output_type="pil")
         return out.images
 
     return sample
+
+
+def database_scorer(databases: Mapping[str, Any], k: int = 10, embedder=None, seed: int = 0) -> Scorer:
+    """A Scorer by rdm score over {style: Database}: towards the style's database, one linear probe for all rows."""
+    from rdm.score import ScoreOptions, score_images, train_probe
+
+    dbs = list(databases.values())
+    probe = train_probe(dbs, ScoreOptions(seed=seed))
+
+    def score(images: list[Image.Image], style: Any, prompts: list[str]) -> dict:
+        target = databases[style].name if style is not None else None
+        report = score_images(images, dbs, ScoreOptions(k=k, target=target, seed=seed), embedder=embedder,
+                              prompts=prompts, probe=probe)
+        return {**report.summary, "k": report.k, "probe_heldout_accuracy": probe.heldout_accuracy}
+
+    return score
 
 
 def open_style_databases(template: str, styles: Sequence[str] = STYLES, indexes: str | None = None) -> dict:

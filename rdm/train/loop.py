@@ -15,7 +15,12 @@ One optimizer step, as RDM training does it (Blattmann et al. 2022, Sec. 3.2):
        exactly the unpadded (B, 1+k', D) context the pipeline builds at inference with k = k'
      - with probability `cond_drop` the whole context is zeros: the unconditional context that
        classifier-free guidance uses at inference (rdm.conditioning.unconditional_context)
+     - with probability `neighbour_drop` the neighbour slots alone are zeros (unmasked), the query kept: the
+       query-only context of two-condition guidance (`--style-scale`, rdm.conditioning.style_guided_noise)
   4. t ~ U{0..999}, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps; loss = MSE(U-Net(x_t, t, context), eps or v)
+     - the schedule: NOISE_SCHEDULES, optionally rescaled to zero terminal SNR, which needs v-prediction, and
+       sampled with trailing timesteps (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
+       Flawed", Sec. 3.1-3.3); all three are saved in the model's scheduler config, so sampling uses them
   5. clip gradients, AdamW, lr schedule, EMA of the weights (LitEma's decay warm-up)
 
 Randomness (noise, t, k', dropout, posterior samples, mixed queries) comes from a generator seeded by (seed, step,
@@ -78,7 +83,9 @@ CONFIG_FILE, METRICS_FILE, STATE_FILE = "train_config.json", "metrics.jsonl", "t
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "keep_checkpoints", "resume", "progress",
                      "cache_dir", "indexes", "num_val", "sample_steps", "guidance_scale", "cpu", "threads"}
 # Values of fields added since, for checkpoints written before they existed (those runs trained this way).
-FIELDS_BEFORE_THEY_EXISTED = {"query": "image", "caption_column": None, "noise_schedule": "ldm"}
+FIELDS_BEFORE_THEY_EXISTED = {"query": "image", "caption_column": None, "noise_schedule": "ldm", "zero_snr": False,
+                              "timestep_spacing": "leading", "neighbour_drop": 0.0}
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # diffusers' timestep_spacing; trailing starts at t = T
 LDM_SCHEDULE = {"linear_start": 0.0015, "linear_end": 0.015, "timesteps": 1000}  # CompVis RDM configs
 # Noise schedules by name, as DDIMScheduler settings. "ldm" is the CompVis latent schedule (scaled_linear
 # 0.0015..0.015): at t = T it keeps sqrt(alpha_bar) = 0.028 of the signal, which in pixel space is as large as
@@ -124,8 +131,14 @@ class TrainConfig:
     cond_drop: float = 0.1  # probability of an all-zeros context (classifier-free guidance)
     random_k: bool = True  # each image keeps a random k' in [1, k] of its neighbours (masked); False: all k
     dedup_threshold: float = 0.95  # database items at least this similar to a training image are not neighbours
-    prediction_type: str | None = None  # "epsilon" or "v_prediction" (default: epsilon, or the init model's)
+    prediction_type: str | None = None  # "epsilon" or "v_prediction" (default: the --init model's, else the preset's,
+    #                                     else epsilon); fine-tuning may change it (the schedule changes with it)
     noise_schedule: str | None = None  # NOISE_SCHEDULES name (default: the --init model's, else the preset's, else ldm)
+    zero_snr: bool | None = None  # rescale the betas to zero terminal SNR (Lin et al. 2024), needs v_prediction
+    #                               (default: the --init model's, else the preset's, else False)
+    timestep_spacing: str | None = None  # sampling timesteps: leading (CompVis), trailing (starts at t = T, with
+    #                                      zero_snr), linspace (default: the --init model's, else the preset's)
+    neighbour_drop: float = 0.0  # probability of zeroing the neighbour slots alone (the --style-scale context)
     checkpoint_every: int | None = None  # save a resumable checkpoint every N steps (0: only at the end)
     keep_checkpoints: int = 2  # older checkpoints are deleted
     sample_every: int | None = None  # write a sample grid every N steps (0: only at the end; -1: never)
@@ -183,11 +196,14 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, Preset, RDMConfig | N
     if cfg.resolution is None:
         filled["resolution"] = init_config.resolution if init_config else preset.resolution
     if cfg.prediction_type is None:
-        filled["prediction_type"] = init_config.prediction_type if init_config else "epsilon"
+        filled["prediction_type"] = init_config.prediction_type if init_config else \
+            preset.train.get("prediction_type", "epsilon")
     if cfg.query is None:
         filled["query"] = preset.train.get("query", "image")
-    if cfg.noise_schedule is None and not cfg.init:
-        filled["noise_schedule"] = preset.train.get("noise_schedule", "ldm")
+    if not cfg.init:  # fine-tuning keeps the --init model's schedule unless told otherwise
+        for name, default in (("noise_schedule", "ldm"), ("zero_snr", False), ("timestep_spacing", "leading")):
+            if getattr(cfg, name) is None:
+                filled[name] = preset.train.get(name, default)
     cfg = dataclasses.replace(cfg, **filled)
     _check(cfg, init_config)
     return cfg, preset, init_config
@@ -202,8 +218,9 @@ def _check(cfg: TrainConfig, init_config: RDMConfig | None) -> None:
         raise RDMError(f"training settings must be positive integers: {', '.join(bad)}")
     if not cfg.lr > 0:
         raise RDMError(f"the learning rate must be positive, got {cfg.lr}")
-    if not 0.0 <= cfg.cond_drop < 1.0:
-        raise RDMError(f"cond_drop is a probability in [0, 1), got {cfg.cond_drop}")
+    if not 0.0 <= cfg.cond_drop < 1.0 or not 0.0 <= cfg.neighbour_drop < 1.0:
+        raise RDMError(f"cond_drop and neighbour_drop are probabilities in [0, 1), got {cfg.cond_drop} and "
+                       f"{cfg.neighbour_drop}")
     if not 0.0 < cfg.ema_decay < 1.0:
         raise RDMError(f"ema_decay must be in (0, 1), got {cfg.ema_decay}")
     if cfg.mixed_precision not in MIXED_PRECISION:
@@ -216,13 +233,12 @@ def _check(cfg: TrainConfig, init_config: RDMConfig | None) -> None:
         raise RDMError(f"prediction_type must be one of {PREDICTION_TYPES}, got {cfg.prediction_type!r}")
     if cfg.noise_schedule is not None and cfg.noise_schedule not in NOISE_SCHEDULES:
         raise RDMError(f"noise_schedule must be one of {', '.join(NOISE_SCHEDULES)}, got {cfg.noise_schedule!r}")
+    if cfg.timestep_spacing is not None and cfg.timestep_spacing not in TIMESTEP_SPACINGS:
+        raise RDMError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {cfg.timestep_spacing!r}")
     if init_config is not None:
         if cfg.vae is not None:
             raise RDMError("--vae cannot be combined with --init: the model's U-Net was trained on its own "
                            "autoencoder's latents, which fine-tuning keeps")
-        if cfg.prediction_type != init_config.prediction_type:
-            raise RDMError(f"the --init model predicts {init_config.prediction_type}, not {cfg.prediction_type}; "
-                           "drop --prediction-type or train a fresh model")
         if init_config.unconditional != "zeros" or not init_config.query_token:
             raise RDMError("the --init model uses a learned unconditional context or no query token; rdm train "
                            "trains [query, neighbours] contexts with a zeros unconditional context")
@@ -261,11 +277,12 @@ def build_model(cfg: TrainConfig, preset: Preset, embedding_dim: int) -> Model:
                            "with a CLIP of that dimension")
         if not hasattr(scheduler, "add_noise"):
             raise RDMError(f"the --init model's scheduler {type(scheduler).__name__} cannot add noise for training")
-        # fine-tuning may move onto another noise schedule; pixel-space models sample with x0 clipped
+        # fine-tuning may move onto another noise schedule or prediction type; pixel-space models sample with x0
+        # clipped
         changes = {**(NOISE_SCHEDULES[cfg.noise_schedule] if cfg.noise_schedule else {}),
+                   **_schedule_options(cfg), "prediction_type": cfg.prediction_type,
                    **(PIXEL_SAMPLING if vae is None else {})}
-        if changes:
-            scheduler = type(scheduler).from_config(scheduler.config, **changes)
+        scheduler = _check_schedule(type(scheduler).from_config(scheduler.config, **changes))
         if vae is not None:
             vae.requires_grad_(False)
         _check_resolution(cfg.resolution, vae)
@@ -278,10 +295,26 @@ def build_model(cfg: TrainConfig, preset: Preset, embedding_dim: int) -> Model:
     torch.manual_seed(cfg.seed)
     unet = preset.unet_model(channels, cfg.resolution // factor, embedding_dim)
     params = dict(LDM_SCHEDULE, parameterization="v" if cfg.prediction_type == "v_prediction" else "eps")
-    scheduler = DDIMScheduler(**{**scheduler_config_from_compvis(params), **NOISE_SCHEDULES[cfg.noise_schedule],
-                                 **(PIXEL_SAMPLING if vae is None else {})})
+    scheduler = _check_schedule(DDIMScheduler(**{**scheduler_config_from_compvis(params),
+                                                 **NOISE_SCHEDULES[cfg.noise_schedule], **_schedule_options(cfg),
+                                                 **(PIXEL_SAMPLING if vae is None else {})}))
     return Model(unet.train(), vae, scheduler, 1.0 if vae is None else None,
                  {"preset": preset.name, "vae": None if vae is None else str(cfg.vae)})
+
+
+def _schedule_options(cfg: TrainConfig) -> dict:
+    """The scheduler settings chosen (None: kept) for zero terminal SNR and the timestep spacing."""
+    chosen = {"rescale_betas_zero_snr": cfg.zero_snr, "timestep_spacing": cfg.timestep_spacing}
+    return {k: v for k, v in chosen.items() if v is not None}
+
+
+def _check_schedule(scheduler):
+    """Refuse zero terminal SNR with epsilon prediction: at t = T the input holds no signal, so x0 cannot be
+    recovered from a noise prediction (Lin et al. 2024, Sec. 3.2)."""
+    if scheduler.config.get("rescale_betas_zero_snr") and scheduler.config.prediction_type == "epsilon":
+        raise RDMError("zero terminal SNR needs --prediction-type v_prediction: at t = T an epsilon prediction "
+                       "says nothing about the image (Lin et al. 2024)")
+    return scheduler
 
 
 def _check_resolution(resolution: int, vae: AutoencoderKL | None) -> int:
@@ -336,13 +369,17 @@ def neighbour_keep(counts: torch.Tensor, k: int, generator: torch.Generator, ran
     return torch.arange(k)[None, :] < kept[:, None]  # (B, k)
 
 
-def training_context(query: torch.Tensor, neighbours: torch.Tensor, keep: torch.Tensor,
-                     drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def training_context(query: torch.Tensor, neighbours: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor,
+                     drop_neighbours: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(context (B, 1+k, D), mask (B, 1+k)): [query, kept neighbours], dropped slots zero and masked out;
-    rows with `drop` all zeros (the classifier-free guidance context), unmasked."""
+    rows with `drop_neighbours` [query, 0, ..., 0] unmasked (rdm.conditioning.query_only_context); rows with
+    `drop` all zeros (the classifier-free guidance context), unmasked."""
     neighbours = neighbours * keep[..., None]  # (B, k, D)
     context = cond.build_context(query, neighbours)  # (B, 1+k, D)
     mask = torch.cat([torch.ones_like(keep[:, :1]), keep], dim=1)  # (B, 1+k)
+    if drop_neighbours is not None:
+        context = torch.where(drop_neighbours[:, None, None], cond.query_only_context(context), context)
+        mask = mask | drop_neighbours[:, None]
     context = torch.where(drop[:, None, None], torch.zeros_like(context), context)
     mask = mask | drop[:, None]
     return context, mask
@@ -357,8 +394,11 @@ def make_batch(data: TrainingData, index: np.ndarray, generator: torch.Generator
     drop = torch.rand(len(index), generator=generator) < cfg.cond_drop  # (B,)
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, timesteps, (len(index),), generator=generator)
-    query = data.query_tokens(index, cfg.query, generator)  # (B, D); drawn last, "mixed" alone draws
-    context, mask = training_context(query, torch.from_numpy(data.neighbour_vectors[index]), keep, drop)
+    query = data.query_tokens(index, cfg.query, generator)  # (B, D); "mixed" alone draws
+    drop_neighbours = torch.rand(len(index), generator=generator) < cfg.neighbour_drop if cfg.neighbour_drop \
+        else None  # drawn last, and only when asked for: runs without it draw what they always drew
+    context, mask = training_context(query, torch.from_numpy(data.neighbour_vectors[index]), keep, drop,
+                                     drop_neighbours)
     return {k: v.to(device) for k, v in dict(x0=x0, context=context, mask=mask, noise=noise, t=t).items()}
 
 

@@ -7,6 +7,10 @@ the training settings that suit it, as open_clip keeps its architectures in `mod
     small-latent   the same images as 16x16x4 latents of a small autoencoder (rdm train-vae)
     base           GPU scale: 256x256 images as 32x32x4 latents
 
+small, small-latent and base train on a schedule rescaled to zero terminal SNR, with v-prediction and
+trailing timesteps (Lin et al. 2024: no signal is left at t = T for the model to read the image's
+colour from); tiny keeps CompVis' epsilon schedule, which the converted CompVis models use.
+
 A JSON file of the same shape may be given instead of a name (`--config FILE`). The U-Net section
 holds `diffusers.UNet2DConditionModel` arguments except the four that the data decide: `sample_size`,
 `in_channels`, `out_channels` (the latent or pixel channels) and `cross_attention_dim` (the CLIP's
@@ -29,7 +33,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 SPACES = ("pixel", "latent")
 DERIVED_UNET_KEYS = ("sample_size", "in_channels", "out_channels", "cross_attention_dim")
 TRAIN_KEYS = ("batch_size", "lr", "steps", "warmup_steps", "ema_decay", "k", "checkpoint_every", "sample_every",
-              "query", "noise_schedule")
+              "query", "noise_schedule", "prediction_type", "zero_snr", "timestep_spacing")
 VAE_TRAIN_KEYS = ("batch_size", "lr", "steps", "kl_weight")
 
 
