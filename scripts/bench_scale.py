@@ -106,9 +106,9 @@ elif what == "check-removed":
     hits = db.search(vec, k=10).hits(0)
     print(json.dumps({"returned_removed": any(h["id"] == gone for h in hits)}))
 elif what == "search":
-    from rdm.index import image_like_queries, recall_at_k, text_like_queries
-    sample = db.vectors_at(np.sort(rng.choice(getattr(db, "total_rows", db.count), 4096, replace=False)))
-    sets = {"image": image_like_queries(sample, 3), "text": text_like_queries(sample, 3)}
+    from rdm.index import recall_at_k
+    qfile = np.load(sys.argv[4])  # the same queries for every design (made by the driver)
+    sets = {"image": qfile["image"], "text": qfile["text"]}
     out = {}
     batch = np.concatenate([sets["image"], sets["text"]])
     t = time.perf_counter(); db.search(batch, k=10, records=False) if "records" in Database.search.__code__.co_varnames else db.search(batch, k=10)
@@ -155,13 +155,21 @@ def bench(size: int, work: Path, code: Path, label: str, env: dict, steps: set[s
     r["remove1_s"], r["remove1_rss_gb"] = rm["seconds"], rm["rss_gb"]
     r["removed_returned"] = json.loads(run(py + ["-c", PROBE, home, name, "check-removed", "3", str(emb)], env)["stdout"])["returned_removed"]
     if "search" in steps:
-        s = run(py + ["-c", PROBE, home, name, "search"], env)
+        queries = work / f"queries-{size}.npz"
+        if not queries.is_file():
+            from rdm.index import image_like_queries, text_like_queries
+            from rdm.segment import read_npy_picks
+
+            sample = read_npy_picks(emb, np.sort(np.random.default_rng(5).choice(size, 4096, replace=False)))
+            sample = sample.astype(np.float32)
+            np.savez(queries, image=image_like_queries(sample, 3), text=text_like_queries(sample, 3))
+        s = run(py + ["-c", PROBE, home, name, "search", str(queries)], env)
         r.update(json.loads(s["stdout"]))
     rm10 = run(py + ["-c", PROBE, home, name, "remove10k"], env)
     r["remove10k_s"], r["remove10k_rss_gb"] = rm10["seconds"], rm10["rss_gb"]
     a = run(rdm + ["build-index", str(extra), "--name", name, "--clip", clip, "--append"], env)
     r["append10k_s"], r["append10k_rss_gb"] = a["seconds"], a["rss_gb"]
-    if "compact" in steps:
+    if "compact" in steps and label != "baseline":  # the monolithic design has no compaction
         c = run(rdm + ["compact", name, "--quiet"], env)
         r["compact_s"], r["compact_rss_gb"] = c["seconds"], c["rss_gb"]
     return r
@@ -196,6 +204,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    sys.path.insert(0, str(REPO))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     ap.add_argument("--work", type=Path, required=True, help="folder for inputs and databases (needs disk)")
