@@ -144,28 +144,22 @@ def list_databases(indexes: str | None = None) -> list[dict]:
 
 
 def info(db: str, indexes: str | None = None, skipped: bool = True) -> dict:
-    """`rdm info`: from the manifest, plus the small skipped lists and the metadata columns (no vectors read)."""
-    import pyarrow.parquet as pq
-
-    from .database import Database, info_from_manifest
-
+    """`rdm info`: the manifest alone (segments record their columns); `skipped` adds the small skipped lists."""
     path = store.resolve(db, indexes)
     try:
         m = store.read_manifest(path, path.name)
     except FileNotFoundError:
-        Database.open(db, indexes)  # raises the clear error: missing, unfinished, ...
+        open_database(db, indexes)  # raises the clear error: missing, unfinished, ...
         raise
-    d = info_from_manifest(path, m)
-    columns: list[str] = []
-    try:
-        for seg in m["segments"]:
-            columns += [c for c in pq.read_schema(path / seg["files"]["metadata"]["name"]).names if c not in columns]
-        d["columns"] = columns
-        if skipped:
+    d = store.manifest_info(path, m)
+    if skipped:
+        import pyarrow.parquet as pq
+
+        try:
             d["skipped"] = [r for seg in m["segments"]
                             for r in pq.read_table(path / seg["files"]["skipped"]["name"]).to_pylist()]
-    except (OSError, ValueError) as e:
-        raise store.corrupt(path.name, f"a segment cannot be read ({e})") from None
+        except (OSError, ValueError) as e:
+            raise store.corrupt(path.name, f"a segment cannot be read ({e})") from None
     return d
 
 

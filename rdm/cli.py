@@ -108,7 +108,7 @@ def list_cmd(ctx, indexes):
 @click.pass_context
 def info(ctx, db, as_json, indexes):
     """Describe database DB (a name or a database folder) from its manifest."""
-    data = api.info(db, _home(ctx, indexes))
+    data = api.info(db, _home(ctx, indexes), skipped=as_json)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return

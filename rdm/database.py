@@ -529,20 +529,8 @@ class Database:
 
     def info(self) -> dict:
         """What `rdm info --json` prints."""
-        return info_from_manifest(self.path, self.manifest) | {"columns": self.column_names(),
-                                                               "skipped": self.skipped_list()}
-
-
-def info_from_manifest(path: Path, m: dict) -> dict:
-    """A database's description from its manifest alone (what `rdm info` prints; reads no data file)."""
-    size = sum(e["bytes"] for s in m["segments"] for e in s["files"].values())
-    size += sum(m[k]["bytes"] for k in ("trained", "tombstones") if m.get(k))
-    return {"name": m.get("name") or path.name, "path": str(path), "count": m["count"], "dim": m["dim"],
-            "embedder": m["embedder"], "metric": m["metric"], "index": m["index"], "index_factory": m["index_factory"],
-            "vector_dtype": m.get("vector_dtype", "float32"), "segments": len(m["segments"]),
-            "removed": (m.get("tombstones") or {}).get("count", 0), "skipped_count": m.get("skipped_count", 0),
-            "created": m["created"], "updated": m.get("updated"), "sources": m.get("sources", []),
-            "fingerprint": m["fingerprint"], "bytes_on_disk": size}
+        return store.manifest_info(self.path, self.manifest) | {"columns": self.column_names(),
+                                                                "skipped": self.skipped_list()}
 
 
 def _how_to_make(name: str) -> str | None:

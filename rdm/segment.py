@@ -106,7 +106,7 @@ def write_segment(db_dir: Path, start: int, vectors: np.ndarray, metadata: pa.Ta
     store.fsync_dir(root)
     files = {kind: store.file_entry(db_dir, final / fname, w) for kind, (fname, w) in written.items()}
     return {"id": seg_id, "start": int(start), "rows": int(len(vectors)), "dtype": dtype,
-            "skipped": int(skipped.num_rows), "files": files}
+            "skipped": int(skipped.num_rows), "columns": metadata.column_names, "files": files}
 
 
 def write_segment_index(db_dir: Path, entry: dict, data: bytes, tag: str) -> dict:

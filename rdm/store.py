@@ -228,6 +228,21 @@ def read_manifest(db_dir: Path, name: str) -> dict:
     return manifest
 
 
+def manifest_info(path: Path, m: dict) -> dict:
+    """A database's description from its manifest alone (what `rdm info` prints; reads no data file)."""
+    size = sum(e["bytes"] for s in m["segments"] for e in s["files"].values())
+    size += sum(m[k]["bytes"] for k in ("trained", "tombstones") if m.get(k))
+    columns: list[str] = []
+    for s in m["segments"]:
+        columns += [c for c in s.get("columns", []) if c not in columns]
+    return {"name": m.get("name") or path.name, "path": str(path), "count": m["count"], "dim": m["dim"],
+            "embedder": m["embedder"], "metric": m["metric"], "index": m["index"], "index_factory": m["index_factory"],
+            "vector_dtype": m.get("vector_dtype", "float32"), "segments": len(m["segments"]),
+            "removed": (m.get("tombstones") or {}).get("count", 0), "skipped_count": m.get("skipped_count", 0),
+            "columns": columns, "created": m["created"], "updated": m.get("updated"),
+            "sources": m.get("sources", []), "fingerprint": m["fingerprint"], "bytes_on_disk": size}
+
+
 def referenced_files(manifest: dict) -> set[str]:
     """Every file a manifest names (relative paths)."""
     names = {e["name"] for seg in manifest["segments"] for e in seg["files"].values()}
