@@ -291,13 +291,12 @@ def build_database(source: Source, name: str, embedder, home: str | Path | None 
 
 def _report(db: Database, embedded: int, skipped: list, started: float, resumed_from: int,
             note: str | None = None) -> BuildReport:
-    info = db.info() if note is None else None
     items = skipped if note is None else []
     return BuildReport(name=db.name, path=str(db.path), embedded=embedded, total=db.count,
                        skipped=Counter(s["reason"] for s in items), skipped_items=items,
                        seconds=time.perf_counter() - started, index_factory=db.spec.factory,
                        recall_at_10=db.spec.recall_at_10,
-                       bytes_on_disk=(info or db.info())["bytes_on_disk"], resumed_from=resumed_from,
+                       bytes_on_disk=store.manifest_info(db.path, db.manifest)["bytes_on_disk"], resumed_from=resumed_from,
                        segments=len(db.segments), note=note)
 
 

@@ -17,10 +17,9 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from . import database, store
 from . import index as faiss_index
-from . import store
-from . import database
-from .database import Database, fault, finish_manifest, skipped_table
+from .database import Database, fault, finish_manifest, rows_to_table, skipped_table
 from .segment import write_segment, write_segment_index
 
 WORK = ".compact"
@@ -83,6 +82,5 @@ def _metadata_of(db: Database, rows: np.ndarray) -> pa.Table:
         seg = db.segments[s]
         tables.append(seg.metadata.take(pa.array(rows[seg_of == s] - seg.start)))
     if not tables:
-        from .database import rows_to_table
         return rows_to_table([])
     return pa.concat_tables(tables, promote_options="permissive")
