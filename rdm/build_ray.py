@@ -2,8 +2,9 @@
 
 The same stage functions as the local engine (rdm.build), run by Ray instead of one process:
 
-  shards   the driver cuts the source's items into shards of batch_size x batches_per_shard items,
-           numbered k = 0, 1, ... by source position (the local engine's segment boundaries), and
+  shards   the driver cuts the source's items into shards of batch_size x batches_per_shard items
+           (fewer batches where that gives each actor under SHARDS_PER_ACTOR shards), numbered
+           k = 0, 1, ... by source position (within the local engine's segment boundaries), and
            leaves out those an interrupted build already finished (NAME/.build/progress.json)
   read     a CPU task per shard: `read_batches(source, lo, hi, batch_size)`             (rdm.build)
   decode   the same task: `decode_batch` on each batch, torch-free                      (rdm.pixels)
@@ -36,6 +37,7 @@ from .pixels import decode_batch
 from .segment import write_segment
 
 CPU_ACTOR_CORES = 8  # without GPUs: one embedding actor per this many cluster CPUs (at least one)
+SHARDS_PER_ACTOR = 4  # at least this many shards per actor where the source allows, so decoding overlaps embedding
 
 
 def _import_ray():
@@ -54,6 +56,16 @@ def shard_plan(n_items: int, start: int, shard_items: int, done: set[int]) -> li
     first = start // shard_items
     return [{"k": k, "lo": max(k * shard_items, start), "hi": min((k + 1) * shard_items, n_items)}
             for k in range(first, -(-n_items // shard_items)) if k not in done]
+
+
+def shard_items_for(n_items: int, batch_size: int, batches_per_shard: int, actors: int) -> int:
+    """Items per Ray shard: the local engine's segment (batches_per_shard batches), or the largest divisor of it
+    that still gives every actor SHARDS_PER_ACTOR shards, so a small build is not one shard decoded, then embedded.
+    A divisor keeps the local engine's segment boundaries: either engine resumes the other's build."""
+    for d in sorted((d for d in range(1, batches_per_shard + 1) if batches_per_shard % d == 0), reverse=True):
+        if -(-n_items // (batch_size * d)) >= SHARDS_PER_ACTOR * actors:
+            return batch_size * d
+    return batch_size
 
 
 def read_decode(shards: dict, source, transform, options, batch_size: int) -> dict:
@@ -145,15 +157,22 @@ class RayEngine:
             raise RDMError("the ray engine needs a source of known length (not a streamed dataset); "
                            "use --engine local")
         state = progress.state
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        actors = self.actors or (gpus if gpus else max(1, cpus // CPU_ACTOR_CORES))
+        shard_items = shard_items_for(n, opts.batch_size, opts.batches_per_shard, actors)
         pending = state.setdefault("pending", {})
+        if state.get("ray_shard_items", shard_items) != shard_items:  # shards of another cut: not this plan's
+            pending.clear()
+        state["ray_shard_items"] = shard_items
         for key, entry in list(pending.items()):  # a resumed build: keep what is still whole
             if not all((db_dir / e["name"]).is_file() for e in entry["files"].values()):
                 del pending[key]
-        shard_items = opts.batch_size * opts.batches_per_shard
         todo = shard_plan(n, state["next_index"], shard_items, {int(k) for k in pending})
         self._promote(progress, shard_items, n)
         if todo:
-            for k, entry in self._pipeline(ray, todo, source, embedder, opts, db_dir, present, dtype):
+            for k, entry in self._pipeline(ray, todo, source, embedder, opts, db_dir, present, dtype, gpus, cpus,
+                                           actors, shard_items):
                 pending[str(k)] = entry
                 progress.save()
                 self._promote(progress, shard_items, n)
@@ -175,16 +194,13 @@ class RayEngine:
             progress.save()
             fault(f"after-shard:{len(state['segments']) - 1}")
 
-    def _pipeline(self, ray, todo, source, embedder, opts, db_dir, present, dtype):
+    def _pipeline(self, ray, todo, source, embedder, opts, db_dir, present, dtype, gpus, cpus, actors, shard_items):
         """Yield (k, segment entry) as the cluster finishes shards (in any order)."""
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = bool(opts.progress and sys.stderr.isatty())
         ctx.print_on_execution_start = False
         if not ctx.enable_progress_bars:  # logs, not a terminal: Ray Data's own summaries and hints stay out
             logging.getLogger("ray.data").setLevel(logging.ERROR)
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        actors = self.actors or (gpus if gpus else max(1, cpus // CPU_ACTOR_CORES))
         actor_res = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         threads = max(1, min(cpus, CPU_ACTOR_CORES) if not gpus else 1)
         # CPU actors take the driver's dtype, so that their vectors are the local engine's; GPU actors pick theirs
@@ -194,7 +210,7 @@ class RayEngine:
         # read + decode: CPU tasks asking for the memory of a decoded shard (remote arguments unlike the
         # actors', so Ray does not fuse them into the actors: tasks decode the next shards while actors embed)
         side = embedder.pixel_transform.size
-        shard_bytes = 3 * opts.batch_size * opts.batches_per_shard * side * side * 3 + (256 << 20)  # + the process
+        shard_bytes = 3 * shard_items * side * side * 3 + (256 << 20)  # + the process
         ds = ds.map_batches(read_decode, batch_size=1, num_cpus=1, memory=shard_bytes,
                             fn_kwargs={"source": source, "transform": embedder.pixel_transform,
                                        "options": opts.decode, "batch_size": opts.batch_size})

@@ -10,7 +10,8 @@
     python scripts/eval_style_swap.py evaluate --model models/demo-rdm --databases toyart-{style} \\
         --classifier models/toyart-judge --contents 16 --seeds 0 1 2 3 --out reports/style_swap.json
 
-See rdm/demo/evaluate.py for what is measured: the judge's style-swap and content accuracies, and rdm score's
+See rdm/demo/evaluate.py for what is measured: the judge's style-swap and content accuracies, the blind judges
+(rdm/demo/blind.py: nearest style centroid in the model's CLIP space, border colour), and rdm score's
 judge-free retrieval precision, probe accuracy and CLIP content similarity (--no-score skips them).
 """
 
@@ -21,8 +22,9 @@ import json
 from pathlib import Path
 
 from rdm.demo.classifier import Augment, ClassifierConfig, ClassifierTrainConfig, ToyArtClassifier, train_classifier
-from rdm.demo.evaluate import (StyleSwapConfig, build_style_databases, contact_sheet, content_grid, database_scorer,
-                               open_style_databases, pipeline_sampler, run_style_swap)
+from rdm.demo.blind import CentroidJudge
+from rdm.demo.evaluate import (StyleSwapConfig, build_style_databases, contact_sheet, content_grid, database_borders,
+                               database_scorer, open_style_databases, pipeline_sampler, run_style_swap)
 from rdm.demo.toyart import STYLES
 
 
@@ -57,9 +59,13 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     databases = open_style_databases(a.databases, a.styles, a.indexes)
     scorer = None if a.no_score else database_scorer(databases, k=a.score_k)
     judge = ToyArtClassifier.load(a.classifier)
+    # the blind judges: style centroids of clean unseen toy art in the model's own CLIP space, border colours
+    centroids = CentroidJudge.from_toyart(pipe.embedder, a.styles, a.centroids) if a.centroids else None
+    borders = None if a.no_borders else database_borders(databases)
     config = StyleSwapConfig(contents=content_grid(a.contents), seeds=tuple(a.seeds), batch_size=a.batch_size,
                              control=not a.no_control)
-    report = run_style_swap(sampler, databases, judge, config, keep_images=bool(a.sheet), log=say, scorer=scorer)
+    report = run_style_swap(sampler, databases, judge, config, keep_images=bool(a.sheet), log=say, scorer=scorer,
+                            centroids=centroids, reference_borders=borders)
     report["model"] = {"path": str(Path(a.model).resolve()), "fingerprint": pipe.fingerprint}
     report["sampling"] = {"k": a.k, "steps": a.steps, "guidance": a.guidance, "style_scale": a.style_scale,
                           "eta": a.eta, "scheduler": a.scheduler}
@@ -121,6 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (rdm demo: 0, deterministic)")
     e.add_argument("--style-scale", type=float, default=None, help="the neighbours' guidance scale (rdm sample "
                    "--style-scale); default: plain guidance")
+    e.add_argument("--centroids", type=int, default=200,
+                   help="clean unseen toy-art images per style for the nearest-centroid judge (0: skip it)")
+    e.add_argument("--no-borders", action="store_true", help="skip the border-colour measure")
     e.add_argument("--score-k", type=int, default=10, help="neighbours per sample for rdm score's retrieval precision")
     e.add_argument("--no-score", action="store_true", help="skip rdm score (the judge-free measures)")
     e.add_argument("--scheduler", default=None, help="the model's (default), ddim-trailing (rdm demo's), dpm++ ...")

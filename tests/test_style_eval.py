@@ -282,3 +282,67 @@ def test_real_pipeline_with_per_style_databases(tmp_path, tiny_clip, judge):
     assert np.array_equal(np.asarray(again), np.asarray(report["images"][CONTROL][0]))
     with pytest.raises(RDMError, match="template"):
         open_style_databases("toyart", ("flat",), indexes)
+
+
+# ---------------------------------------------------------------- the blind judges (rdm.demo.blind)
+
+
+def tinted(sampler, rgb=(0.55, 0.75, 0.8), weight=0.5):
+    """The same sampler with every image blended towards one colour: the old demo's seed-tinted background."""
+    from PIL import Image
+
+    def sample(prompts, database, seeds):
+        out = []
+        for im in sampler(prompts, database, seeds):
+            a = np.asarray(im, np.float32) / 255 * (1 - weight) + np.asarray(rgb, np.float32) * weight
+            t = Image.fromarray((a * 255).round().astype(np.uint8))
+            t.info["labels"] = im.info["labels"]
+            out.append(t)
+        return out
+
+    return sample
+
+
+def test_border_colour_is_the_frame_of_toy_art():
+    from rdm.demo.blind import border_error, border_rgb
+    from rdm.demo.toyart import DARK_BG, LIGHT_BG
+
+    flat = render("star", "red", "flat", 64, rng=np.random.default_rng(0))
+    neon = render("star", "red", "neon", 64, rng=np.random.default_rng(0))
+    assert np.allclose(border_rgb(flat), LIGHT_BG, atol=0.01) and np.allclose(border_rgb(neon), DARK_BG, atol=0.01)
+    assert border_error([flat], border_rgb(neon))[0] == pytest.approx(LIGHT_BG - DARK_BG, abs=0.01)
+    with pytest.raises(RDMError, match="RGB image"):
+        border_rgb(np.zeros((8, 8)))
+
+
+def test_run_style_swap_reports_border_error_against_each_database():
+    from rdm.demo.blind import border_rgb
+
+    refs = {s: border_rgb(render("circle", "blue", s, 64, rng=np.random.default_rng(1))) for s in DATABASES}
+    clean = run_style_swap(toy_sampler(obey), DATABASES, OracleJudge(), SMALL, reference_borders=refs)
+    tint = run_style_swap(tinted(toy_sampler(obey)), DATABASES, OracleJudge(), SMALL, reference_borders=refs)
+    assert clean["summary"]["border_error"] < 0.02 and clean["summary"]["border_passed"]
+    assert tint["summary"]["border_error"] > 0.1 and not tint["summary"]["border_passed"]
+    assert "border error" in tint["markdown"]
+    control = tint["per_database"][CONTROL]  # no database, so no reference colour: measured, not scored
+    assert "border_rgb" in control and "border_error" not in control
+
+
+@pytest.fixture(scope="module")
+def demo_centroids():
+    from rdm import api
+    from rdm.demo.blind import CentroidJudge
+    from rdm.demo.run import DEMO_CLIP
+
+    return CentroidJudge.from_toyart(api.load_embedder(f"local-dir:{DEMO_CLIP}"), n_per_style=24)
+
+
+def test_nearest_centroid_judge_places_clean_toy_art_and_is_fooled_by_tints(demo_centroids):
+    obeying = run_style_swap(toy_sampler(obey), DATABASES, OracleJudge(), SMALL, centroids=demo_centroids)
+    ignoring = run_style_swap(toy_sampler(ignore), DATABASES, OracleJudge(), SMALL, centroids=demo_centroids)
+    assert obeying["summary"]["centroid_accuracy"] >= 0.9 and obeying["summary"]["centroid_passed"]
+    assert ignoring["summary"]["centroid_accuracy"] <= 0.5
+    # a dark tint over light styles drags them towards neon, the dark one: the judge learned nothing to ignore it
+    dark = run_style_swap(tinted(toy_sampler(obey), rgb=(0.05, 0.05, 0.1), weight=0.8), DATABASES, OracleJudge(),
+                          SMALL, centroids=demo_centroids)
+    assert dark["summary"]["centroid_accuracy"] < obeying["summary"]["centroid_accuracy"]

@@ -7,6 +7,9 @@ seeds, and the toy-art classifier (rdm.demo.classifier) judges every sample:
 * content accuracy: share with the prompted shape and colour (goal >= 80%);
 * the control: the same prompts and seeds with no database (the query alone), and the style mix it gives;
 * a confusion matrix, database style x predicted style;
+* with a `centroids` judge (rdm.demo.blind.CentroidJudge): the nearest-centroid style in the demo
+  CLIP's image space, which learned nothing about samples (goal >= 90%); with `reference_borders`
+  ({style: the database's own border colour}), each sample's border colour error (goal <= 0.05);
 * with a `scorer` (`database_scorer`: rdm score, rdm/score.py), measures that need no judge: retrieval
   precision and linear-probe accuracy towards the database sampled from (over all the style
   databases), and CLIP similarity with each sample's prompt.
@@ -26,6 +29,7 @@ from PIL import Image
 
 from rdm import api
 from rdm.database import Database
+from rdm.demo.blind import border_rgb
 from rdm.demo.toyart import COLOURS, SHAPES, STYLES, ToyArtSpec, generate, make_caption
 from rdm.errors import RDMError
 from rdm.sheets import grid
@@ -33,6 +37,8 @@ from rdm.sheets import grid
 CONTROL = "control (no database)"  # the row of samples drawn from the query alone
 STYLE_SWAP_GOAL = 0.90
 CONTENT_GOAL = 0.80
+CENTROID_GOAL = 0.90  # nearest-centroid style-swap accuracy
+BORDER_GOAL = 0.05  # mean absolute RGB difference between a sample's border and its database's
 
 Sampler = Callable[[list[str], Any, list[int]], list[Image.Image]]  # (prompts, database or None, seeds) -> images
 Scorer = Callable[[list[Image.Image], Any, list[str]], dict]  # (images, style or None, prompts) -> rdm score summary
@@ -103,7 +109,7 @@ def judge_samples(judge: Judge, samples: list[dict], batch_size: int = 256) -> N
             sample.update({f"pred_{k}": v for k, v in pred.items()})
 
 
-def summarise(samples: list[dict], style: str | None) -> dict:
+def summarise(samples: list[dict], style: str | None, reference_borders: Mapping | None = None) -> dict:
     """Accuracies and the predicted-style counts of one database's samples (style None: the control)."""
     n = len(samples)
     shape_ok = [s["pred_shape"] == s["shape"] for s in samples]
@@ -114,13 +120,28 @@ def summarise(samples: list[dict], style: str | None) -> dict:
            "predicted_styles": counts, "style_shares": {st: c / n for st, c in counts.items()}}
     if style is not None:
         out["style_swap_accuracy"] = counts.get(style, 0) / n
+    if "centroid_style" in samples[0]:
+        out["centroid_shares"] = {st: sum(s["centroid_style"] == st for s in samples) / n for st in STYLES}
+        if style is not None:
+            out["centroid_accuracy"] = out["centroid_shares"].get(style, 0.0)
+    if "border_rgb" in samples[0]:
+        out["border_rgb"] = [sum(s["border_rgb"][c] for s in samples) / n for c in range(3)]
+        if reference_borders is not None and style in reference_borders:
+            ref = [float(v) for v in reference_borders[style]]
+            out["reference_border_rgb"] = ref
+            out["border_error"] = sum(sum(abs(s["border_rgb"][c] - ref[c]) for c in range(3)) / 3
+                                      for s in samples) / n
     return out
 
 
 def run_style_swap(sampler: Sampler, databases: Mapping[str, Any], judge: Judge,
                    config: StyleSwapConfig = StyleSwapConfig(), keep_images: bool = False,
-                   log: Callable[[str], None] | None = None, scorer: Scorer | None = None) -> dict:
-    """The style-swap proof: sample every database (keyed by the style it holds) and the control; judge; tabulate."""
+                   log: Callable[[str], None] | None = None, scorer: Scorer | None = None,
+                   centroids: Any = None, reference_borders: Mapping | None = None) -> dict:
+    """The style-swap proof: sample every database (keyed by the style it holds) and the control; judge; tabulate.
+
+    centroids: a judge with predict(images) -> [style] (rdm.demo.blind.CentroidJudge); reference_borders:
+    {style: (3,) border colour of that database's images} (rdm.demo.blind.style_borders)."""
     # 1. Check inputs
     unknown = [style for style in databases if style not in STYLES]
     if unknown or not databases:
@@ -141,9 +162,16 @@ def run_style_swap(sampler: Sampler, databases: Mapping[str, Any], judge: Judge,
     # 3. Judge every sample (and score each database's samples with rdm score)
     for samples in rows.values():
         judge_samples(judge, samples)
+        if centroids is not None:
+            for sample, style in zip(samples, centroids.predict([j["image"] for j in samples])):
+                sample["centroid_style"] = style
+        if reference_borders is not None:
+            for sample in samples:
+                sample["border_rgb"] = [float(v) for v in border_rgb(sample["image"])]
 
     # 4. Tabulate
-    per_database = {name: summarise(samples, None if name == CONTROL else name) for name, samples in rows.items()}
+    per_database = {name: summarise(samples, None if name == CONTROL else name, reference_borders)
+                    for name, samples in rows.items()}
     if scorer is not None:
         for name, samples in rows.items():
             per_database[name]["score"] = scorer([j["image"] for j in samples], None if name == CONTROL else name,
@@ -174,6 +202,15 @@ def run_style_swap(sampler: Sampler, databases: Mapping[str, Any], judge: Judge,
         "samples": [{k: v for k, v in j.items() if k != "image"} | {"database": name}
                     for name, samples in rows.items() for j in samples],
     }
+    if centroids is not None:
+        acc = [per_database[s]["centroid_accuracy"] for s in styles]
+        report["summary"].update(centroid_accuracy=sum(acc) / len(acc), centroid_accuracy_min=min(acc),
+                                 centroid_goal=CENTROID_GOAL, centroid_passed=sum(acc) / len(acc) >= CENTROID_GOAL)
+    if reference_borders is not None:
+        errors = [per_database[s]["border_error"] for s in styles if "border_error" in per_database[s]]
+        if errors:
+            report["summary"].update(border_error=sum(errors) / len(errors), border_error_max=max(errors),
+                                     border_goal=BORDER_GOAL, border_passed=sum(errors) / len(errors) <= BORDER_GOAL)
     if scorer is not None:
         scores = [per_database[s]["score"] for s in styles]
         report["summary"]["score"] = {key: sum(sc[key] for sc in scores) / len(scores)
@@ -216,6 +253,28 @@ def markdown(report: dict) -> str:
               "|---|" + "---:|" * len(report["confusion"]["columns"])]
     for name, counts in zip(report["confusion"]["rows"], report["confusion"]["counts"]):
         lines.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
+    if "centroid_accuracy" in s or "border_error" in s:
+        lines += ["", "Blind judges (nothing learned from samples): nearest style centroid in the demo CLIP's image "
+                  "space; border colour (mean RGB of the outer frame) against the database's own images:", "",
+                  "| database | nearest-centroid style acc. | border RGB | database border RGB | border error |",
+                  "|---|---:|---|---|---:|"]
+        for name, row in report["per_database"].items():
+            acc = _pct(row["centroid_accuracy"]) if "centroid_accuracy" in row else "-"
+            rgb = lambda v: " ".join(f"{c:.2f}" for c in v) if v else "-"  # noqa: E731
+            err = f"{row['border_error']:.3f}" if "border_error" in row else "-"
+            lines.append(f"| {name} | {acc} | {rgb(row.get('border_rgb'))} | {rgb(row.get('reference_border_rgb'))} "
+                         f"| {err} |")
+        acc = f"**{_pct(s['centroid_accuracy'])}**" if "centroid_accuracy" in s else "-"
+        err = f"**{s['border_error']:.3f}**" if "border_error" in s else "-"
+        lines.append(f"| **mean over databases** | {acc} | | | {err} |")
+        goals = []
+        if "centroid_accuracy" in s:
+            goals.append(f"nearest-centroid {_pct(s['centroid_accuracy'])} (goal {_pct(s['centroid_goal'])}: "
+                         f"{'passed' if s['centroid_passed'] else 'not reached'})")
+        if "border_error" in s:
+            goals.append(f"border error {s['border_error']:.3f} (goal <= {s['border_goal']}: "
+                         f"{'passed' if s['border_passed'] else 'not reached'})")
+        lines += ["", "; ".join(goals) + "."]
     if "score" in s:
         lines += ["", "rdm score (no judge; over all the style databases, towards the one sampled from):", "",
                   "| database | retrieval precision | probe accuracy | CLIP content similarity |",
@@ -283,6 +342,24 @@ def database_scorer(databases: Mapping[str, Any], k: int = 10, embedder=None, se
         return {**report.summary, "k": report.k, "probe_heldout_accuracy": probe.heldout_accuracy}
 
     return score
+
+
+def database_borders(databases: Mapping[str, Any], n: int = 256) -> dict:
+    """{style: (3,) mean border colour of the first n images of that style's database} (their `path` column)."""
+    from rdm.demo.blind import style_borders
+
+    images = {}
+    for style, db in databases.items():
+        if "path" not in db.metadata.column_names:
+            raise RDMError(f"database {db.name} lists no image paths, so its border colour is unknown")
+        paths = [p for p in db.metadata.column("path").to_pylist()[:n] if p]
+        try:
+            images[style] = [Image.open(p).convert("RGB") for p in paths]
+        except OSError as e:
+            raise RDMError(f"database {db.name}: cannot read its image {e.filename or ''} ({e})") from None
+        if not images[style]:
+            raise RDMError(f"database {db.name} lists no image paths, so its border colour is unknown")
+    return style_borders(images)
 
 
 def open_style_databases(template: str, styles: Sequence[str] = STYLES, indexes: str | None = None) -> dict:
