@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from diffusers import ModelMixin, SchedulerMixin
 from safetensors.torch import load_file, save_file
 
 from .errors import RDMError
+from .store import atomic_folder
 
 FORMAT = "rdm-model"
 FORMAT_VERSION = 1
@@ -118,11 +117,7 @@ def save_model_folder(path, unet, vae, scheduler, config: RDMConfig, null_contex
         raise RDMError(f"{path} exists and is not a folder")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise RDMError(f"{path} already exists and is not empty; remove it or pass overwrite=True")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():  # left over by a crashed writer with our pid
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(path) as tmp:
         index = {"_class_name": "RDMPipeline", "_diffusers_version": diffusers.__version__,
                  "unet": _library_entry(unet), "vae": _library_entry(vae), "scheduler": _library_entry(scheduler)}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -133,16 +128,6 @@ def save_model_folder(path, unet, vae, scheduler, config: RDMConfig, null_contex
         (tmp / "rdm_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if null_context is not None:
             save_file({"null_context": null_context.detach().float().cpu().contiguous()}, str(tmp / NULL_CONTEXT_NAME))
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 

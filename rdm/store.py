@@ -169,6 +169,55 @@ def atomic_write_json(path: str | os.PathLike, obj) -> dict:
     return atomic_write(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
+@contextmanager
+def atomic_folder(final: str | os.PathLike, exists: str = "replace") -> Iterator[Path]:
+    """Fill a folder under a temporary name beside `final`, then rename it into place, durably.
+
+    Yields the temporary folder; when the block ends without an exception its files are fsynced and
+    it becomes `final`. An existing `final` is swapped out (exists="replace": readers see the old or
+    the new folder, never a mix) or kept (exists="keep": another writer finished first, theirs wins).
+    On an exception nothing changes and the temporary folder is removed.
+    """
+    if exists not in ("replace", "keep"):
+        raise ValueError(f"exists must be 'replace' or 'keep', got {exists!r}")
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tag = secrets.token_hex(4)
+    tmp = final.parent / f".{final.name}.{tag}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        commit_folder(tmp, final, exists)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def commit_folder(tmp: str | os.PathLike, final: str | os.PathLike, exists: str = "replace") -> None:
+    """Make a finished temporary folder `final`: fsync its files, then rename it into place (see atomic_folder).
+
+    For folders that another library fills under a name of its own (accelerate's save_state)."""
+    tmp, final = Path(tmp), Path(final)
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        elif f.is_dir():
+            fsync_dir(f)
+    fsync_dir(tmp)
+    if final.exists():
+        if exists == "keep":
+            shutil.rmtree(tmp)
+            return
+        old = final.parent / f".{final.name}.{secrets.token_hex(4)}.old"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
 def file_entry(db_dir: Path, path: Path, written: dict | None = None) -> dict:
     """Manifest entry of a data file: its path relative to the database, size and digest."""
     written = written or {"bytes": path.stat().st_size, HASH: digest_file(path)}

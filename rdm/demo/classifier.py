@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,12 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from rdm.demo.clip import autocast_dtype
 from rdm.demo.toyart import COLOURS, SHAPES, STYLES, ToyArtSpec, sample_item
 from rdm.errors import RDMError
+from rdm.store import atomic_write
 
 WEIGHTS_FILE = "classifier.safetensors"
 CONFIG_FILE = "classifier.json"
@@ -145,15 +146,10 @@ class ToyArtClassifier(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = path / (WEIGHTS_FILE + ".partial")
-        save_file(state, str(tmp))
-        os.chmod(tmp, 0o644)  # safetensors writes 0600; a judge folder is meant to be shared
-        os.replace(tmp, path / WEIGHTS_FILE)
+        atomic_write(path / WEIGHTS_FILE, safetensors_bytes(state))
         meta = {"config": asdict(self.config), "labels": {h: list(v) for h, v in self.labels.items()},
                 "metrics": metrics or {}, "train_config": train_config or {}}
-        tmp = path / (CONFIG_FILE + ".partial")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, path / CONFIG_FILE)
+        atomic_write(path / CONFIG_FILE, json.dumps(meta, indent=2))
         return path
 
     @classmethod

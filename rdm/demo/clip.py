@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,13 +28,14 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.loss import ClipLoss
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 
 from rdm.demo.toyart import COLOURS, SHAPES, STYLES, ToyArtSpec, make_caption, sample_item
 from rdm.embedder import Embedder
 from rdm.errors import RDMError
+from rdm.store import atomic_write
 
 DEMO_CLIP_CFG = {  # open_clip model_cfg: 64 px ViT, narrow text tower (49408 x 64 tokens); 5.3 M params, 10.6 MB fp16
     "embed_dim": 128,
@@ -270,18 +270,11 @@ def train_clip(config: ClipTrainConfig, out: str | Path | None = None, evaluate:
         if evaluate:
             result.metrics = evaluate_clip(Embedder.load(result.model_id, device=config.device, dtype="float32"))
             info["evaluation"] = result.metrics
-        _write_atomic(result.path / TRAIN_INFO_FILE, json.dumps(info, indent=2).encode())
+        atomic_write(result.path / TRAIN_INFO_FILE, json.dumps(info, indent=2))
     return result
 
 
 # ---------------------------------------------------------------- saving
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then os.replace it into place."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def save_clip(model: torch.nn.Module, out: str | Path, model_cfg: dict,
@@ -294,12 +287,9 @@ def save_clip(model: torch.nn.Module, out: str | Path, model_cfg: dict,
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
-    tmp = out / (WEIGHTS_FILE + ".partial")
-    save_file(state, str(tmp))
-    os.chmod(tmp, 0o644)  # safetensors writes 0600; a model folder is meant to be shared
-    os.replace(tmp, out / WEIGHTS_FILE)
+    atomic_write(out / WEIGHTS_FILE, safetensors_bytes(state))
     pre = dict(preprocess_cfg, size=model_cfg["vision_cfg"]["image_size"])
-    _write_atomic(out / CONFIG_FILE, json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pre}, indent=2).encode())
+    atomic_write(out / CONFIG_FILE, json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pre}, indent=2).encode())
     return out
 
 

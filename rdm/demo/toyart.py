@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from rdm.errors import RDMError
+from rdm.store import atomic_write
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "hexagon", "diamond")
 COLOURS = {  # name -> RGB; hues at least 20 degrees apart, so mixing with any grey keeps them apart
@@ -359,15 +359,16 @@ def generate(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise RDMError(f"{out_dir} is not empty; choose an empty folder or pass overwrite=True.")
     out_dir.mkdir(parents=True, exist_ok=True)
-    partial = out_dir / (METADATA_FILE + ".partial")
-    with partial.open("w", encoding="utf-8") as rows:
+
+    def draw(rows) -> None:  # the images, then metadata.jsonl lands whole: its presence means a finished set
         for index in range(start, start + n):
             image, labels = sample_item(spec, index)
             file_name = f"{labels['style']}/{index:06d}.png"
             (out_dir / labels["style"]).mkdir(exist_ok=True)
             image.save(out_dir / file_name)
-            rows.write(json.dumps({"file_name": file_name, **labels}) + "\n")
-    os.replace(partial, out_dir / METADATA_FILE)
+            rows.write((json.dumps({"file_name": file_name, **labels}) + "\n").encode())
+
+    atomic_write(out_dir / METADATA_FILE, draw)
     return out_dir
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -42,6 +41,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import store
 from ..database import Database
 from ..decode import DecodeOptions, Undecodable, decode_image
 from ..embedder import Embedder, weights_checksum
@@ -162,22 +162,12 @@ def vae_checksum(vae) -> str:
 
 def _write_folder(final: Path, files: dict[str, object]) -> Path:
     """Write {name: ndarray | JSON-able} into `final` atomically (temporary folder, then rename)."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with store.atomic_folder(final, exists="keep") as tmp:  # another process finished first: theirs is as good
         for name, value in files.items():
             if isinstance(value, np.ndarray):
                 np.save(tmp / name, value, allow_pickle=False)
             else:
                 (tmp / name).write_text(json.dumps(value, indent=1) + "\n")
-        if final.exists():  # another process finished first: theirs is as good as ours
-            return final
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return final
 
 
@@ -379,9 +369,7 @@ def prepare_images(source: Source, embedder: Embedder, vae, resolution: int, cac
 
 def _add_array(folder: Path, name: str, array: np.ndarray) -> None:
     """Add one array to a finished cache folder atomically (temporary file, then rename)."""
-    tmp = folder / f".{name}.tmp-{os.getpid()}.npy"
-    np.save(tmp, array, allow_pickle=False)
-    os.replace(tmp, folder / name)
+    store.atomic_write(folder / name, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def prepare_text_queries(images: Path, embedder: Embedder) -> Path:

@@ -45,7 +45,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 import warnings
@@ -62,7 +61,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import api
+from .. import api, store
 from .. import conditioning as cond
 from ..convert.compvis import scheduler_config_from_compvis
 from ..database import Database
@@ -437,9 +436,7 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, cfg: TrainCo
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, "config": cfg.to_dict()}, indent=1) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        store.commit_folder(tmp, final)  # fsynced, then renamed: a checkpoint is whole or absent
         for _, old in list_checkpoints(out)[:-keep] if keep > 0 else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

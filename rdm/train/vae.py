@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import RDMError, SourceError
 from ..sources import open_source
+from ..store import atomic_folder
 from .data import encode_latents, latent_scale_factor, read_crops, to_unit_range
 from .loop import MIXED_PRECISION, batch_indices, make_accelerator, step_generator
 from .presets import load_preset
@@ -184,11 +183,6 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
 
 def _save(vae: AutoencoderKL, out: Path, summary: dict) -> None:
     """save_pretrained into a temporary folder, then rename over `out`."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    vae.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "train_vae.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "train_vae.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
