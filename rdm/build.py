@@ -43,7 +43,7 @@ from .database import (SEGMENT_ROWS, Database, choose_dtype, fault, finish_manif
 from .decode import DecodeOptions
 from .errors import DatabaseError, RDMError
 from .pixels import PixelTransform, decode_batch, init_worker
-from .segment import read_npy_picks, read_npy_rows, write_segment, write_segment_index
+from .segment import npy_layout, read_npy_picks, read_npy_rows, write_segment, write_segment_index
 from .sources import Item, Source
 
 BUILD_DIR = ".build"
@@ -477,17 +477,21 @@ def _sample(db_dir: Path, name: str, segments: list[dict], n: int, seed: int) ->
     total = sum(s["rows"] for s in segments)
     rng = np.random.default_rng(seed)
     picks = np.sort(rng.choice(total, min(n, total), replace=False))
-    out, offset = [], 0
+    dim = npy_layout(db_dir / segments[0]["files"]["vectors"]["name"])[1][1]
+    out = np.empty((len(picks), dim), np.float32)  # filled in place: no second copy of a 1.6 GB sample
+    offset, filled = 0, 0
     for s in segments:
         local = picks[(picks >= offset) & (picks < offset + s["rows"])] - offset
         if len(local):
-            out.append(read_npy_picks(db_dir / s["files"]["vectors"]["name"], local).astype(np.float32))
+            out[filled:filled + len(local)] = read_npy_picks(db_dir / s["files"]["vectors"]["name"], local)
+            filled += len(local)
         offset += s["rows"]
-    return np.concatenate(out)
+    return out
 
 
 def _tune(db: Database, spec: faiss_index.IndexSpec, seed: int) -> None:
     """Tune nprobe and re-ranking on image-like and text-like queries against exact search."""
+    db.mapped_reads = False  # tuning re-scores ~10^5-10^6 random rows once: pread them, keep nothing mapped
     base = _sample(db.path, db.name, db.manifest["segments"], 4 * faiss_index.TUNE_QUERIES, seed + 11)
     sets = {}
     for kind, make in (("image", faiss_index.image_like_queries), ("text", faiss_index.text_like_queries)):

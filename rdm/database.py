@@ -165,6 +165,9 @@ class Database:
         self._stacked = None
         self._trained = None
         self._lock = threading.Lock()  # the stacked index is made once, whichever thread searches first
+        # re-scoring reads candidates through the memory maps (pages shared with every reader, kept warm); a
+        # one-off pass over many rows (a build's tuning) sets False to pread them, leaving nothing resident
+        self.mapped_reads = True
         if self.dim != manifest.get("dim") or any(s.vectors.shape[1] != self.dim for s in self.segments):
             raise store.corrupt(self.name, "its files disagree on the vectors' dimension")
 
@@ -295,8 +298,8 @@ class Database:
                 pick = valid[seg_of == s]
                 seg = self.segments[s]
                 local = flat[pick] - seg.start
-                order = np.argsort(local, kind="stable")  # ascending reads from the memory map
-                out[pick[order]] = seg.vectors[local[order]]
+                order = np.argsort(local, kind="stable")  # ascending reads
+                out[pick[order]] = seg.vectors[local[order]] if self.mapped_reads else seg.read_rows(local[order])
         return out.reshape(*rows.shape, self.dim)
 
     def records(self, rows: Sequence[int]) -> list[dict]:

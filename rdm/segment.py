@@ -56,6 +56,13 @@ def read_npy_rows(path: Path, lo: int = 0, hi: int | None = None) -> np.ndarray:
     return out.reshape((max(0, hi - lo),) + tuple(shape[1:]))
 
 
+def pread_rows(fd: int, offset: int, row_bytes: int, dtype: np.dtype, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = row rows[i] of an open .npy (data at `offset`), one pread per row: random rows without a
+    memory map, so nothing stays resident in this process (the OS page cache still serves repeats)."""
+    for i, r in enumerate(rows):
+        out[i] = np.frombuffer(os.pread(fd, row_bytes, offset + int(r) * row_bytes), dtype=dtype)
+
+
 def read_npy_picks(path: Path, rows: np.ndarray, chunk: int = 65_536) -> np.ndarray:
     """The given sorted rows of a 2-d .npy, read chunk by chunk (bounded memory, no memory map)."""
     rows = np.asarray(rows, np.int64)
@@ -158,6 +165,17 @@ class Segment:
     @property
     def rows(self) -> int:
         return self.entry["rows"]
+
+    def read_rows(self, local: np.ndarray) -> np.ndarray:
+        """Vectors at sorted local rows by pread (see pread_rows), in the stored dtype."""
+        out = np.empty((len(local), self.vectors.shape[1]), self.vectors.dtype)
+        fd = os.open(self.db_dir / self.entry["files"]["vectors"]["name"], os.O_RDONLY)
+        try:
+            pread_rows(fd, self.vectors.offset, self.vectors.shape[1] * self.vectors.dtype.itemsize,
+                       self.vectors.dtype, local, out)
+        finally:
+            os.close(fd)
+        return out
 
     def _read_table(self, f, entry: dict, columns=None) -> pa.Table:
         """A parquet file's table from its bytes (digest checked first when verifying); Arrow reads an

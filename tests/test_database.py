@@ -27,6 +27,17 @@ def test_every_item_is_its_own_nearest_neighbour(pictures, tiny_clip, home):
     assert np.array_equal(res.embeddings()[:, 0], db.vectors)
 
 
+def test_preads_return_the_mapped_vectors(pictures, tiny_clip, home):
+    root, _ = pictures
+    build(root, "pics", tiny_clip, home, batch_size=5, checkpoint_every=1)  # several segments
+    db = Database.open("pics", home)
+    assert len(db.segments) > 1
+    rows = np.array([[len(db.ids) - 1, 0, -1], [3, 3, 1]])
+    mapped = db.vectors_at(rows)
+    db.mapped_reads = False  # what a build's tuning pass reads with
+    assert np.array_equal(db.vectors_at(rows), mapped) and not mapped[0, 2].any()
+
+
 def test_filters_apply_inside_the_search(tmp_path, tiny_clip, home):
     root = tmp_path / "styled"
     names = make_folder(root, 20)
