@@ -140,15 +140,34 @@ def test_neighbour_mining_excludes_self_and_a_planted_duplicate(tmp_path, tiny_c
     assert data.neighbours.excluded_duplicates == 2
     np.testing.assert_allclose(data.neighbour_vectors, db.vectors_at(data.neighbours.rows))
     embedder_calls = []
-    original = embedder.encode_images
-    embedder.encode_images = lambda *a, **kw: embedder_calls.append(1) or original(*a, **kw)
+    original = embedder.encode_image_files
+    embedder.encode_image_files = lambda *a, **kw: embedder_calls.append(1) or original(*a, **kw)
     try:
         again = prepare_training_data(open_source(str(pics)), db, embedder, None, 16, 4, DUP_THRESHOLD,
                                       cache_dir=tmp_path / "cache", progress=False)
     finally:
-        embedder.encode_images = original
+        embedder.encode_image_files = original
     assert embedder_calls == [] and again.cache == data.cache
     np.testing.assert_array_equal(again.neighbours.rows, data.neighbours.rows)
+
+
+def test_a_large_jpeg_gets_the_same_query_vector_as_in_the_database(tmp_path, tiny_clip):
+    from PIL import Image
+
+    pics = tmp_path / "pics"
+    make_folder(pics, 4)
+    rng = np.random.default_rng(0)
+    big = np.repeat(np.repeat(rng.integers(0, 255, (75, 100, 3), dtype=np.uint8), 16, 0), 16, 1)  # 1600x1200
+    Image.fromarray(big).save(pics / "big.jpg", quality=90)  # decoded in draft mode by builds and queries
+    api.build_index(str(pics), name="big", clip=tiny_clip, indexes=str(tmp_path / "idx"), workers=0, progress=False)
+    db = Database.open("big", tmp_path / "idx")
+    embedder = api.embedder_for(db)
+    data = prepare_training_data(open_source(str(pics)), db, embedder, None, 16, 2, DUP_THRESHOLD,
+                                 cache_dir=tmp_path / "cache", progress=False)
+    row = db.rows_of(["big.jpg"])["big.jpg"]
+    np.testing.assert_allclose(data.query[data.ids.index("big.jpg")], db.vectors[row], atol=1e-6)
+    full = embedder.encode_images([Image.open(pics / "big.jpg").convert("RGB")])[0]  # what full-size decoding gives
+    assert np.abs(full - db.vectors[row]).max() > 1e-4  # so the test tells the two paths apart
 
 
 def test_text_queries_are_the_captions_text_embeddings(captioned, tmp_path):

@@ -5,7 +5,7 @@ Each training image becomes (as in RDM training, Blattmann et al. 2022, Sec. 3.2
   2. its own CLIP image embedding, computed from the full-resolution
      image exactly as the database embeds it, so that the image and
      its copies score 1.0 against it; the neighbours are mined
-     with it, and it is the query token of query="image"         (mapper: `Embedder.encode_images`)
+     with it, and it is the query token of query="image"   (mapper: `Embedder.encode_image_files`)
      with query="text" or "mixed", also the CLIP text embedding
      of its caption: the kind of query a prompt gives            (mapper: `prepare_text_queries`)
   3. its autoencoder posterior (mean, logvar), or in pixel space
@@ -197,10 +197,14 @@ def caption_text(value) -> str | None:
 
 
 def read_images(source: Source, limit: int | None = None, block: int = BLOCK, skipped: list | None = None,
-                captions: list | None = None) -> Iterator[tuple[list[str], list[Image.Image]]]:
-    """Blocks of (ids, decoded RGB images) in source order, decoded as databases decode them;
-    undecodable images go to `skipped`, the captions of the decoded ones (None: none) to `captions`."""
+                captions: list | None = None, payloads: list | None = None
+                ) -> Iterator[tuple[list[str], list[Image.Image]]]:
+    """Blocks of (ids, decoded full-size RGB images) in source order; undecodable images go to `skipped`, the
+    captions of the decoded ones (None: none) to `captions`, and, given `payloads`, each block's payloads
+    (path or bytes) replace its contents, for embedding the way databases do (Embedder.encode_image_files)."""
     ids, images = [], []
+    if payloads is not None:
+        payloads.clear()
     for n, item in enumerate(source.iter_items()):
         if limit is not None and n >= limit:
             break
@@ -209,6 +213,8 @@ def read_images(source: Source, limit: int | None = None, block: int = BLOCK, sk
             ids.append(item.id)
             if captions is not None:
                 captions.append(caption_text(item.meta.get("caption")))
+            if payloads is not None:
+                payloads.append(item.payload)
         except Undecodable as e:
             if skipped is not None:
                 skipped.append({"id": item.id, "reason": e.reason, "detail": e.detail})
@@ -216,6 +222,8 @@ def read_images(source: Source, limit: int | None = None, block: int = BLOCK, sk
         if len(ids) == block:
             yield ids, images
             ids, images = [], []
+            if payloads is not None:
+                payloads.clear()
     if ids:
         yield ids, images
 
@@ -348,10 +356,11 @@ def prepare_images(source: Source, embedder: Embedder, vae, resolution: int, cac
     total = len(source) if limit is None else min(limit, len(source))
     bar = tqdm(total=total if total >= 0 else None, desc="embedding training images", unit="img",
                disable=not progress)
-    for block_ids, block in read_images(source, limit, skipped=skipped, captions=captions):
+    payloads: list = []
+    for block_ids, block in read_images(source, limit, skipped=skipped, captions=captions, payloads=payloads):
         ids += block_ids
         crops = np.stack([center_crop(im, resolution) for im in block])  # (n, R, R, 3)
-        queries.append(embedder.encode_images(block))  # at full resolution, as the database embeds
+        queries.append(embedder.encode_image_files(payloads))  # decoded as the database decodes: the same vector
         latents.append(crops.transpose(0, 3, 1, 2).copy() if vae is None else encode_latents(vae, crops, device))
         bar.update(len(block_ids))
     bar.close()
