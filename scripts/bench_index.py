@@ -1,6 +1,6 @@
 """Benchmark: building databases (vs encoder-only and vs diffusers' research RDM retriever) and search.
 
-    python scripts/bench_index.py                 # everything (build: 512 images; search: 100k exact, 1M IVF)
+    python scripts/bench_index.py                 # everything (build: 4096 images; search: 100k exact, 1M IVF)
     python scripts/bench_index.py --quick         # smaller sizes, for a smoke run
     python scripts/bench_index.py --part build    # or --part search
 
@@ -185,7 +185,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {torch.get_num_threads()}", file=sys.stderr)
     if args.part in ("build", "all"):
-        n = args.images or (128 if args.quick else 512)
+        n = args.images or (128 if args.quick else 4096)  # Ray's ~15 s start-up amortised
         rows = bench_build(n, args.batch_size)
         print(f"\nBuild throughput, {n} JPEGs 512x384, batch {args.batch_size} (images/s)\n")
         print(table(["model", "dtype", "encoder-only", "rdm build", "build/encoder", "ray build", "ray/local",
