@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -72,7 +73,7 @@ class DemoConfig:
     thumbs: int = 3  # neighbour thumbnails at the start of each database row
     device: str | None = None  # cpu, cuda ... (default: cuda when present)
     threads: int | None = None  # torch CPU threads while the demo runs (None: auto_threads(), for this machine)
-    progress: bool = True  # progress bars over the denoising steps
+    progress: bool = True  # progress bars over the denoising steps (on a terminal only)
 
     def __post_init__(self):
         object.__setattr__(self, "prompts", tuple(self.prompts))
@@ -147,7 +148,7 @@ def sample_rows(pipe, databases: dict[str, str], config: DemoConfig, indexes: Pa
     """One pipeline call per row ({label: database name}, then none): every prompt x seed, same seeds throughout."""
     options = SampleOptions(k=config.k, num_images=config.seeds, steps=config.steps, guidance=config.guidance,
                             style_scale=config.style_scale, scheduler=config.scheduler, eta=config.eta,
-                            seed=config.seed, progress=config.progress)
+                            seed=config.seed, progress=config.progress and sys.stderr.isatty())
     rows = []
     for label, db in [*databases.items(), (CONTROL, None)]:
         images, records = _run(pipe, list(config.prompts), [(db, 1.0)] if db else [], options, None, (),
@@ -199,7 +200,7 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> DemoResult:
     model_dir, clip = resolve_assets(config.model, config.clip)
     out = Path(config.out).expanduser()
     seconds, t0 = {}, time.perf_counter()
-    pipe = load_pipeline(model_dir, config.device, None, config.progress)
+    pipe = load_pipeline(model_dir, config.device, None, config.progress and sys.stderr.isatty())
     if pipe.device.type == "cpu":
         pipe.unet.to(memory_format=torch.channels_last)  # oneDNN's convolutions: ~15% faster on CPU
     pipe.embedder = api.load_embedder(clip)  # the databases' (cached) embedder; refuses a CLIP the model did not use
