@@ -44,6 +44,7 @@ def compact(db: Database, progress: bool = False) -> dict:
     work.mkdir(exist_ok=True)
     state = _load_progress(work, db.fingerprint)
     live = db.live_rows()
+    db.mapped_reads = False  # one pass over every live row: pread them, leave nothing mapped and resident
     trained = db._trained_index()
     skipped = pa.concat_tables([s.skipped() for s in db.segments]) if db.segments else skipped_table([])
     resumed = len(state["segments"])

@@ -57,10 +57,19 @@ def read_npy_rows(path: Path, lo: int = 0, hi: int | None = None) -> np.ndarray:
 
 
 def pread_rows(fd: int, offset: int, row_bytes: int, dtype: np.dtype, rows: np.ndarray, out: np.ndarray) -> None:
-    """out[i] = row rows[i] of an open .npy (data at `offset`), one pread per row: random rows without a
-    memory map, so nothing stays resident in this process (the OS page cache still serves repeats)."""
-    for i, r in enumerate(rows):
-        out[i] = np.frombuffer(os.pread(fd, row_bytes, offset + int(r) * row_bytes), dtype=dtype)
+    """out[i] = row rows[i] (sorted) of an open .npy (data at `offset`), one pread per run of consecutive rows:
+    rows without a memory map, so nothing stays resident in this process (the OS page cache still serves
+    repeats). Runs are capped at 64 MB a read."""
+    rows = np.asarray(rows, np.int64)
+    if not len(rows):
+        return
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    cap = max(1, (64 << 20) // row_bytes)
+    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+        for a in range(int(lo), int(hi), cap):
+            b = min(int(hi), a + cap)
+            data = os.pread(fd, (b - a) * row_bytes, offset + int(rows[a]) * row_bytes)
+            out[a:b] = np.frombuffer(data, dtype=dtype).reshape(b - a, -1)
 
 
 def read_npy_picks(path: Path, rows: np.ndarray, chunk: int = 65_536) -> np.ndarray:
