@@ -491,11 +491,11 @@ def _sample(db_dir: Path, name: str, segments: list[dict], n: int, seed: int) ->
 
 def _tune(db: Database, spec: faiss_index.IndexSpec, seed: int) -> None:
     """Tune nprobe and re-ranking on image-like and text-like queries against exact search."""
-    db.mapped_reads = False  # tuning re-scores ~10^5-10^6 random rows once: pread them, keep nothing mapped
     base = _sample(db.path, db.name, db.manifest["segments"], 4 * faiss_index.TUNE_QUERIES, seed + 11)
     sets = {}
     for kind, make in (("image", faiss_index.image_like_queries), ("text", faiss_index.text_like_queries)):
         q = make(base, seed)
         sets[kind] = (q, db._exact_search(q, 10, None, streamed=True)[1])
     nlist = db.stacked_index().nlist
-    faiss_index.tune(spec, nlist, lambda q, k, sp: db._index_search(q, k, None, sp)[1], sets)
+    with db.unmapped_reads():  # tuning re-scores ~10^5-10^6 random rows once: pread them, keep nothing mapped
+        faiss_index.tune(spec, nlist, lambda q, k, sp: db._index_search(q, k, None, sp)[1], sets)

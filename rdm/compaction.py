@@ -39,12 +39,16 @@ def _load_progress(work, fingerprint: str) -> dict:
 
 def compact(db: Database, progress: bool = False) -> dict:
     """Compact `db` (the caller holds the writer lock); return a report."""
+    with db.unmapped_reads():  # one pass over every live row: pread them, leave nothing mapped and resident
+        return _compact(db, progress)
+
+
+def _compact(db: Database, progress: bool) -> dict:
     started = time.perf_counter()
     work = db.path / WORK
     work.mkdir(exist_ok=True)
     state = _load_progress(work, db.fingerprint)
     live = db.live_rows()
-    db.mapped_reads = False  # one pass over every live row: pread them, leave nothing mapped and resident
     trained = db._trained_index()
     skipped = pa.concat_tables([s.skipped() for s in db.segments]) if db.segments else skipped_table([])
     resumed = len(state["segments"])

@@ -15,12 +15,13 @@ is first read, the trained index when it is loaded, and everything by `verify()`
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 import os
 import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -166,7 +167,7 @@ class Database:
         self._trained = None
         self._lock = threading.Lock()  # the stacked index is made once, whichever thread searches first
         # re-scoring reads candidates through the memory maps (pages shared with every reader, kept warm); a
-        # one-off pass over many rows (a build's tuning) sets False to pread them, leaving nothing resident
+        # one-off pass over many rows (a build's tuning, compaction) preads them instead: unmapped_reads()
         self.mapped_reads = True
         if self.dim != manifest.get("dim") or any(s.vectors.shape[1] != self.dim for s in self.segments):
             raise store.corrupt(self.name, "its files disagree on the vectors' dimension")
@@ -301,6 +302,16 @@ class Database:
                 order = np.argsort(local, kind="stable")  # ascending reads
                 out[pick[order]] = seg.vectors[local[order]] if self.mapped_reads else seg.read_rows(local[order])
         return out.reshape(*rows.shape, self.dim)
+
+    @contextmanager
+    def unmapped_reads(self) -> Iterator[None]:
+        """Within the block, vectors_at preads rows instead of touching the memory maps, so a pass over many
+        rows leaves nothing resident in this process."""
+        before, self.mapped_reads = self.mapped_reads, False
+        try:
+            yield
+        finally:
+            self.mapped_reads = before
 
     def records(self, rows: Sequence[int]) -> list[dict]:
         """Metadata rows as dicts (id first), in the order given."""

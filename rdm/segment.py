@@ -72,19 +72,16 @@ def pread_rows(fd: int, offset: int, row_bytes: int, dtype: np.dtype, rows: np.n
             out[a:b] = np.frombuffer(data, dtype=dtype).reshape(b - a, -1)
 
 
-def read_npy_picks(path: Path, rows: np.ndarray, chunk: int = 65_536) -> np.ndarray:
-    """The given sorted rows of a 2-d .npy, read chunk by chunk (bounded memory, no memory map)."""
-    rows = np.asarray(rows, np.int64)
-    parts = []
-    i = 0
-    while i < len(rows):
-        lo = int(rows[i])
-        j = int(np.searchsorted(rows, lo + chunk))
-        block = read_npy_rows(path, lo, int(rows[j - 1]) + 1)
-        parts.append(block[rows[i:j] - lo])
-        i = j
-    _, shape, dtype = npy_layout(path)
-    return np.concatenate(parts) if parts else np.zeros((0,) + tuple(shape[1:]), dtype)
+def read_npy_picks(path: Path, rows: np.ndarray) -> np.ndarray:
+    """The given sorted rows of a 2-d .npy, in its dtype, by pread (pread_rows: no memory map)."""
+    offset, shape, dtype = npy_layout(path)
+    out = np.empty((len(rows),) + tuple(shape[1:]), dtype)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        pread_rows(fd, offset, int(np.prod(shape[1:])) * dtype.itemsize, dtype, rows, out)
+    finally:
+        os.close(fd)
+    return out
 
 
 def _write_npy(array: np.ndarray):
@@ -176,15 +173,8 @@ class Segment:
         return self.entry["rows"]
 
     def read_rows(self, local: np.ndarray) -> np.ndarray:
-        """Vectors at sorted local rows by pread (see pread_rows), in the stored dtype."""
-        out = np.empty((len(local), self.vectors.shape[1]), self.vectors.dtype)
-        fd = os.open(self.db_dir / self.entry["files"]["vectors"]["name"], os.O_RDONLY)
-        try:
-            pread_rows(fd, self.vectors.offset, self.vectors.shape[1] * self.vectors.dtype.itemsize,
-                       self.vectors.dtype, local, out)
-        finally:
-            os.close(fd)
-        return out
+        """Vectors at sorted local rows by pread (read_npy_picks), in the stored dtype."""
+        return read_npy_picks(self.db_dir / self.entry["files"]["vectors"]["name"], local)
 
     def _read_table(self, f, entry: dict, columns=None) -> pa.Table:
         """A parquet file's table from its bytes (digest checked first when verifying); Arrow reads an

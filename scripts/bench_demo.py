@@ -6,7 +6,7 @@
     python scripts/bench_demo.py --variants ddim:25 ddim-trailing:8 dpm++:8 --sheet bench_demo.png
 
 Each variant samples the demo's prompts and seeds with a few style databases (`rdm demo`'s), as one demo row
-each. "border" is the mean RGB of the samples' outer 4 pixels and "spread" its standard deviation over the
+each. "border" is the mean RGB of the samples' outer 4 pixels (rdm.demo.blind.border_rgb) and "spread" its standard deviation over the
 samples: toy art has a white, grey or black border, so a large spread is the seed-dependent tint.
 """
 
@@ -22,6 +22,7 @@ from PIL import Image
 
 from rdm import api
 from rdm.database import Database
+from rdm.demo.blind import border_rgb
 from rdm.demo.evaluate import build_style_databases
 from rdm.demo.run import DEFAULT_PROMPTS, DEMO_CLIP, DEMO_MODEL, DEMO_START
 from rdm.demo.toyart import ToyArtSpec
@@ -29,10 +30,8 @@ from rdm.pipeline import RDMPipeline
 
 
 def border(images: np.ndarray) -> np.ndarray:
-    """(N, 3) mean RGB of each image's outer 4-pixel frame; images (N, H, W, 3) in [0, 1]."""
-    mask = np.ones(images.shape[1:3], bool)
-    mask[4:-4, 4:-4] = False
-    return images[:, mask].mean(1)
+    """(N, 3) border colours (rdm.demo.blind.border_rgb) of images (N, H, W, 3) in [0, 1]."""
+    return np.stack([border_rgb(im) for im in images])
 
 
 def main() -> None:

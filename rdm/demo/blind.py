@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -55,7 +56,7 @@ def style_borders(images_by_style: Mapping[str, Sequence]) -> dict[str, np.ndarr
 
 def render_clean(style: str, n: int, start: int = CENTROID_START, spec: ToyArtSpec = ToyArtSpec()) -> list:
     """n clean toy-art images of one style (items start.. of spec with only that style)."""
-    one = ToyArtSpec(**{**spec.__dict__, "styles": (style,)})
+    one = replace(spec, styles=(style,))
     return [sample_item(one, start + i)[0] for i in range(n)]
 
 
