@@ -377,7 +377,7 @@ def _copy_vectors(source, dim: int, start: int, stop: int | None, present: set[s
     ids: list[str] = []
     meta: list[dict] = []
     n = 0
-    for lo, block, block_ids, block_meta in source.iter_blocks(start, 65_536):
+    for lo, block, block_ids, block_meta in source.iter_blocks(start, 16_384):
         if stop is not None and lo >= stop:
             break
         hi = len(block_ids) if stop is None else min(len(block_ids), stop - lo)
@@ -424,7 +424,7 @@ def _index_and_manifest(db_dir: Path, name: str, source: Source, embedder, opts:
         trained = existing._trained_index()
         if trained is not None:
             new = [s if "index" in s["files"] else write_segment_index(
-                db_dir, s, faiss_index.encode(trained, _segment_vectors(db_dir, name, s), s["start"]), existing.spec.tag)
+                db_dir, s, faiss_index.encode(trained, _segment_blocks(db_dir, s), s["start"]), existing.spec.tag)
                 for s in new]
         m["segments"] = m["segments"] + [s for s in new if s["rows"] or s["skipped"]]
         m["sources"] = m.get("sources", []) + [source_entry]
@@ -455,8 +455,7 @@ def _index_and_manifest(db_dir: Path, name: str, source: Source, embedder, opts:
     spec.tag, spec.train_size = entry["tag"], entry["train_size"]
     for i, s in enumerate(new):
         if "index" not in s["files"]:
-            new[i] = write_segment_index(db_dir, s, faiss_index.encode(trained, _segment_vectors(db_dir, name, s),
-                                                                       s["start"]), spec.tag)
+            new[i] = write_segment_index(db_dir, s, faiss_index.encode(trained, _segment_blocks(db_dir, s), s["start"]), spec.tag)
             progress.save()
     m["segments"] = new
     m["trained"] = {k: entry[k] for k in ("name", "bytes", store.HASH)}
@@ -468,8 +467,11 @@ def _index_and_manifest(db_dir: Path, name: str, source: Source, embedder, opts:
     return m
 
 
-def _segment_vectors(db_dir: Path, name: str, seg: dict) -> np.ndarray:
-    return read_npy_rows(db_dir / seg["files"]["vectors"]["name"])
+def _segment_blocks(db_dir: Path, seg: dict, rows: int = 65_536) -> Iterator[np.ndarray]:
+    """A segment's vectors, read block by block (nothing mapped, one block in memory)."""
+    path = db_dir / seg["files"]["vectors"]["name"]
+    for lo in range(0, seg["rows"], rows):
+        yield read_npy_rows(path, lo, lo + rows)
 
 
 def _sample(db_dir: Path, name: str, segments: list[dict], n: int, seed: int) -> np.ndarray:

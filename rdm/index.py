@@ -2,7 +2,7 @@
 
 Small databases need no FAISS data: they are searched exactly over their stored vectors. Above
 `EXACT_MAX` vectors the default is an inverted file with product-quantised codes,
-"IVF{~4 sqrt N},PQ{D/8}" (96 bytes per 768-d vector: 1 GB of codes at 10M vectors, where SQ8 would
+"IVF{~sqrt N},PQ{D/8}" (96 bytes per 768-d vector: 1 GB of codes at 10M vectors, where SQ8 would
 take 7.7 GB and float vectors 15-30 GB), trained once on a seeded sample. Every segment holds its
 share: its vectors encoded with that trained index, labelled with their database rows. At search
 time the segments' inverted lists are stacked into one index (faiss `HStackInvertedLists` over
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import faiss
 import numpy as np
@@ -94,13 +94,19 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 
 def default_factory(n: int, dim: int) -> str:
-    """Exact for small databases; above EXACT_MAX an inverted file with ~4 sqrt(n) lists (an HNSW graph
-    over the centroids from 8192 lists on, so assigning 10M vectors does not cost 10M x nlist dot products)
-    and D/8-byte PQ codes (no polysemous training: it costs minutes and search re-ranks exactly anyway)."""
+    """Exact for small databases; above EXACT_MAX an inverted file with ~sqrt(n) lists (a power of two, at
+    least 1024) and D/8-byte PQ codes (no polysemous training: it costs minutes and search re-ranks exactly).
+
+    Few, large lists rather than faiss' usual 4-16 sqrt(n): candidates are re-scored exactly from the stored
+    vectors, so scanning more codes per list is cheap, while text-like queries, which sit far from every
+    centroid, route poorly among many small lists (measured: see README, "At scale"). Assigning a vector
+    then costs sqrt(n) dot products (4096 at 10M); an HNSW graph over the centroids only from 16384 lists
+    (n ~ 200M) on.
+    """
     if n <= EXACT_MAX:
         return "Flat"
-    nlist = max(1024, min(2 ** round(math.log2(4 * math.sqrt(n))), 65536))
-    quantizer = "_HNSW32" if nlist >= 8192 else ""
+    nlist = max(1024, min(2 ** round(math.log2(math.sqrt(n))), 65536))
+    quantizer = "_HNSW32" if nlist >= 16384 else ""
     codes = f"PQ{dim // 8}np" if dim % 8 == 0 else "SQ8"
     return f"IVF{nlist}{quantizer},{codes}"
 
@@ -163,13 +169,18 @@ def training_size(factory: str, dim: int) -> int:
     return min(TRAIN_MAX, max(TRAIN_PER_LIST * ivf.nlist, 10_000))
 
 
-def encode(trained: faiss.Index, vectors: np.ndarray, start: int, chunk: int = 65_536) -> bytes:
-    """A segment's share: its vectors encoded with the trained index, labelled start .. start + n - 1."""
+def encode(trained: faiss.Index, blocks: np.ndarray | Iterable[np.ndarray], start: int, chunk: int = 65_536) -> bytes:
+    """A segment's share: its vectors (an array, or its blocks in order) encoded with the trained index,
+    labelled start .. start + n - 1."""
+    if isinstance(blocks, np.ndarray):
+        blocks = (blocks[i:i + chunk] for i in range(0, len(blocks), chunk))
     index = faiss.clone_index(trained)
     _set_quantizer_ef(ivf_of(index), 16)  # assignment: a near-best list is fine, searches probe several
-    for i in range(0, len(vectors), chunk):
-        block = np.ascontiguousarray(vectors[i:i + chunk], dtype=np.float32)
-        index.add_with_ids(block, np.arange(start + i, start + i + len(block), dtype=np.int64))
+    row = start
+    for block in blocks:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        index.add_with_ids(block, np.arange(row, row + len(block), dtype=np.int64))
+        row += len(block)
     return serialize(index)
 
 
@@ -180,12 +191,21 @@ class StackedIndex:
         self.parts = [faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in paths]  # mapped, not read
         self.lists = faiss.InvertedListsPtrVector()
         for part in self.parts:
-            self.lists.push_back(ivf_of(part).invlists)
+            lists = faiss.downcast_InvertedLists(ivf_of(part).invlists)
+            if isinstance(lists, faiss.OnDiskInvertedLists):
+                lists.prefetch_nthread = 0  # faiss' default starts 32 threads per search to touch the pages
+                # first: 4-5x the time of a 1M search whose pages are in memory anyway
+            self.lists.push_back(lists)
         self.stack = faiss.HStackInvertedLists(self.lists.size(), self.lists.data())
-        self.index = faiss.clone_index(trained)
+        # two views of the same lists: batches parallelise over queries (faiss' default), a single query
+        # over the lists it probes (parallel_mode 1), so one query uses every core
+        self.index, self.single = faiss.clone_index(trained), faiss.clone_index(trained)
+        for index in (self.index, self.single):
+            ivf = ivf_of(index)
+            ivf.replace_invlists(self.stack, False)
+            ivf.ntotal = index.ntotal = ntotal
+        ivf_of(self.single).parallel_mode = 1
         self.ivf = ivf_of(self.index)
-        self.ivf.replace_invlists(self.stack, False)
-        self.ivf.ntotal = self.index.ntotal = ntotal
         self.nlist = self.ivf.nlist
 
     def search(self, queries: np.ndarray, fetch: int, nprobe: int, selector=None) -> np.ndarray:
@@ -198,7 +218,8 @@ class StackedIndex:
             qp = faiss.SearchParametersHNSW()
             qp.efSearch = max(64, 2 * params.nprobe)
             params.quantizer_params = qp
-        _, labels = self.index.search(queries, fetch, params=params)
+        index = self.single if len(queries) < faiss.omp_get_max_threads() else self.index
+        _, labels = index.search(queries, fetch, params=params)
         return labels
 
 
@@ -241,17 +262,19 @@ def image_like_queries(sample: np.ndarray, seed: int) -> np.ndarray:
     return normalise(picks + noise)
 
 
-def text_like_queries(sample: np.ndarray, seed: int, cosine: float = 0.3) -> np.ndarray:
+def text_like_queries(sample: np.ndarray, seed: int, cosine: float = 0.3, gaps: int = 8) -> np.ndarray:
     """Queries off the image manifold, as CLIP text embeddings are (Liang et al. 2022, the modality gap).
 
-    Each is a data vector moved along one shared "gap" direction (plus a little noise) until its
-    cosine with that vector is about `cosine`: all text queries sit in their own cone, far from every
-    image and from the IVF centroids, yet their nearest images are still those of the data vector.
+    Each is a data vector moved along a "gap" direction (plus a little noise) until its cosine with that
+    vector is about `cosine`: the text queries sit in cones of their own, far from every image and from
+    the IVF centroids, yet their nearest images are still those of the data vector. A CLIP model has one
+    gap direction, unknown when a database is built: the queries spread over `gaps` random directions, so
+    a tuning does not depend on how one direction happens to lie to the data.
     """
     rng = np.random.default_rng(seed + 2)
     d = sample.shape[1]
     picks = sample[rng.choice(len(sample), min(TUNE_QUERIES, len(sample)), replace=False)].astype(np.float32)
-    gap = normalise(rng.standard_normal((1, d)).astype(np.float32))
+    gap = normalise(rng.standard_normal((gaps, d)).astype(np.float32))[np.arange(len(picks)) % gaps]
     noise = normalise(rng.standard_normal(picks.shape).astype(np.float32))
     off = normalise(0.85 * gap + 0.15 * noise)
     off = normalise(off - (off * picks).sum(1, keepdims=True) * picks)  # orthogonal to the data vector

@@ -1,8 +1,9 @@
 """Databases at scale: build, open, info, remove, append, compact and search at 1M and 10M x 768 vectors.
 
-    python scripts/bench_scale.py --sizes 1000000 10000000 --work /path/with/disk [--baseline df1196e]
+    python scripts/bench_scale.py --sizes 1000000 10000000 --work /path/with/disk [--baseline df1196e] [--data isotropic]
 
-Synthetic clustered unit vectors (10k clusters, cosine ~0.86 to their centre; stored as float16
+Synthetic clustered unit vectors (10k clusters; `--data structured`, the default, or `isotropic`: see
+make_vectors; stored as float16
 .npy to halve the input's disk) are built with `rdm build-index emb.npy` (a 768-d open_clip model in
 local-dir format stands in for CLIP: precomputed vectors embed nothing). Every step runs in its own
 process, timed and with its peak RSS read from os.wait4. `--baseline COMMIT` runs the same steps at
@@ -28,6 +29,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DIM = 768
 CLUSTERS = 10_000
+LATENT = 32  # structured data: dimensions of the latent space the clusters live in
+CONE = 0.55  # structured data: cosine of every vector's latent part to the shared mean direction
 
 
 def cpu_name() -> str:
@@ -40,18 +43,43 @@ def cpu_name() -> str:
         return platform.processor() or "unknown"
 
 
-def make_vectors(path: Path, n: int, seed: int = 0, chunk: int = 250_000) -> None:
-    """n clustered unit vectors (float16 .npy), written chunk by chunk (bounded memory)."""
+def make_vectors(path: Path, n: int, data: str = "structured", seed: int = 0, chunk: int = 250_000) -> None:
+    """n clustered unit vectors (float16 .npy), written chunk by chunk (bounded memory; chunk i has its own
+    seeded generator, so a file is the same however it is cut).
+
+    structured: 10k clusters (1000 topics x 10 sub-clusters) in a 32-dimensional latent space, in a cone
+      around a shared mean direction (mean pairwise cosine ~0.29), plus a little isotropic noise in all
+      768 dimensions: local structure, as embeddings of real images have (neighbours are meaningfully
+      closer than the rest). Text-like queries made from it sit at cosine ~0.30 of their nearest image.
+    isotropic: 10k random centres plus isotropic noise (cosine ~0.86 to the centre): a cluster's members
+      are an unstructured cloud in 768 dimensions, so neighbours within it are nearly equidistant and a
+      query offset along any direction re-orders them by that direction's noise (the stress case).
+    """
     if path.is_file():
         return
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((CLUSTERS, DIM)).astype(np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    if data == "isotropic":
+        centres = rng.standard_normal((CLUSTERS, DIM)).astype(np.float32)
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    elif data == "structured":
+        basis = np.linalg.qr(rng.standard_normal((DIM, LATENT + 1)))[0].T.astype(np.float32)  # orthonormal rows
+        mean, basis = basis[0], basis[1:]
+        topics = rng.standard_normal((CLUSTERS // 10, LATENT)).astype(np.float32)
+        centres = topics[np.arange(CLUSTERS) // 10] + 0.5 * rng.standard_normal((CLUSTERS, LATENT)).astype(np.float32)
+    else:
+        raise SystemExit(f"unknown --data {data!r}: structured or isotropic")
     tmp = path.with_suffix(".tmp.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, DIM))
-    for lo in range(0, n, chunk):
+    for i, lo in enumerate(range(0, n, chunk)):
         m = min(chunk, n - lo)
-        x = centres[rng.integers(0, CLUSTERS, m)] + 0.6 * rng.standard_normal((m, DIM), dtype=np.float32) / np.sqrt(DIM)
+        r = np.random.default_rng([seed, i])
+        noise = r.standard_normal((m, DIM), dtype=np.float32) / np.sqrt(DIM)
+        if data == "isotropic":
+            x = centres[r.integers(0, CLUSTERS, m)] + 0.6 * noise
+        else:
+            z = centres[r.integers(0, CLUSTERS, m)] + 0.35 * r.standard_normal((m, LATENT), dtype=np.float32)
+            z /= np.linalg.norm(z, axis=1, keepdims=True)
+            x = CONE * mean + np.sqrt(1 - CONE ** 2) * (z @ basis) + 0.25 * noise
         out[lo:lo + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
     out.flush()
     del out
@@ -68,6 +96,29 @@ def make_append(path: Path, n: int = 10_000, seed: int = 1) -> None:
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), DIM)
     pq.write_table(pa.table({"id": [f"new-{i}" for i in range(n)], "embedding": emb}), path)
+
+
+def in_child(fn, *args) -> None:
+    """Run fn(*args) in a spawned process: a forked child inherits its parent's peak RSS (Linux carries
+    the high-water mark across fork and exec), so the driver itself must stay small for os.wait4's
+    figures to be the steps' own."""
+    import multiprocessing as mp
+
+    p = mp.get_context("spawn").Process(target=fn, args=args)
+    p.start()
+    p.join()
+    if p.exitcode != 0:
+        raise SystemExit(f"{fn.__name__}{args} failed ({p.exitcode})")
+
+
+def make_queries(emb: Path, size: int, path: Path) -> None:
+    from rdm.index import image_like_queries, text_like_queries
+    from rdm.segment import read_npy_picks
+
+    sample = read_npy_picks(emb, np.sort(np.random.default_rng(5).choice(size, 4096, replace=False)))
+    sample = sample.astype(np.float32)
+    fresh = np.concatenate([image_like_queries(sample, 4)[:150], text_like_queries(sample, 4)[:150]])
+    np.savez(path, image=image_like_queries(sample, 3), text=text_like_queries(sample, 3), latency=fresh)
 
 
 def run(cmd: list[str], env: dict) -> dict:
@@ -114,9 +165,9 @@ elif what == "search":
     t = time.perf_counter(); db.search(batch, k=10, records=False) if "records" in Database.search.__code__.co_varnames else db.search(batch, k=10)
     out["batched_qps"] = len(batch) / (time.perf_counter() - t)
     lat = []
-    for i in range(300):
-        x = batch[i % len(batch)][None]
-        t = time.perf_counter(); db.search(x, k=10); lat.append(time.perf_counter() - t)
+    fresh = qfile["latency"] if "latency" in qfile else batch[:300]  # queries not searched before in this process
+    for x in fresh:
+        t = time.perf_counter(); db.search(x[None], k=10); lat.append(time.perf_counter() - t)
     out["p50_ms"], out["p99_ms"] = float(np.percentile(lat, 50) * 1e3), float(np.percentile(lat, 99) * 1e3)
     for kind, qs in sets.items():
         found = db.search(qs, k=10).rows
@@ -130,18 +181,19 @@ elif what == "search":
 """
 
 
-def bench(size: int, work: Path, code: Path, label: str, env: dict, steps: set[str]) -> dict:
+def bench(size: int, work: Path, code: Path, label: str, env: dict, steps: set[str], data: str) -> dict:
     """All steps at one size with the rdm at `code`; returns the figures."""
-    env = dict(env, PYTHONPATH=str(code), RDM_INDEXES=str(work / f"indexes-{label}-{size}"))
-    emb, extra = work / f"emb-{size}.npy", work / "append-10k.parquet"
-    make_vectors(emb, size)
+    env = dict(env, PYTHONPATH=str(code), RDM_INDEXES=str(work / f"indexes-{label}-{data}-{size}"))
+    emb, extra = work / f"emb-{data}-{size}.npy", work / "append-10k.parquet"
+    if not emb.is_file():
+        in_child(make_vectors, emb, size, data)
     if not extra.is_file():
-        make_append(extra)
+        in_child(make_append, extra)
     clip = env["BENCH_CLIP"]
     py = [sys.executable]
     rdm = py + ["-m", "rdm.cli"]
     home, name = env["RDM_INDEXES"], "bench"
-    r: dict = {"label": label, "size": size}
+    r: dict = {"label": label, "size": size, "data": data}
     if not (Path(home) / name / "manifest.json").is_file():
         b = run(rdm + ["build-index", str(emb), "--name", name, "--clip", clip], env)
         r["build_s"], r["build_rss_gb"] = b["seconds"], b["rss_gb"]
@@ -155,14 +207,9 @@ def bench(size: int, work: Path, code: Path, label: str, env: dict, steps: set[s
     r["remove1_s"], r["remove1_rss_gb"] = rm["seconds"], rm["rss_gb"]
     r["removed_returned"] = json.loads(run(py + ["-c", PROBE, home, name, "check-removed", "3", str(emb)], env)["stdout"])["returned_removed"]
     if "search" in steps:
-        queries = work / f"queries-{size}.npz"
+        queries = work / f"queries-{data}-{size}.npz"
         if not queries.is_file():
-            from rdm.index import image_like_queries, text_like_queries
-            from rdm.segment import read_npy_picks
-
-            sample = read_npy_picks(emb, np.sort(np.random.default_rng(5).choice(size, 4096, replace=False)))
-            sample = sample.astype(np.float32)
-            np.savez(queries, image=image_like_queries(sample, 3), text=text_like_queries(sample, 3))
+            in_child(make_queries, emb, size, queries)
         s = run(py + ["-c", PROBE, home, name, "search", str(queries)], env)
         r.update(json.loads(s["stdout"]))
     rm10 = run(py + ["-c", PROBE, home, name, "remove10k"], env)
@@ -184,7 +231,7 @@ COLUMNS = [("build_s", "build s"), ("build_rss_gb", "build RSS GB"), ("disk_gb",
 
 
 def table(rows: list[dict]) -> str:
-    head = "| figure | " + " | ".join(f"{r['label']} {r['size'] / 1e6:g}M" for r in rows) + " |"
+    head = "| figure | " + " | ".join(f"{r['label']} {r.get('data', 'isotropic')} {r['size'] / 1e6:g}M" for r in rows) + " |"
     lines = [head, "|" + "---|" * (len(rows) + 1)]
     for key, title in COLUMNS:
         cells = []
@@ -203,6 +250,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def make_clip(clip_dir: Path) -> None:
+    sys.path.insert(0, str(REPO))
+    from rdm.tiny import TINY_CLIP_CFG, make_tiny_clip
+
+    make_tiny_clip(clip_dir, model_cfg=dict(TINY_CLIP_CFG, embed_dim=DIM))
+
+
 def main() -> None:
     sys.path.insert(0, str(REPO))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +264,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="folder for inputs and databases (needs disk)")
     ap.add_argument("--baseline", default=None, help="git commit of the design to compare at the smallest size")
     ap.add_argument("--no-compact-above", type=int, default=None, help="skip compaction above this size")
+    ap.add_argument("--data", choices=("structured", "isotropic"), default="structured",
+                    help="the synthetic vectors (see make_vectors)")
     ap.add_argument("--table-only", action="store_true", help="print the table of WORK/results.jsonl")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -221,10 +277,7 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 2)))
     clip_dir = args.work / "clip768"
     if not (clip_dir / "open_clip_config.json").is_file():
-        sys.path.insert(0, str(REPO))
-        from rdm.tiny import TINY_CLIP_CFG, make_tiny_clip
-
-        make_tiny_clip(clip_dir, model_cfg=dict(TINY_CLIP_CFG, embed_dim=DIM))
+        in_child(make_clip, clip_dir)
     env["BENCH_CLIP"] = f"local-dir:{clip_dir.resolve()}"
     rows = []
     plan = []
@@ -239,7 +292,7 @@ def main() -> None:
         if args.no_compact_above is None or size <= args.no_compact_above:
             steps.add("compact")
         print(f"== {label} {size:,}", flush=True)
-        r = bench(size, args.work, code, label, env, steps)
+        r = bench(size, args.work, code, label, env, steps, args.data)
         with open(results, "a") as f:
             f.write(json.dumps(r) + "\n")
         rows.append(r)
