@@ -65,7 +65,7 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
     Ray Data pipeline on the cluster at `ray_address` (default: a local one), see rdm.build_ray.
     """
     from .build import BuildOptions, build_database
-    from .embedder import DEFAULT_CLIP
+    from .identity import DEFAULT_CLIP
     from .sources import open_source
 
     if engine not in ("local", "ray"):
@@ -81,11 +81,11 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
     if clip is None and (append or resume) and (db_dir / store.MANIFEST).is_file():
         # keep the embedder the database was built with (the manifest says which; no need to load it)
         clip = store.read_manifest(db_dir, db_dir.name)["embedder"]["model"]
-    if src.kind == "embeddings":  # nothing to embed: the CLIP is recorded, loaded only if it is on this machine
-        from .embedder import embedder_for_vectors
+    if src.kind == "embeddings":  # nothing to embed: the CLIP is recorded (loaded, in a child, only if it is
+        # on this machine), so this process never imports torch
+        from .identity import identity_for_vectors
 
-        embedder = embedder_for_vectors(clip or DEFAULT_CLIP, int(src.vectors.shape[1]),
-                                        load=lambda m: load_embedder(m, device, dtype))
+        embedder = identity_for_vectors(clip or DEFAULT_CLIP, int(src.vectors.shape[1]))
     else:
         embedder = load_embedder(clip or DEFAULT_CLIP, device, dtype)
     opts = BuildOptions(batch_size=batch_size, workers=workers, index_factory=index_factory,

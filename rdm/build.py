@@ -26,7 +26,6 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from multiprocessing import get_context
@@ -44,6 +43,7 @@ from .decode import DecodeOptions
 from .errors import DatabaseError, RDMError
 from .pixels import PixelTransform, decode_batch, init_worker
 from .segment import npy_layout, read_npy_picks, read_npy_rows, write_segment, write_segment_index
+from .spawn import main_module_hidden
 from .sources import Item, Source
 
 BUILD_DIR = ".build"
@@ -100,25 +100,6 @@ def read_batches(source: Source, start: int, stop: int | None, batch_size: int) 
 
 
 # -- decode -------------------------------------------------------------------------------------
-@contextmanager
-def _main_module_hidden() -> Iterator[None]:
-    """Hide __main__'s file and spec while spawning, so workers import only rdm.pixels.
-
-    A spawned child re-imports the parent's main module (here the `rdm` script, which imports
-    torch, open_clip and faiss: seconds per worker). The workers run functions of rdm.pixels only,
-    which needs PIL and numpy; with the main module hidden they start in a fraction of a second.
-    """
-    main = sys.modules["__main__"]
-    saved = {k: main.__dict__[k] for k in ("__spec__", "__file__") if k in main.__dict__}
-    main.__dict__.update(__spec__=None)
-    main.__dict__.pop("__file__", None)
-    try:
-        yield
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
-
-
 def decoded_batches(batches: Iterator[list[Item]], transform: PixelTransform, options: DecodeOptions,
                     workers: int) -> Iterator[tuple[list[Item], list]]:
     """Decode batches in worker processes, in order, with a bounded number in flight."""
@@ -130,7 +111,7 @@ def decoded_batches(batches: Iterator[list[Item]], transform: PixelTransform, op
     try:
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker,
                                  initargs=(transform, options)) as pool:
-            with _main_module_hidden():  # start every worker now, without re-importing __main__
+            with main_module_hidden():  # start every worker now, without re-importing __main__
                 for f in [pool.submit(os.getpid) for _ in range(workers)]:
                     f.result()
             pending: deque = deque()

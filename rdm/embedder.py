@@ -34,10 +34,9 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .errors import EmbedderUnavailable, RDMError
-from .identity import EmbedderIdentity, _norm_pre  # noqa: F401 (re-exported)
+from .identity import DEFAULT_CLIP, EmbedderIdentity, IdentityOnly, _norm_pre  # noqa: F401 (re-exported)
 from .pixels import PixelTransform
 
-DEFAULT_CLIP = "ViT-L-14:openai"
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 BF16_MAX_COSINE_ERROR = 1e-2  # the fastest dtype must stay within this cosine distance of float32
 HUB_PROBE_TIMEOUT_S = 5.0
@@ -357,22 +356,6 @@ def load_cached(model_id: str, device: str | None = None, dtype: str = "auto") -
 # ---------------------------------------------------------------------------------------------
 # Vectors made elsewhere: the identity without the weights
 # ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class IdentityOnly:
-    """A CLIP known by id and dim alone, for precomputed vectors whose weights are not on this machine.
-
-    It has what a build records (`identity`, `dim`) and nothing to embed with; its identity has no
-    weights checksum (`weights_sha256` None), so models and databases match it by model id and dim
-    (`EmbedderIdentity.same_vectors_as`).
-    """
-
-    identity: EmbedderIdentity
-
-    @property
-    def dim(self) -> int:
-        return self.identity.dim
-
 
 def identity_only(model_id: str, dim: int) -> IdentityOnly:
     """The identity of CLIP `model_id` making `dim`-d vectors, without loading or downloading weights.

@@ -9,6 +9,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 
+DEFAULT_CLIP = "ViT-L-14:openai"
+
+
 @dataclass(frozen=True)
 class EmbedderIdentity:
     """What a database records about the CLIP that made its vectors, and what a model checks."""
@@ -50,3 +53,35 @@ class EmbedderIdentity:
 def _norm_pre(p: Mapping) -> dict:
     """Preprocess dict with tuples as lists, so JSON round-trips compare equal."""
     return {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in (p or {}).items()}
+
+
+@dataclass(frozen=True)
+class IdentityOnly:
+    """What a build of precomputed vectors records (`identity`, `dim`), with nothing to embed with.
+
+    Either a CLIP known by id and dim alone, whose weights are not on this machine (`identity_only`:
+    no weights checksum, so models and databases match it by model id and dim,
+    `EmbedderIdentity.same_vectors_as`), or the full identity of a local CLIP computed in a child
+    process (`identity_for_vectors`), so that a build of 10M vectors never imports torch.
+    """
+
+    identity: EmbedderIdentity
+
+    @property
+    def dim(self) -> int:
+        return self.identity.dim
+
+
+def identity_for_vectors(model_id: str, dim: int) -> IdentityOnly:
+    """What records precomputed `dim`-d vectors (rdm.embedder.embedder_for_vectors: the CLIP's full
+    identity when its weights are on this machine, else its id), computed in a spawned child: loading a
+    CLIP imports torch and open_clip (~0.9 GB resident) that a build of the vectors never needs."""
+    from .spawn import in_child
+
+    return IdentityOnly(EmbedderIdentity.from_dict(in_child(_vector_identity, model_id, dim)))
+
+
+def _vector_identity(model_id: str, dim: int) -> dict:
+    from .embedder import embedder_for_vectors
+
+    return embedder_for_vectors(model_id, dim).identity.to_dict()

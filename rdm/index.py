@@ -188,7 +188,7 @@ class StackedIndex:
     """The segments' shares as one searchable index: their inverted lists stacked, memory-mapped."""
 
     def __init__(self, trained: faiss.Index, paths: list[str], ntotal: int):
-        self.parts = [faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in paths]  # mapped, not read
+        self.parts = [faiss.read_index(p, faiss.IO_FLAG_MMAP) for p in paths]  # lists mapped, not read
         self.lists = faiss.InvertedListsPtrVector()
         for part in self.parts:
             lists = faiss.downcast_InvertedLists(ivf_of(part).invlists)

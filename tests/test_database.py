@@ -258,3 +258,27 @@ def test_large_filters_search_through_the_index_with_a_selector(tmp_path, tiny_c
     via_index = db.search(db.vectors[:3], k=5, where=["style=neon"])
     assert np.array_equal(exact.rows, via_index.rows) and np.allclose(exact.scores, via_index.scores, atol=1e-6)
     assert all(h["style"] == "neon" for q in range(3) for h in via_index.hits(q))
+
+
+def test_a_build_of_precomputed_vectors_never_imports_torch(tmp_path, tiny_clip, home):
+    """The CLIP that made the vectors is recorded with its full identity (loaded in a child process), while
+    the build itself stays free of torch and open_clip (~0.9 GB resident otherwise)."""
+    import subprocess
+    import sys
+
+    from rdm.embedder import Embedder
+
+    vectors = normalise(np.random.default_rng(0).standard_normal((300, Embedder.load(tiny_clip).dim)).astype(np.float32))
+    np.save(tmp_path / "vecs.npy", vectors)
+    code = ("import sys; from rdm import api; api.build_index(sys.argv[1], name='vecs', clip=sys.argv[2], "
+            "indexes=sys.argv[3], progress=False); print(sorted({'torch', 'open_clip'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "vecs.npy"), tiny_clip, str(home)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    db = Database.open("vecs", home)
+    assert db.manifest["embedder"] == Embedder.load(tiny_clip).identity.to_dict()  # with the weights' checksum
+    assert db.search(vectors[:3], k=1).rows[:, 0].tolist() == [0, 1, 2]
+    with pytest.raises(RDMError, match=r"makes \d+-d vectors, but these are 8-d"):
+        np.save(tmp_path / "wrong.npy", vectors[:, :8].copy())
+        api.build_index(str(tmp_path / "wrong.npy"), name="wrong", clip=tiny_clip, indexes=str(home), progress=False)
