@@ -15,6 +15,7 @@ whole or absent.
 
 from __future__ import annotations
 
+import mmap
 import os
 import secrets
 import threading
@@ -154,6 +155,10 @@ class Segment:
             if isinstance(e, FileNotFoundError):
                 raise
             raise store.corrupt(self.name, f"{files['vectors']['name']}: {e}") from None
+        if isinstance(getattr(self.vectors, "_mmap", None), mmap.mmap):
+            # searches read scattered rows: without this, every page fault reads ahead and maps up to 128 KB
+            # around the row (a 10M search process grew to 13.8 GB resident, its cold p99 was 650 ms)
+            self.vectors._mmap.madvise(mmap.MADV_RANDOM)
         if self.vectors.ndim != 2 or len(self.vectors) != self.rows or self.keys.shape != (self.rows, 2):
             raise store.corrupt(self.name, f"segment {self.id} holds {self.vectors.shape} vectors, "
                                            f"its manifest entry says {self.rows}")

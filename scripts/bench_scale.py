@@ -149,7 +149,7 @@ if what == "open":
     db.search(q, k=10)
     print(json.dumps({"seconds_in": time.perf_counter() - t0}))
 elif what == "remove10k":
-    ids = [str(i) for i in rng.choice(db.count, 10000, replace=False) + 7]
+    ids = [str(i) for i in rng.choice(db.count - 10, 10000, replace=False) + 7]  # ids 7 .. count - 3: all live
     t = time.perf_counter(); db.remove(ids=ids); print(json.dumps({"seconds_in": time.perf_counter() - t}))
 elif what == "check-removed":
     gone, emb = sys.argv[4], sys.argv[5]
