@@ -311,8 +311,8 @@ def tune(spec: IndexSpec, nlist: int, search: Callable[[np.ndarray, int, IndexSp
     nprobes = sorted({min(2 ** i, nlist) for i in range(0, int(math.log2(nlist)) + 2)})
     best: tuple[float, int, int, dict] | None = None
     last: dict[str, float] = {}
-    for rerank in RERANKS:
-        for nprobe in nprobes:
+    for rerank in sorted(RERANKS, reverse=True):  # the deepest re-ranking reaches the target soonest: its cost
+        for nprobe in nprobes:                    # then bounds the search over the others
             cost = nprobe * list_size + k * rerank * CANDIDATE_COST
             if best is not None and cost >= best[0]:
                 break  # dearer than the best found, whatever the recall
