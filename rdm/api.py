@@ -78,14 +78,20 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
         raise SourceError(f"source {source} holds no images (looked for jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
     name = name or default_name(source)
     db_dir = store.resolve(name, indexes)
+    recorded = None
     if clip is None and (append or resume) and (db_dir / store.MANIFEST).is_file():
         # keep the embedder the database was built with (the manifest says which; no need to load it)
-        clip = store.read_manifest(db_dir, db_dir.name)["embedder"]["model"]
-    if src.kind == "embeddings":  # nothing to embed: the CLIP is recorded (loaded, in a child, only if it is
-        # on this machine), so this process never imports torch
-        from .identity import identity_for_vectors
+        recorded = store.read_manifest(db_dir, db_dir.name)["embedder"]
+        clip = recorded["model"]
+    if src.kind == "embeddings":  # nothing to embed, and this process never imports torch: vectors added to a
+        # database without --clip are recorded with the database's CLIP, as its manifest says; otherwise
+        # the CLIP's identity is computed in a child process (loaded only if it is on this machine)
+        from .identity import EmbedderIdentity, IdentityOnly, identity_for_vectors
 
-        embedder = identity_for_vectors(clip or DEFAULT_CLIP, int(src.vectors.shape[1]))
+        if recorded is not None:
+            embedder = IdentityOnly(EmbedderIdentity.from_dict(recorded))
+        else:
+            embedder = identity_for_vectors(clip or DEFAULT_CLIP, int(src.vectors.shape[1]))
     else:
         embedder = load_embedder(clip or DEFAULT_CLIP, device, dtype)
     opts = BuildOptions(batch_size=batch_size, workers=workers, index_factory=index_factory,

@@ -166,6 +166,7 @@ class Database:
         self.tombstones = self._load_tombstones()
         self._stacked = None
         self._trained = None
+        self._selector = None
         self._lock = threading.Lock()  # the stacked index is made once, whichever thread searches first
         # re-scoring reads candidates through the memory maps (pages shared with every reader, kept warm); a
         # one-off pass over many rows (a build's tuning, compaction) preads them instead: unmapped_reads()
@@ -295,13 +296,13 @@ class Database:
         out = np.zeros((len(flat), self.dim), np.float32)
         valid = np.nonzero(flat >= 0)[0]
         if len(valid):
-            seg_of = self._segment_of(flat[valid])
-            for s in np.unique(seg_of):
-                pick = valid[seg_of == s]
-                seg = self.segments[s]
-                local = flat[pick] - seg.start
-                order = np.argsort(local, kind="stable")  # ascending reads
-                out[pick[order]] = seg.vectors[local[order]] if self.mapped_reads else seg.read_rows(local[order])
+            pick = valid[np.argsort(flat[valid], kind="stable")]  # ascending reads, one sort for all segments
+            wanted = flat[pick]
+            bounds = np.searchsorted(wanted, np.append(self.starts, self.total_rows))
+            for s in np.nonzero(np.diff(bounds))[0]:  # the segments holding some of the rows
+                seg, lo, hi = self.segments[s], bounds[s], bounds[s + 1]
+                local = wanted[lo:hi] - seg.start
+                out[pick[lo:hi]] = seg.vectors[local] if self.mapped_reads else seg.read_rows(local)
         return out.reshape(*rows.shape, self.dim)
 
     @contextmanager
@@ -450,8 +451,7 @@ class Database:
             selector = faiss.IDSelectorBatch(allowed)
             pool = len(allowed)
         elif len(self.tombstones):
-            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(self.tombstones))
-            pool = self.count
+            selector, pool = self._tombstone_selector(), self.count
         else:
             selector, pool = None, self.count
         fetch = max(1, min(k * max(spec.rerank, 1), pool))
@@ -463,6 +463,17 @@ class Database:
             vecs = self.vectors_at(c)  # exact scores from the stored vectors; -1 padding scores -inf
             sims[lo:lo + step] = np.where(c >= 0, np.einsum("qd,qkd->qk", queries[lo:lo + step], vecs), -np.inf)
         return faiss_index.merge_topk(sims, cand, k)
+
+    def _tombstone_selector(self):
+        """IDSelectorNot over the tombstones, made once per opened generation (0.5 ms for 10k of them)."""
+        import faiss
+
+        with self._lock:
+            if self._selector is None:
+                batch = faiss.IDSelectorBatch(self.tombstones)
+                self._selector = faiss.IDSelectorNot(batch)
+                self._selector.referenced = batch  # the Not selector does not own the batch it negates
+            return self._selector
 
     # -- writing ------------------------------------------------------------------------------
     def _trained_index(self):

@@ -159,6 +159,8 @@ class Segment:
             # searches read scattered rows: without this, every page fault reads ahead and maps up to 128 KB
             # around the row (a 10M search process grew to 13.8 GB resident, its cold p99 was 650 ms)
             self.vectors._mmap.madvise(mmap.MADV_RANDOM)
+            # a plain ndarray over the same map: np.memmap's indexing costs ~20 us a call, 0.5 ms a 10M search
+            self.vectors = self.vectors.view(np.ndarray)
         if self.vectors.ndim != 2 or len(self.vectors) != self.rows or self.keys.shape != (self.rows, 2):
             raise store.corrupt(self.name, f"segment {self.id} holds {self.vectors.shape} vectors, "
                                            f"its manifest entry says {self.rows}")
@@ -226,11 +228,14 @@ class Segment:
         if not ids or self.rows == 0:
             return {}
         hashes = id_hashes(ids)
-        pos = np.searchsorted(self.keys[:, 0], hashes)
+        keys = np.asarray(self.keys[:, 0])
+        pos = np.searchsorted(keys, hashes)
+        hit = np.nonzero(keys[np.minimum(pos, self.rows - 1)] == hashes)[0]  # only these can be here
         found: dict[str, int] = {}
         candidates = []
-        for i, (h, p) in enumerate(zip(hashes, pos)):
-            while p < self.rows and self.keys[p, 0] == h:
+        for i in hit:
+            p = pos[i]
+            while p < self.rows and keys[p] == hashes[i]:
                 candidates.append((ids[i], int(self.keys[p, 1])))
                 p += 1
         if candidates:
