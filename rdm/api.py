@@ -52,6 +52,13 @@ def default_name(source: str) -> str:
     return Path(name).stem if Path(name).suffix in (".npy", ".npz", ".parquet") else name
 
 
+def same_model_id(a: str, b: str) -> bool:
+    """Whether two model ids name the same CLIP (local-dir paths compared resolved)."""
+    def canonical(m: str) -> str:
+        return f"local-dir:{Path(m[len('local-dir:'):]).expanduser().resolve()}" if m.startswith("local-dir:") else m
+    return canonical(a) == canonical(b)
+
+
 def build_index(source: str, name: str | None = None, clip: str | None = None, indexes: str | None = None,
                 batch_size: int = 64, workers: int | None = None, device: str | None = None, dtype: str = "auto",
                 index_factory: str | None = None, vector_dtype: str | None = None, resume: bool = False,
@@ -79,12 +86,14 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
     name = name or default_name(source)
     db_dir = store.resolve(name, indexes)
     recorded = None
-    if clip is None and (append or resume) and (db_dir / store.MANIFEST).is_file():
-        # keep the embedder the database was built with (the manifest says which; no need to load it)
+    if (append or resume) and (db_dir / store.MANIFEST).is_file():
         recorded = store.read_manifest(db_dir, db_dir.name)["embedder"]
-        clip = recorded["model"]
+        if clip is None:  # keep the embedder the database was built with (the manifest says which)
+            clip = recorded["model"]
+        elif not same_model_id(clip, recorded["model"]):
+            recorded = None
     if src.kind == "embeddings":  # nothing to embed, and this process never imports torch: vectors added to a
-        # database without --clip are recorded with the database's CLIP, as its manifest says; otherwise
+        # database with its CLIP (no --clip, or the same id) are recorded as its manifest says; otherwise
         # the CLIP's identity is computed in a child process (loaded only if it is on this machine)
         from .identity import EmbedderIdentity, IdentityOnly, identity_for_vectors
 

@@ -181,9 +181,20 @@ elif what == "search":
 """
 
 
+def _open_info_remove(r: dict, py: list, rdm: list, home: str, name: str, emb: Path, env: dict) -> None:
+    o = run(py + ["-c", PROBE, home, name, "open"], env)
+    r["open_search_s"], r["open_rss_gb"], r["open_search_in_s"] = o["seconds"], o["rss_gb"], json.loads(o["stdout"])["seconds_in"]
+    i = run(rdm + ["info", name], env)
+    r["info_s"], r["info_rss_gb"] = i["seconds"], i["rss_gb"]
+    rm = run(rdm + ["remove", "--db", name, "3"], env)
+    r["remove1_s"], r["remove1_rss_gb"] = rm["seconds"], rm["rss_gb"]
+    r["removed_returned"] = json.loads(run(py + ["-c", PROBE, home, name, "check-removed", "3", str(emb)], env)["stdout"])["returned_removed"]
+
+
 def bench(size: int, work: Path, code: Path, label: str, env: dict, steps: set[str], data: str) -> dict:
     """All steps at one size with the rdm at `code`; returns the figures."""
-    env = dict(env, PYTHONPATH=str(code), RDM_INDEXES=str(work / f"indexes-{label}-{data}-{size}"))
+    folder = label.split(" (")[0]  # "segments (search rerun)" searches the "segments" database
+    env = dict(env, PYTHONPATH=str(code), RDM_INDEXES=str(work / f"indexes-{folder}-{data}-{size}"))
     emb, extra = work / f"emb-{data}-{size}.npy", work / "append-10k.parquet"
     if not emb.is_file():
         in_child(make_vectors, emb, size, data)
@@ -199,19 +210,20 @@ def bench(size: int, work: Path, code: Path, label: str, env: dict, steps: set[s
         r["build_s"], r["build_rss_gb"] = b["seconds"], b["rss_gb"]
         r["build_summary"] = b["stdout"].strip().splitlines()[-3:]
     r["disk_gb"] = sum(p.stat().st_size for p in (Path(home) / name).rglob("*") if p.is_file()) / 1e9
-    o = run(py + ["-c", PROBE, home, name, "open"], env)
-    r["open_search_s"], r["open_rss_gb"], r["open_search_in_s"] = o["seconds"], o["rss_gb"], json.loads(o["stdout"])["seconds_in"]
-    i = run(rdm + ["info", name], env)
-    r["info_s"], r["info_rss_gb"] = i["seconds"], i["rss_gb"]
-    rm = run(rdm + ["remove", "--db", name, "3"], env)
-    r["remove1_s"], r["remove1_rss_gb"] = rm["seconds"], rm["rss_gb"]
-    r["removed_returned"] = json.loads(run(py + ["-c", PROBE, home, name, "check-removed", "3", str(emb)], env)["stdout"])["returned_removed"]
+    if steps == {"search-only"}:  # a database measured before: search again (after a change to the search)
+        steps = {"search"}
+    else:
+        steps = steps | {"writes"}
+    if "writes" in steps:
+        _open_info_remove(r, py, rdm, home, name, emb, env)
     if "search" in steps:
         queries = work / f"queries-{data}-{size}.npz"
         if not queries.is_file():
             in_child(make_queries, emb, size, queries)
         s = run(py + ["-c", PROBE, home, name, "search", str(queries)], env)
         r.update(json.loads(s["stdout"]))
+    if "writes" not in steps:
+        return r
     rm10 = run(py + ["-c", PROBE, home, name, "remove10k"], env)
     r["remove10k_s"], r["remove10k_rss_gb"] = rm10["seconds"], rm10["rss_gb"]
     a = run(rdm + ["build-index", str(extra), "--name", name, "--clip", clip, "--append"], env)
@@ -267,6 +279,8 @@ def main() -> None:
     ap.add_argument("--data", choices=("structured", "isotropic"), default="structured",
                     help="the synthetic vectors (see make_vectors)")
     ap.add_argument("--table-only", action="store_true", help="print the table of WORK/results.jsonl")
+    ap.add_argument("--search-only", action="store_true",
+                    help="measure only the search of databases built before (after a change to the search)")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = args.work / "results.jsonl"
@@ -291,6 +305,9 @@ def main() -> None:
         steps = {"search"}
         if args.no_compact_above is None or size <= args.no_compact_above:
             steps.add("compact")
+        if args.search_only:
+            steps = {"search-only"}
+            label += " (search rerun)"
         print(f"== {label} {size:,}", flush=True)
         r = bench(size, args.work, code, label, env, steps, args.data)
         with open(results, "a") as f:

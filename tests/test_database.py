@@ -275,6 +275,13 @@ def test_a_build_of_precomputed_vectors_never_imports_torch(tmp_path, tiny_clip,
 
     vectors = normalise(np.random.default_rng(0).standard_normal((300, Embedder.load(tiny_clip).dim)).astype(np.float32))
     np.save(tmp_path / "vecs.npy", vectors)
+    more = normalise(np.random.default_rng(1).standard_normal(vectors.shape).astype(np.float32))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(more.reshape(-1)), more.shape[1])
+    pq.write_table(pa.table({"id": [f"more-{i}" for i in range(len(more))], "embedding": emb}),
+                   tmp_path / "more.parquet")  # appended: recorded with the database's CLIP, nothing loaded at all
     code = ("import sys; from rdm import api; api.build_index(sys.argv[1], name='vecs', clip=sys.argv[2], "
             "indexes=sys.argv[3], progress=False); print(sorted({'torch', 'open_clip'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "vecs.npy"), tiny_clip, str(home)],
@@ -284,6 +291,14 @@ def test_a_build_of_precomputed_vectors_never_imports_torch(tmp_path, tiny_clip,
     db = Database.open("vecs", home)
     assert db.manifest["embedder"] == Embedder.load(tiny_clip).identity.to_dict()  # with the weights' checksum
     assert db.search(vectors[:3], k=1).rows[:, 0].tolist() == [0, 1, 2]
+    append = ("import sys; from rdm import api; api.build_index(sys.argv[1], name='vecs', indexes=sys.argv[2], "
+              "append=True, progress=False); print(sorted({'torch', 'open_clip'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", append, str(tmp_path / "more.parquet"), str(home)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    grown = Database.open("vecs", home)
+    assert grown.count == 2 * len(vectors) and grown.manifest["embedder"] == db.manifest["embedder"]
     with pytest.raises(RDMError, match=r"makes \d+-d vectors, but these are 8-d"):
         np.save(tmp_path / "wrong.npy", vectors[:, :8].copy())
         api.build_index(str(tmp_path / "wrong.npy"), name="wrong", clip=tiny_clip, indexes=str(home), progress=False)
