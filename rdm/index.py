@@ -175,7 +175,8 @@ def encode(trained: faiss.Index, blocks: np.ndarray | Iterable[np.ndarray], star
     """A segment's share: its vectors (an array, or its blocks in order) encoded with the trained index,
     labelled start .. start + n - 1."""
     if isinstance(blocks, np.ndarray):
-        blocks = (blocks[i:i + chunk] for i in range(0, len(blocks), chunk))
+        array = blocks
+        blocks = (array[i:i + chunk] for i in range(0, len(array), chunk))
     index = faiss.clone_index(trained)
     _set_quantizer_ef(ivf_of(index), 16)  # assignment: a near-best list is fine, searches probe several
     row = start

@@ -1,6 +1,7 @@
 """Databases at scale: build, open, info, remove, append, compact and search at 1M and 10M x 768 vectors.
 
     python scripts/bench_scale.py --sizes 1000000 10000000 --work /path/with/disk [--baseline df1196e] [--data isotropic]
+    python scripts/bench_scale.py --sizes 10000000 --work /path/with/disk --search-only   # after a change to the search
 
 Synthetic clustered unit vectors (10k clusters; `--data structured`, the default, or `isotropic`: see
 make_vectors; stored as float16

@@ -302,3 +302,20 @@ def test_a_build_of_precomputed_vectors_never_imports_torch(tmp_path, tiny_clip,
     with pytest.raises(RDMError, match=r"makes \d+-d vectors, but these are 8-d"):
         np.save(tmp_path / "wrong.npy", vectors[:, :8].copy())
         api.build_index(str(tmp_path / "wrong.npy"), name="wrong", clip=tiny_clip, indexes=str(home), progress=False)
+
+
+def test_an_approximate_database_compacts_and_still_finds_its_items(tmp_path, tiny_clip, home):
+    rng = np.random.default_rng(2)
+    centres = normalise(rng.standard_normal((50, 32)).astype(np.float32))
+    vectors = normalise(centres[rng.integers(0, 50, 5000)] + 0.05 * rng.standard_normal((5000, 32)).astype(np.float32))
+    np.save(tmp_path / "vecs.npy", vectors)
+    build(tmp_path / "vecs.npy", "ivfc", tiny_clip, home, index_factory="IVF32,PQ8")
+    db = Database.open("ivfc", home)
+    db.remove(ids=[str(i) for i in range(0, 5000, 2)])
+    db.compact()
+    db = Database.open("ivfc", home)
+    assert db.count == 2500 and not len(db.tombstones)
+    found = db.search(vectors[1:400:2], k=10)  # re-encoded shares: each kept item is found by its own vector
+    own = [str(i) in {h["id"] for h in hits} for i, hits in zip(range(1, 400, 2), found.records)]
+    assert np.mean(own) >= 0.95
+    assert not any(int(h["id"]) % 2 == 0 for hits in found.records for h in hits)  # removed rows are gone
