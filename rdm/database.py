@@ -402,6 +402,7 @@ class Database:
 
         streamed: read the blocks from the files instead of the memory maps (one pass over a large database,
         as when tuning, without leaving it all resident)."""
+        streamed = streamed or self.total_rows > faiss_index.EXACT_MAX  # the maps are MADV_RANDOM: no read-ahead
         best_s = np.full((len(queries), 0), -np.inf, np.float32)
         best_r = np.full((len(queries), 0), -1, np.int64)
         for seg in self.segments:
