@@ -52,13 +52,6 @@ def default_name(source: str) -> str:
     return Path(name).stem if Path(name).suffix in (".npy", ".npz", ".parquet") else name
 
 
-def same_model_id(a: str, b: str) -> bool:
-    """Whether two model ids name the same CLIP (local-dir paths compared resolved)."""
-    def canonical(m: str) -> str:
-        return f"local-dir:{Path(m[len('local-dir:'):]).expanduser().resolve()}" if m.startswith("local-dir:") else m
-    return canonical(a) == canonical(b)
-
-
 def build_index(source: str, name: str | None = None, clip: str | None = None, indexes: str | None = None,
                 batch_size: int = 64, workers: int | None = None, device: str | None = None, dtype: str = "auto",
                 index_factory: str | None = None, vector_dtype: str | None = None, resume: bool = False,
@@ -72,7 +65,7 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
     Ray Data pipeline on the cluster at `ray_address` (default: a local one), see rdm.build_ray.
     """
     from .build import BuildOptions, build_database
-    from .identity import DEFAULT_CLIP
+    from .identity import DEFAULT_CLIP, local_dir_canonical
     from .sources import open_source
 
     if engine not in ("local", "ray"):
@@ -90,7 +83,7 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
         recorded = store.read_manifest(db_dir, db_dir.name)["embedder"]
         if clip is None:  # keep the embedder the database was built with (the manifest says which)
             clip = recorded["model"]
-        elif not same_model_id(clip, recorded["model"]):
+        elif local_dir_canonical(clip) != local_dir_canonical(recorded["model"]):
             recorded = None
     if src.kind == "embeddings":  # nothing to embed, and this process never imports torch: vectors added to a
         # database with its CLIP (no --clip, or the same id) are recorded as its manifest says; otherwise

@@ -34,7 +34,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from .errors import EmbedderUnavailable, RDMError
-from .identity import DEFAULT_CLIP, EmbedderIdentity, IdentityOnly, _norm_pre  # noqa: F401 (re-exported)
+from .identity import DEFAULT_CLIP, EmbedderIdentity, IdentityOnly, _norm_pre, local_dir_canonical  # noqa: F401 (re-exported)
 from .pixels import PixelTransform
 
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -138,7 +138,7 @@ def _create(model_id: str) -> tuple[torch.nn.Module, Callable, Any, str, str]:
                 "(expected open_clip's folder format: open_clip_config.json + open_clip_model.safetensors)")
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")) and not any(path.glob("*.pth")):
             raise EmbedderUnavailable(f"cannot load CLIP '{model_id}': no weights file in {path}")
-        open_id, canonical = f"local-dir:{path}", f"local-dir:{path}"
+        open_id = canonical = local_dir_canonical(model_id)  # the form identities record
         pretrained = None
     elif kind == "hf-hub":
         snapshot = _resolve_hf_repo(name, model_id)
@@ -366,7 +366,7 @@ def identity_only(model_id: str, dim: int) -> IdentityOnly:
     kind, name, tag = parse_model_id(model_id)
     canonical, arch = model_id, "unknown"
     if kind == "local-dir":
-        canonical = f"local-dir:{Path(name).expanduser().resolve()}"
+        canonical = local_dir_canonical(model_id)
     elif kind == "tag":
         arch = name
         if Path(tag).expanduser().is_file():

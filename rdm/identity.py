@@ -6,10 +6,19 @@ Kept free of torch and open_clip, so reading manifests (rdm list, rdm info) impo
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 
 DEFAULT_CLIP = "ViT-L-14:openai"
+
+
+def local_dir_canonical(model_id: str) -> str:
+    """A model id with a local-dir path made absolute (the form identities record); other ids as given."""
+    prefix = "local-dir:"
+    if not model_id.startswith(prefix):
+        return model_id
+    return prefix + str(Path(model_id[len(prefix):]).expanduser().resolve())
 
 
 @dataclass(frozen=True)
