@@ -478,8 +478,7 @@ def _tune(db: Database, spec: faiss_index.IndexSpec, seed: int) -> None:
     sets = {}
     for kind, make in (("image", faiss_index.image_like_queries), ("text", faiss_index.text_like_queries)):
         q = make(base, seed)
-        sets[kind] = (q, db._exact_search(q, 10, None, streamed=True)[1])
+        sets[kind] = (q, db._exact_search(q, 10, None)[1])
     nlist = db.stacked_index().nlist
-    with db.unmapped_reads():  # tuning re-scores ~10^5-10^6 random rows once: pread them, keep nothing mapped
-        faiss_index.tune(spec, nlist, lambda q, k, sp: db._index_search(q, k, None, sp)[1], sets,
-                         list_size=db.count / nlist)
+    faiss_index.tune(spec, nlist, lambda q, k, sp: db._index_search(q, k, None, sp)[1], sets,
+                     list_size=db.count / nlist)

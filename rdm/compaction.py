@@ -39,11 +39,6 @@ def _load_progress(work, fingerprint: str) -> dict:
 
 def compact(db: Database, progress: bool = False) -> dict:
     """Compact `db` (the caller holds the writer lock); return a report."""
-    with db.unmapped_reads():  # one pass over every live row: pread them, leave nothing mapped and resident
-        return _compact(db, progress)
-
-
-def _compact(db: Database, progress: bool) -> dict:
     started = time.perf_counter()
     work = db.path / WORK
     work.mkdir(exist_ok=True)

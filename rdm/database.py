@@ -15,13 +15,12 @@ is first read, the trained index when it is loaded, and everything by `verify()`
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 import os
 import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +30,7 @@ from . import index as faiss_index
 from . import store
 from .identity import EmbedderIdentity
 from .errors import DatabaseError, RDMError
-from .segment import Segment, read_npy_rows, write_segment, write_segment_index
+from .segment import Segment, write_segment, write_segment_index
 
 FILTER_EXACT_MAX = 20_000  # filters matching at most this many rows: exact search over those rows;
 # more: the index itself searches with a FAISS IDSelector
@@ -168,10 +167,7 @@ class Database:
         self._trained = None
         self._selector = None
         self._lock = threading.Lock()  # the stacked index is made once, whichever thread searches first
-        # re-scoring reads candidates through the memory maps (pages shared with every reader, kept warm); a
-        # one-off pass over many rows (a build's tuning, compaction) preads them instead: unmapped_reads()
-        self.mapped_reads = True
-        if self.dim != manifest.get("dim") or any(s.vectors.shape[1] != self.dim for s in self.segments):
+        if self.dim != manifest.get("dim") or any(s.dim != self.dim for s in self.segments):
             raise store.corrupt(self.name, "its files disagree on the vectors' dimension")
 
     def _entries(self) -> list[dict]:
@@ -302,18 +298,8 @@ class Database:
             for s in np.nonzero(np.diff(bounds))[0]:  # the segments holding some of the rows
                 seg, lo, hi = self.segments[s], bounds[s], bounds[s + 1]
                 local = wanted[lo:hi] - seg.start
-                out[pick[lo:hi]] = seg.vectors[local] if self.mapped_reads else seg.read_rows(local)
+                out[pick[lo:hi]] = seg.read_rows(local)  # preads: nothing mapped, RSS stays that of the results
         return out.reshape(*rows.shape, self.dim)
-
-    @contextmanager
-    def unmapped_reads(self) -> Iterator[None]:
-        """Within the block, vectors_at preads rows instead of touching the memory maps, so a pass over many
-        rows leaves nothing resident in this process."""
-        before, self.mapped_reads = self.mapped_reads, False
-        try:
-            yield
-        finally:
-            self.mapped_reads = before
 
     def records(self, rows: Sequence[int]) -> list[dict]:
         """Metadata rows as dicts (id first), in the order given."""
@@ -396,20 +382,13 @@ class Database:
             recs = [[next(it) for r in row if r >= 0] for row in rows]
         return SearchResult(scores=scores, rows=rows, vectors=self.vectors_at(rows), records=recs, database=self.name)
 
-    def _exact_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None,
-                      streamed: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over the stored vectors, block by block; removed or filtered-out rows score -inf.
-
-        streamed: read the blocks from the files instead of the memory maps (one pass over a large database,
-        as when tuning, without leaving it all resident)."""
-        streamed = streamed or self.total_rows > faiss_index.EXACT_MAX  # the maps are MADV_RANDOM: no read-ahead
+    def _exact_search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the stored vectors, read block by block; removed or filtered-out rows score -inf."""
         best_s = np.full((len(queries), 0), -np.inf, np.float32)
         best_r = np.full((len(queries), 0), -1, np.int64)
         for seg in self.segments:
-            path = self.path / seg.entry["files"]["vectors"]["name"]
             for lo in range(0, seg.rows, EXACT_CHUNK):
-                block = read_npy_rows(path, lo, lo + EXACT_CHUNK) if streamed else seg.vectors[lo:lo + EXACT_CHUNK]
-                block = np.asarray(block, np.float32)
+                block = np.asarray(seg.read_block(lo, lo + EXACT_CHUNK), np.float32)
                 rows = np.arange(seg.start + lo, seg.start + lo + len(block), dtype=np.int64)
                 sims = queries @ block.T  # (Q, n)
                 keep = self.is_live(rows) if len(self.tombstones) else None

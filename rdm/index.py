@@ -1,9 +1,12 @@
 """FAISS indexes for a segmented database: choose, train, encode per segment, search, tune.
 
 Small databases need no FAISS data: they are searched exactly over their stored vectors. Above
-`EXACT_MAX` vectors the default is an inverted file with product-quantised codes,
-"IVF{~sqrt N},PQ{D/8}" (96 bytes per 768-d vector: 1 GB of codes at 10M vectors, where SQ8 would
-take 7.7 GB and float vectors 15-30 GB), trained once on a seeded sample. Every segment holds its
+`EXACT_MAX` vectors the default is an inverted file with 4-bit scalar-quantised codes, "IVF{~sqrt N},SQ4"
+(384 bytes per 768-d vector: 3.8 GB of codes at 10M vectors, beside 15.4 GB of float16 vectors), trained
+once on a seeded sample. The codes order candidates almost as the vectors do, so a search re-scores
+~40 candidates instead of the ~1000 that 96-byte PQ codes need for text-like queries: a search then
+reads the codes (a hot set a quarter of the vectors' size) and a few rows, not a thousand scattered rows
+of the vectors (measured on 1M vectors, see README "At scale"). Every segment holds its
 share: its vectors encoded with that trained index, labelled with their database rows. At search
 time the segments' inverted lists are stacked into one index (faiss `HStackInvertedLists` over
 memory-mapped files, nothing copied), removed rows are excluded inside FAISS with an IDSelector,
@@ -35,10 +38,10 @@ EXACT_MAX = 200_000  # up to this many vectors, exact search over the stored vec
 TARGET_RECALL = 0.95  # recall@10 an approximate index must reach against exact search
 TUNE_MARGIN = 0.02  # tuned to TARGET_RECALL + this on the tuning queries, so that fresh queries reach the target
 TUNE_QUERIES = 256  # queries per tuning set
-RERANKS = (4, 10, 30, 100)  # candidates per result re-scored exactly: PQ codes blur neighbours that are close
-# to each other (a dense cluster), exact re-scoring of 1000 candidates costs ~1.5 MB of float16 reads
-CANDIDATE_COST = 100  # a re-scored candidate costs as much as scanning this many codes: ~20 when the vectors are
-# in memory (one 1.5-3 KB read and dot product against a 96-byte table lookup), far more when read from disk
+RERANKS = (4, 10, 30, 100)  # candidates per result re-scored exactly: codes blur neighbours that are close to
+# each other (a dense cluster; PQ96 needs 100, SQ4 4-10), 1000 candidates are ~1.5 MB of scattered float16 reads
+CANDIDATE_COST = 100  # a re-scored candidate costs as much as scanning this many codes: ~10-25 when the vectors
+# are in the page cache (a ~2.5 us pread and a dot product), far more when read from disk (~80 us)
 TRAIN_PER_LIST = 32  # training vectors per inverted list (k-means is told 24 suffice, instead of 39)
 TRAIN_MAX = 524_288  # at most this many training vectors (1.6 GB at 768-d): 32 per list at 16384 lists
 CODE_TRAIN = 65_536  # vectors the PQ / SQ codes are trained on
@@ -48,7 +51,7 @@ CODE_TRAIN = 65_536  # vectors the PQ / SQ codes are trained on
 class IndexSpec:
     """How a database's FAISS index was built; recorded in the manifest."""
 
-    factory: str  # FAISS factory string ("Flat" = exact search over the stored vectors, "IVF1024,PQ96", ...)
+    factory: str  # FAISS factory string ("Flat" = exact search over the stored vectors, "IVF1024,SQ4", ...)
     metric: str = "inner_product"  # vectors are L2-normalised, so this is cosine similarity
     nprobe: int | None = None  # IVF lists visited per query (tuned)
     rerank: int = 1  # candidates fetched per result, re-scored exactly with the stored vectors (tuned)
@@ -97,7 +100,7 @@ def normalise(x: np.ndarray) -> np.ndarray:
 
 def default_factory(n: int, dim: int) -> str:
     """Exact for small databases; above EXACT_MAX an inverted file with ~sqrt(n) lists (a power of two, at
-    least 1024) and D/8-byte PQ codes (no polysemous training: it costs minutes and search re-ranks exactly).
+    least 1024) and 4-bit scalar-quantised codes (SQ4, D/2 bytes; the module docstring says why not PQ).
 
     Few, large lists rather than faiss' usual 4-16 sqrt(n): candidates are re-scored exactly from the stored
     vectors, so scanning more codes per list is cheap, while text-like queries, which sit far from every
@@ -109,8 +112,7 @@ def default_factory(n: int, dim: int) -> str:
         return "Flat"
     nlist = max(1024, min(2 ** round(math.log2(math.sqrt(n))), 65536))
     quantizer = "_HNSW32" if nlist >= 16384 else ""
-    codes = f"PQ{dim // 8}np" if dim % 8 == 0 else "SQ8"
-    return f"IVF{nlist}{quantizer},{codes}"
+    return f"IVF{nlist}{quantizer},SQ4"
 
 
 def check_factory(factory: str, dim: int) -> faiss.Index | None:

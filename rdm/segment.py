@@ -15,10 +15,10 @@ whole or absent.
 
 from __future__ import annotations
 
-import mmap
 import os
 import secrets
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +35,19 @@ VECTOR_DTYPES = ("float32", "float16")
 def id_hashes(ids) -> np.ndarray:
     """xxh3_64 of each id string (uint64)."""
     return np.fromiter((xxhash.xxh3_64_intdigest(i.encode()) for i in ids), np.uint64, len(ids))
+
+
+def _npy_header(f) -> tuple[int, tuple, np.dtype]:
+    """(data offset, shape, dtype) from an open .npy's header; ValueError unless a C-ordered float16/32 array."""
+    f.seek(0)
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"unsupported .npy format version {version}")
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    if fortran or dtype.name not in VECTOR_DTYPES or dtype.byteorder == ">":
+        raise ValueError(f"not a C-ordered float16/float32 array ({dtype}, fortran order {fortran})")
+    return f.tell(), tuple(shape), dtype
 
 
 def npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
@@ -57,20 +70,66 @@ def read_npy_rows(path: Path, lo: int = 0, hi: int | None = None) -> np.ndarray:
     return out.reshape((max(0, hi - lo),) + tuple(shape[1:]))
 
 
-def pread_rows(fd: int, offset: int, row_bytes: int, dtype: np.dtype, rows: np.ndarray, out: np.ndarray) -> None:
-    """out[i] = row rows[i] (sorted) of an open .npy (data at `offset`), one pread per run of consecutive rows:
-    rows without a memory map, so nothing stays resident in this process (the OS page cache still serves
-    repeats). Runs are capped at 64 MB a read."""
+READ_THREADS = 16  # concurrent reads of rows that are not in the page cache: one disk read is ~80-160 us
+# here, and a virtual disk serves many at once (1000 cold rows: 76 ms in one thread, 22 ms in 16)
+RUN_CAP = 64 << 20  # at most this many bytes a read
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _reader_pool() -> ThreadPoolExecutor:
+    """The process's pool of reader threads (made again in a forked child: a parent's threads don't exist there)."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(READ_THREADS, thread_name_prefix="rdm-pread"))
+    return _pool[1]
+
+
+def _read_into(fd: int, view: memoryview, offset: int, flags: int = 0) -> bool:
+    """Fill view from the file at offset; False when flags has RWF_NOWAIT and the data is not cached."""
+    done = 0
+    while done < len(view):
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done, flags) if flags else os.preadv(fd, [view[done:]], offset + done)
+        except BlockingIOError:
+            return False
+        if got == 0:
+            raise EOFError(f"file ends {len(view) - done} bytes early")
+        done += got
+    return True
+
+
+def pread_rows(fd: int, offset: int, row_bytes: int, rows: np.ndarray, out: np.ndarray) -> None:
+    """out[i] = row rows[i] (sorted) of an open .npy (data at `offset`), one read per run of consecutive rows.
+
+    Rows without a memory map: a mapped row leaves its whole page-cache folio (up to ~1-2 MB on recent kernels,
+    whatever madvise says) mapped and counted in the process's RSS, so 1000 scattered rows of a 1M database
+    grew a search process by 1.1 GB. Reads that the page cache can serve are made at once (RWF_NOWAIT,
+    ~2.5 us a row); the others are read by READ_THREADS threads at a time, so a cold search waits for its
+    disk reads together rather than one after another.
+    """
     rows = np.asarray(rows, np.int64)
     if not len(rows):
         return
+    view = memoryview(out.reshape(-1).view(np.uint8))
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
-    cap = max(1, (64 << 20) // row_bytes)
-    for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
-        for a in range(int(lo), int(hi), cap):
-            b = min(int(hi), a + cap)
-            data = os.pread(fd, (b - a) * row_bytes, offset + int(rows[a]) * row_bytes)
-            out[a:b] = np.frombuffer(data, dtype=dtype).reshape(b - a, -1)
+    cap = max(1, RUN_CAP // row_bytes)
+    runs = [(a, min(int(hi), a + cap)) for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist())
+            for a in range(int(lo), int(hi), cap)]
+    starts = (offset + rows * row_bytes).tolist()
+    nowait = getattr(os, "RWF_NOWAIT", 0)
+    pending = []
+    for a, b in runs:
+        chunk = view[a * row_bytes:b * row_bytes]
+        if not nowait or len(runs) == 1:
+            pending.append((chunk, starts[a]))
+        elif not _read_into(fd, chunk, starts[a], nowait):
+            pending.append((chunk, starts[a]))
+    if len(pending) <= 2:
+        for chunk, at in pending:
+            _read_into(fd, chunk, at)
+    else:
+        groups = [pending[i::READ_THREADS] for i in range(min(READ_THREADS, len(pending)))]
+        list(_reader_pool().map(lambda group: [_read_into(fd, c, at) for c, at in group], groups))
 
 
 def read_npy_picks(path: Path, rows: np.ndarray) -> np.ndarray:
@@ -79,7 +138,7 @@ def read_npy_picks(path: Path, rows: np.ndarray) -> np.ndarray:
     out = np.empty((len(rows),) + tuple(shape[1:]), dtype)
     fd = os.open(path, os.O_RDONLY)
     try:
-        pread_rows(fd, offset, int(np.prod(shape[1:])) * dtype.itemsize, dtype, rows, out)
+        pread_rows(fd, offset, int(np.prod(shape[1:])) * dtype.itemsize, rows, out)
     finally:
         os.close(fd)
     return out
@@ -133,38 +192,41 @@ def write_segment_index(db_dir: Path, entry: dict, data: bytes, tag: str) -> dic
 
 @dataclass
 class Segment:
-    """A segment opened for reading: vectors memory-mapped, metadata read when first needed."""
+    """A segment opened for reading: its vectors' file held open and read by pread, metadata read when first
+    needed."""
 
     db_dir: Path
     name: str  # the database's name, for error messages
     entry: dict
     verify: bool  # check digests of files when they are read into memory
-    vectors: np.ndarray = field(init=False)
+    shape: tuple = field(init=False)  # of the stored vectors, (rows, D)
+    dtype: np.dtype = field(init=False)
     _metadata: pa.Table | None = field(default=None, init=False)
     _meta_file: object = field(default=None, init=False)
+    _vec_file: object = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)  # searches may run in threads
 
     def __post_init__(self):
         files = self.entry["files"]
         for e in files.values():
             store.check_size(self.db_dir, self.name, e)  # a missing file raises FileNotFoundError: retried
+        vec_path = self.db_dir / files["vectors"]["name"]
+        # keep the files open: a compaction may delete them while this reader still needs them
+        self._vec_file = open(vec_path, "rb", buffering=0)
         try:
-            self.vectors = np.load(self.db_dir / files["vectors"]["name"], mmap_mode="r", allow_pickle=False)
+            self._offset, self.shape, self.dtype = _npy_header(self._vec_file)
             self.keys = np.load(self.db_dir / files["keys"]["name"], mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError) as e:
+            self.close()
             if isinstance(e, FileNotFoundError):
                 raise
             raise store.corrupt(self.name, f"{files['vectors']['name']}: {e}") from None
-        if isinstance(getattr(self.vectors, "_mmap", None), mmap.mmap):
-            # searches read scattered rows: without this, every page fault reads ahead and maps up to 128 KB
-            # around the row (a 10M search process grew to 13.8 GB resident, its cold p99 was 650 ms)
-            self.vectors._mmap.madvise(mmap.MADV_RANDOM)
-            # a plain ndarray over the same map: np.memmap's indexing costs ~20 us a call, 0.5 ms a 10M search
-            self.vectors = self.vectors.view(np.ndarray)
-        if self.vectors.ndim != 2 or len(self.vectors) != self.rows or self.keys.shape != (self.rows, 2):
-            raise store.corrupt(self.name, f"segment {self.id} holds {self.vectors.shape} vectors, "
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        if len(self.shape) != 2 or self.shape[0] != self.rows or self.keys.shape != (self.rows, 2) \
+                or self._offset + self.rows * self.row_bytes > os.fstat(self._vec_file.fileno()).st_size:
+            self.close()
+            raise store.corrupt(self.name, f"segment {self.id} holds {self.shape} vectors, "
                                            f"its manifest entry says {self.rows}")
-        # keep the metadata file open: a compaction may delete it while this reader still needs it
         self._meta_file = open(self.db_dir / files["metadata"]["name"], "rb")
 
     @property
@@ -179,9 +241,23 @@ class Segment:
     def rows(self) -> int:
         return self.entry["rows"]
 
-    def read_rows(self, local: np.ndarray) -> np.ndarray:
-        """Vectors at sorted local rows by pread (read_npy_picks), in the stored dtype."""
-        return read_npy_picks(self.db_dir / self.entry["files"]["vectors"]["name"], local)
+    @property
+    def dim(self) -> int:
+        return int(self.shape[1])
+
+    def read_rows(self, local: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Vectors at sorted local rows, in the stored dtype (pread_rows: nothing mapped)."""
+        out = np.empty((len(local), self.dim), self.dtype) if out is None else out
+        pread_rows(self._vec_file.fileno(), self._offset, self.row_bytes, local, out)
+        return out
+
+    def read_block(self, lo: int, hi: int) -> np.ndarray:
+        """Rows lo..hi, in the stored dtype: one read."""
+        hi = min(hi, self.rows)
+        out = np.empty((max(0, hi - lo), self.dim), self.dtype)
+        if len(out):
+            _read_into(self._vec_file.fileno(), memoryview(out.reshape(-1).view(np.uint8)), self._offset + lo * self.row_bytes)
+        return out
 
     def _read_table(self, f, entry: dict, columns=None) -> pa.Table:
         """A parquet file's table from its bytes (digest checked first when verifying); Arrow reads an
@@ -246,6 +322,7 @@ class Segment:
         return found
 
     def close(self) -> None:
-        if self._meta_file is not None:
-            self._meta_file.close()
-            self._meta_file = None
+        for f in ("_meta_file", "_vec_file"):
+            if getattr(self, f) is not None:
+                getattr(self, f).close()
+                setattr(self, f, None)

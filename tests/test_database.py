@@ -1,10 +1,12 @@
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import make_folder
 
-from rdm import api, store
+from rdm import api, segment, store
 from rdm.database import Database
 from rdm.errors import DatabaseBusy, DatabaseCorrupt, DatabaseError, RDMError
 from rdm.index import exact_topk, image_like_queries, normalise, recall_at_k, text_like_queries
@@ -27,17 +29,31 @@ def test_every_item_is_its_own_nearest_neighbour(pictures, tiny_clip, home):
     assert np.array_equal(res.embeddings()[:, 0], db.vectors)
 
 
-def test_preads_return_the_mapped_vectors(pictures, tiny_clip, home):
+def test_vectors_are_read_by_pread_whatever_the_page_cache_holds(pictures, tiny_clip, home, monkeypatch):
     root, _ = pictures
     build(root, "pics", tiny_clip, home, batch_size=5, checkpoint_every=1)  # several segments
     db = Database.open("pics", home)
     assert len(db.segments) > 1
-    rows = np.array([[len(db.ids) - 1, 0, -1], [3, 3, 1]])
-    mapped = db.vectors_at(rows)
-    with db.unmapped_reads():  # what a build's tuning pass and compaction read with
-        assert not db.mapped_reads
-        assert np.array_equal(db.vectors_at(rows), mapped) and not mapped[0, 2].any()
-    assert db.mapped_reads  # searches after it use the maps again
+    stored = np.concatenate([np.load(home / "pics" / s.entry["files"]["vectors"]["name"]) for s in db.segments])
+    rows = np.array([[len(db.ids) - 1, 0, -1], [3, 3, 1], [4, 5, 6]])
+    expected = np.where((rows >= 0)[..., None], stored[np.maximum(rows, 0)], 0)
+    assert np.array_equal(db.vectors_at(rows), expected)
+    # rows the page cache does not hold are read by the pool of reader threads: the same bytes
+    calls = []
+
+    def not_cached(fd, buffers, offset, flags=0):
+        calls.append(flags)
+        if flags & os.RWF_NOWAIT:
+            raise BlockingIOError(11, "would block")
+        return real(fd, buffers, offset)
+
+    real = os.preadv
+    monkeypatch.setattr(segment.os, "preadv", not_cached)
+    assert np.array_equal(db.vectors_at(rows), expected)
+    assert os.RWF_NOWAIT in calls and 0 in calls
+    # and a search process maps no vector file at all
+    maps = Path(f"/proc/{os.getpid()}/maps").read_text()
+    assert "vectors.npy" not in maps
 
 
 def test_filters_apply_inside_the_search(tmp_path, tiny_clip, home):
@@ -219,16 +235,19 @@ def test_remove_by_id_and_by_filter(tmp_path, tiny_clip, home):
     assert on_disk == store.referenced_files(db.manifest)  # old segments and tombstones deleted
 
 
-def test_approximate_index_reaches_recall_on_image_and_text_queries(tmp_path, tiny_clip, home):
-    """An IVF-PQ database is tuned until recall@10 >= 0.95 on image-like and text-like queries."""
+@pytest.mark.parametrize("factory", ["IVF64,PQ8", "IVF64,SQ4"])  # SQ4: the default codes above 200k vectors
+def test_approximate_index_reaches_recall_on_image_and_text_queries(tmp_path, tiny_clip, home, factory):
+    """An IVF database is tuned until recall@10 >= 0.95 on image-like and text-like queries."""
     rng = np.random.default_rng(0)
     centres = normalise(rng.standard_normal((50, 32)).astype(np.float32))
     vectors = normalise(centres[rng.integers(0, 50, 20000)] + 0.05 * rng.standard_normal((20000, 32)).astype(np.float32))
     np.save(tmp_path / "vecs.npy", vectors)
-    report = build(tmp_path / "vecs.npy", "ivf", tiny_clip, home, index_factory="IVF64,PQ8")
+    report = build(tmp_path / "vecs.npy", "ivf", tiny_clip, home, index_factory=factory)
     db = Database.open("ivf", home)
     spec = db.spec
     assert report.recall_at_10 >= 0.95 and spec.recall_image >= 0.95 and spec.recall_text >= 0.95
+    if "SQ4" in factory:  # 4 bits a dimension order candidates nearly as the vectors do: shallow re-ranking
+        assert spec.rerank <= 10
     assert spec.nprobe is not None and len(db.segments) == 1 and "index" in db.segments[0].entry["files"]
     for make in (image_like_queries, text_like_queries):
         queries = make(vectors, seed=7)  # other queries than the tuning ones
