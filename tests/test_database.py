@@ -235,7 +235,7 @@ def test_remove_by_id_and_by_filter(tmp_path, tiny_clip, home):
     assert on_disk == store.referenced_files(db.manifest)  # old segments and tombstones deleted
 
 
-@pytest.mark.parametrize("factory", ["IVF64,PQ8", "IVF64,SQ4"])  # SQ4: the default codes above 200k vectors
+@pytest.mark.parametrize("factory", ["IVF64,PQ8", "IVF64,SQ4"])  # PQ: the default codes above 200k vectors
 def test_approximate_index_reaches_recall_on_image_and_text_queries(tmp_path, tiny_clip, home, factory):
     """An IVF database is tuned until recall@10 >= 0.95 on image-like and text-like queries."""
     rng = np.random.default_rng(0)
