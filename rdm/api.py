@@ -165,7 +165,7 @@ def info(db: str, indexes: str | None = None, skipped: bool = True) -> dict:
 
         try:
             d["skipped"] = [r for seg in m["segments"]
-                            for r in pq.read_table(path / seg["files"]["skipped"]["name"]).to_pylist()]
+                            for r in pq.read_table(path / seg["files"]["skipped"]["name"], use_threads=False).to_pylist()]
         except (OSError, ValueError) as e:
             raise store.corrupt(path.name, f"a segment cannot be read ({e})") from None
     return d

@@ -261,13 +261,16 @@ class Segment:
 
     def _read_table(self, f, entry: dict, columns=None) -> pa.Table:
         """A parquet file's table from its bytes (digest checked first when verifying); Arrow reads an
-        in-memory buffer, never a Python file object from its own threads."""
+        in-memory buffer, never a Python file object from its own threads, and in this thread: a process
+        that exits soon after a threaded parquet read can abort in Arrow's thread-pool teardown
+        ("terminate called without an active exception", apache/arrow#34314; it killed a 10M
+        bench's `search` process once); one thread costs ~2 ms of ~22 for a 262k-row segment."""
         f.seek(0)
         data = f.read()
         if self.verify and xxhash.xxh3_128_hexdigest(data) != entry[store.HASH]:
             raise store.corrupt(self.name, f"{entry['name']} does not match its checksum")
         try:
-            return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns)  # read_table imports pyarrow.dataset and pandas: 0.35 s, ~100 MB
+            return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)  # read_table imports pyarrow.dataset and pandas: 0.35 s, ~100 MB
         except pa.ArrowException as e:
             raise store.corrupt(self.name, f"{entry['name']}: {e}") from None
 

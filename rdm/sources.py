@@ -263,7 +263,7 @@ class EmbeddingsSource:
         return vec, ids, meta
 
     def _read_parquet(self):
-        table = pq.read_table(self.path)
+        table = pq.read_table(self.path, use_threads=False)  # apache/arrow#34314: see segment._read_table
         col = next((c for c in EMBEDDING_COLUMNS if c in table.column_names), None)
         if col is None:
             raise SourceError(f"{self.path}: no embedding column (one of {', '.join(EMBEDDING_COLUMNS)}); "

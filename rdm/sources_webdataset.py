@@ -323,7 +323,7 @@ class ParquetImageSource:
     def iter_items(self, start: int = 0) -> Iterator[Item]:
         first = bisect_right([g[2] for g in self.row_groups], start) - 1
         for f, g, lo, n in self.row_groups[max(first, 0):]:
-            rows = pq.ParquetFile(f).read_row_group(g).to_pylist()
+            rows = pq.ParquetFile(f).read_row_group(g, use_threads=False).to_pylist()
             for j in range(max(0, start - lo), n):
                 yield self._item(lo + j, rows[j], f)
 
