@@ -108,22 +108,30 @@ def pread_rows(fd: int, offset: int, row_bytes: int, rows: np.ndarray, out: np.n
     disk reads together rather than one after another.
     """
     rows = np.asarray(rows, np.int64)
-    if not len(rows):
+    n = len(rows)
+    if not n:
         return
     view = memoryview(out.reshape(-1).view(np.uint8))
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    lo, hi = np.r_[0, breaks], np.r_[breaks, n]
     cap = max(1, RUN_CAP // row_bytes)
-    runs = [(a, min(int(hi), a + cap)) for lo, hi in zip(np.r_[0, breaks].tolist(), np.r_[breaks, len(rows)].tolist())
-            for a in range(int(lo), int(hi), cap)]
-    starts = (offset + rows * row_bytes).tolist()
-    nowait = getattr(os, "RWF_NOWAIT", 0)
+    if (hi - lo).max() > cap:  # split long runs
+        lo = np.concatenate([np.arange(a, b, cap) for a, b in zip(lo, hi)])
+        hi = np.minimum(np.r_[lo[1:], n], lo + cap)
+    firsts, lasts, ats = (lo * row_bytes).tolist(), (hi * row_bytes).tolist(), (offset + rows[lo] * row_bytes).tolist()
+    preadv, nowait = os.preadv, getattr(os, "RWF_NOWAIT", 0)
     pending = []
-    for a, b in runs:
-        chunk = view[a * row_bytes:b * row_bytes]
-        if not nowait or len(runs) == 1:
-            pending.append((chunk, starts[a]))
-        elif not _read_into(fd, chunk, starts[a], nowait):
-            pending.append((chunk, starts[a]))
+    if nowait and len(firsts) > 1:
+        for a, b, at in zip(firsts, lasts, ats):  # the hot loop of a search (1000 rows): ~2.5-3 us a row
+            chunk = view[a:b]
+            try:
+                if preadv(fd, [chunk], at, nowait) == b - a:
+                    continue
+            except BlockingIOError:
+                pass
+            pending.append((chunk, at))  # not (all) in the page cache
+    else:
+        pending = [(view[a:b], at) for a, b, at in zip(firsts, lasts, ats)]
     if len(pending) <= 2:
         for chunk, at in pending:
             _read_into(fd, chunk, at)
