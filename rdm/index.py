@@ -4,9 +4,10 @@ Small databases need no FAISS data: they are searched exactly over their stored 
 `EXACT_MAX` vectors the default is an inverted file with product-quantised codes,
 "IVF{~sqrt N},PQ{D/8}" (96 bytes per 768-d vector: 1 GB of codes at 10M vectors, where SQ4 takes 3.8 GB
 and SQ8 7.7 GB), trained once on a seeded sample. PQ codes are the cheapest to scan (a table lookup per
-byte: ~0.1 us a code on a 2-core AVX2 machine, where SQ4 takes ~0.35 us), but order close neighbours
-loosely, so text-like queries need ~1000 candidates re-scored; SQ4 needs ~40, but at 1M it had to scan
-32 lists (p50 8.1 ms against ~3 ms; README "At scale"). Every segment holds its
+byte: ~0.1 us a code on a 2-core AVX2 machine, where SQ4 takes ~0.25-0.35 us), but order close
+neighbours loosely, so text-like queries need ~1000 candidates re-scored; SQ4 needs ~40. At 1M SQ4 was
+faster (p50 8.1 against 11.2 ms, both scanning 32 lists), but its scan grows with the lists (2.4x longer
+at 10M) while re-scoring does not (README "At scale"). Every segment holds its
 share: its vectors encoded with that trained index, labelled with their database rows. At search
 time the segments' inverted lists are stacked into one index (faiss `HStackInvertedLists` over
 memory-mapped files, nothing copied), removed rows are excluded inside FAISS with an IDSelector,

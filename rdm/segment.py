@@ -51,11 +51,9 @@ def _npy_header(f) -> tuple[int, tuple, np.dtype]:
 
 
 def npy_layout(path: Path) -> tuple[int, tuple, np.dtype]:
-    """(data offset, shape, dtype) of a C-ordered .npy file, from its header."""
-    mapped = np.load(path, mmap_mode="r", allow_pickle=False)  # reads the header; touches no data page
-    if not isinstance(mapped, np.memmap) or not mapped.flags.c_contiguous:
-        raise ValueError(f"{path}: not a C-ordered array")
-    return mapped.offset, mapped.shape, mapped.dtype
+    """(data offset, shape, dtype) of a C-ordered float16/float32 .npy file, from its header (_npy_header)."""
+    with open(path, "rb") as f:
+        return _npy_header(f)
 
 
 def read_npy_rows(path: Path, lo: int = 0, hi: int | None = None) -> np.ndarray:
@@ -84,18 +82,14 @@ def _reader_pool() -> ThreadPoolExecutor:
     return _pool[1]
 
 
-def _read_into(fd: int, view: memoryview, offset: int, flags: int = 0) -> bool:
-    """Fill view from the file at offset; False when flags has RWF_NOWAIT and the data is not cached."""
+def _read_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill view from the file at offset (blocking reads until full)."""
     done = 0
     while done < len(view):
-        try:
-            got = os.preadv(fd, [view[done:]], offset + done, flags) if flags else os.preadv(fd, [view[done:]], offset + done)
-        except BlockingIOError:
-            return False
+        got = os.preadv(fd, [view[done:]], offset + done)
         if got == 0:
             raise EOFError(f"file ends {len(view) - done} bytes early")
         done += got
-    return True
 
 
 def pread_rows(fd: int, offset: int, row_bytes: int, rows: np.ndarray, out: np.ndarray) -> None:
@@ -253,9 +247,9 @@ class Segment:
     def dim(self) -> int:
         return int(self.shape[1])
 
-    def read_rows(self, local: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def read_rows(self, local: np.ndarray) -> np.ndarray:
         """Vectors at sorted local rows, in the stored dtype (pread_rows: nothing mapped)."""
-        out = np.empty((len(local), self.dim), self.dtype) if out is None else out
+        out = np.empty((len(local), self.dim), self.dtype)
         pread_rows(self._vec_file.fileno(), self._offset, self.row_bytes, local, out)
         return out
 

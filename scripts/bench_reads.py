@@ -44,10 +44,12 @@ def main() -> None:
     fd = os.open(a.path, os.O_RDONLY)
     rng = np.random.default_rng(0)
 
+    maps = np.load(a.path, mmap_mode="r")  # one map for the whole run, as a reader holding a segment open had
+    maps._mmap.madvise(mmap.MADV_RANDOM)
+    maps = maps.view(np.ndarray)
+
     def mapped(rows):
-        m = np.load(a.path, mmap_mode="r")
-        m._mmap.madvise(mmap.MADV_RANDOM)
-        return np.asarray(m.view(np.ndarray)[rows])
+        return maps[rows]
 
     def pread_one_thread(rows):
         out = np.empty((len(rows),) + tuple(shape[1:]), dtype)
