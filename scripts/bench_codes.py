@@ -1,10 +1,11 @@
 """Which IVF codes let re-ranking be shallow: recall@10 over nprobe x re-ranking for several codes.
 
-    python scripts/bench_codes.py EMB.npy [--n 1000000] [--nlist 1024] [--codes PQ96np PQ192np SQ4 SQ8]
+    python scripts/bench_codes.py EMB.npy [--n 1000000] [--nlist 1024] [--codes PQ96np OPQ96,PQ96np PQ192np SQ4 SQ8]
 
 EMB.npy is bench_scale's input (`emb-structured-1000000.npy`). Every code is trained on the same
 seeded sample with the same coarse centroids (rdm.index.train's two-level spherical k-means), filled
-in memory, and searched with 200 image-like and 200 text-like queries (rdm.index's query makers) whose
+in memory (a code "OPQ96,PQ96np" is a rotation trained on the sample first, the centroids rotated with
+it), and searched with 200 image-like and 200 text-like queries (rdm.index's query makers) whose
 candidates are re-scored exactly, as rdm does, against exact top-10 ground truth. Prints one line per
 (code, nprobe): recall@10 image / text per re-ranking depth, and the single-thread time of the
 candidate search (scan ms/query). Needs N x D x 4 bytes of memory (3 GB at 1M x 768).
@@ -45,9 +46,15 @@ def main() -> None:
     threads = faiss.omp_get_max_threads()
     for code in a.codes:
         t = time.perf_counter()
-        index = faiss.index_factory(x.shape[1], f"IVF{a.nlist},{code}", faiss.METRIC_INNER_PRODUCT)
+        *rotation, codes = code.split(",")  # "OPQ96,PQ96np": a rotation trained first, then the IVF in its space
+        index = faiss.index_factory(x.shape[1], ",".join(rotation + [f"IVF{a.nlist}", codes]), faiss.METRIC_INNER_PRODUCT)
         ivf = faiss.extract_index_ivf(index)
-        ivf.quantizer.add(centroids)  # the same coarse centroids for every code: only the codes are trained
+        routed = centroids
+        if rotation:
+            chain = faiss.downcast_index(index).chain
+            chain.at(0).train(train[:fi.CODE_TRAIN])
+            routed = chain.at(0).apply(centroids)  # a rotation keeps inner products: the same lists, rotated
+        ivf.quantizer.add(routed)  # the same coarse centroids for every code: only the codes are trained
         index.train(train[:fi.CODE_TRAIN])
         index.add(x)
         built = time.perf_counter() - t

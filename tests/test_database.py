@@ -235,7 +235,28 @@ def test_remove_by_id_and_by_filter(tmp_path, tiny_clip, home):
     assert on_disk == store.referenced_files(db.manifest)  # old segments and tombstones deleted
 
 
-@pytest.mark.parametrize("factory", ["IVF64,PQ8", "IVF64,SQ4"])  # PQ: the default codes above 200k vectors
+@pytest.mark.parametrize("bisect_max", [0, 10_000])  # every lookup by a sorted scan / by binary search
+def test_ids_are_found_by_their_hash_keys_even_when_hashes_collide(tmp_path, tiny_clip, home, monkeypatch, bisect_max):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(segment, "BISECT_MAX", bisect_max)
+    real = segment.id_hashes
+    monkeypatch.setattr(segment, "id_hashes", lambda ids: real(ids) % np.uint64(97))  # 300 ids in 97 buckets
+    vecs = normalise(np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32))
+    ids = [f"item-{i:03d}" for i in np.random.default_rng(1).permutation(300)]
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), 32)
+    pq.write_table(pa.table({"id": ids, "embedding": emb}), tmp_path / "v.parquet")
+    build(tmp_path / "v.parquet", "keys", tiny_clip, home)
+    db = Database.open("keys", home)
+    rows = {ident: row for row, ident in enumerate(db.ids)}
+    assert db.rows_of(ids) == rows
+    assert db.rows_of(["item-007", "item-999"]) == {"item-007": rows["item-007"]}
+    assert db.remove(ids=ids[:3]) == sorted(ids[:3], key=rows.get)
+    assert db.rows_of(ids[:5]) == {i: rows[i] for i in ids[3:5]}  # removed ids are not found
+
+
+@pytest.mark.parametrize("factory", ["OPQ8,IVF64,PQ8", "IVF64,PQ8", "IVF64,SQ4"])  # OPQ: the default above 200k vectors
 def test_approximate_index_reaches_recall_on_image_and_text_queries(tmp_path, tiny_clip, home, factory):
     """An IVF database is tuned until recall@10 >= 0.95 on image-like and text-like queries."""
     rng = np.random.default_rng(0)
@@ -323,12 +344,13 @@ def test_a_build_of_precomputed_vectors_never_imports_torch(tmp_path, tiny_clip,
         api.build_index(str(tmp_path / "wrong.npy"), name="wrong", clip=tiny_clip, indexes=str(home), progress=False)
 
 
-def test_an_approximate_database_compacts_and_still_finds_its_items(tmp_path, tiny_clip, home):
+@pytest.mark.parametrize("factory", ["IVF32,PQ8", "OPQ8,IVF32,PQ8"])  # a rotation in front: re-encoded through it
+def test_an_approximate_database_compacts_and_still_finds_its_items(tmp_path, tiny_clip, home, factory):
     rng = np.random.default_rng(2)
     centres = normalise(rng.standard_normal((50, 32)).astype(np.float32))
     vectors = normalise(centres[rng.integers(0, 50, 5000)] + 0.05 * rng.standard_normal((5000, 32)).astype(np.float32))
     np.save(tmp_path / "vecs.npy", vectors)
-    build(tmp_path / "vecs.npy", "ivfc", tiny_clip, home, index_factory="IVF32,PQ8")
+    build(tmp_path / "vecs.npy", "ivfc", tiny_clip, home, index_factory=factory)
     db = Database.open("ivfc", home)
     db.remove(ids=[str(i) for i in range(0, 5000, 2)])
     db.compact()
