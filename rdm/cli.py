@@ -58,7 +58,8 @@ def main(ctx: click.Context, indexes: str | None) -> None:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
 @click.option("--dtype", default="auto", show_default=True, help="auto, float32, bfloat16 or float16")
 @click.option("--index-factory", default=None, help='FAISS factory string: "Flat" (exact) or an inverted file, e.g. '
-              '"IVF1024,PQ96", "IVF4096,SQ8" (default: exact up to 200k vectors, else IVF{~sqrt N},PQ{D/8} tuned to recall@10 0.95)')
+              '"IVF1024,PQ96", "IVF4096,SQ8" (default: exact up to 200k vectors, else OPQ{D/8},IVF{~sqrt N},PQ{D/8}np '
+              'tuned to recall@10 0.95)')
 @click.option("--vector-dtype", type=click.Choice(["float32", "float16"]), default=None,
               help="stored vectors (default: float16 above 1M vectors, else float32)")
 @click.option("--resume", is_flag=True, help="continue an interrupted build (or start it; exits 0 when complete)")

@@ -1,13 +1,13 @@
 """FAISS indexes for a segmented database: choose, train, encode per segment, search, tune.
 
 Small databases need no FAISS data: they are searched exactly over their stored vectors. Above
-`EXACT_MAX` vectors the default is an inverted file with product-quantised codes,
-"IVF{~sqrt N},PQ{D/8}" (96 bytes per 768-d vector: 1 GB of codes at 10M vectors, where SQ4 takes 3.8 GB
-and SQ8 7.7 GB), trained once on a seeded sample. PQ codes are the cheapest to scan (a table lookup per
-byte: ~0.1 us a code on a 2-core AVX2 machine, where SQ4 takes ~0.25-0.35 us), but order close
-neighbours loosely, so text-like queries need ~1000 candidates re-scored; SQ4 needs ~40. At 1M SQ4 was
-faster (p50 8.1 against 11.2 ms, both scanning 32 lists), but its scan grows with the lists (2.4x longer
-at 10M) while re-scoring does not (README "At scale"). Every segment holds its
+`EXACT_MAX` vectors the default is a rotation, an inverted file and product-quantised codes,
+"OPQ{D/8},IVF{~sqrt N},PQ{D/8}np" (96 bytes per 768-d vector: 1 GB of codes at 10M vectors, where SQ4
+takes 3.8 GB and SQ8 7.7 GB), trained once on a seeded sample. PQ codes are the cheapest to scan (a
+table lookup per byte, ~0.07-0.1 us a code on 2 cores), but plain PQ orders close neighbours loosely:
+text-like queries needed 100 candidates per result re-scored. The OPQ rotation, trained first, spreads
+the variance evenly over the 96 sub-spaces, so 10 candidates per result do (1M: p50 2.4 against 7.3 ms,
+README "At scale"), at the cost of a 768x768 matrix per query and ~3 minutes of training. Every segment holds its
 share: its vectors encoded with that trained index, labelled with their database rows. At search
 time the segments' inverted lists are stacked into one index (faiss `HStackInvertedLists` over
 memory-mapped files, nothing copied), removed rows are excluded inside FAISS with an IDSelector,
