@@ -39,7 +39,10 @@ def cpu_name() -> str:
         flags = Path("/proc/cpuinfo").read_text()
         model = next(line.split(":", 1)[1].strip() for line in flags.splitlines() if line.startswith("model name"))
         avx = "AVX-512 BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2"
-        return f"{model}, {os.cpu_count()} cores, {avx}"
+        # FAISS_SIMD_LEVEL=AVX2 (faiss' dynamic dispatch) with NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL
+        # AVX512_SPR" runs the search code paths of an AVX2-only machine on an AVX-512 one
+        simd = os.environ.get("FAISS_SIMD_LEVEL", "best available")
+        return f"{model}, {os.cpu_count()} cores, {avx}; faiss SIMD level: {simd}"
     except (OSError, StopIteration):
         return platform.processor() or "unknown"
 
@@ -194,7 +197,7 @@ def _open_info_remove(r: dict, py: list, rdm: list, home: str, name: str, emb: P
 
 def bench(size: int, work: Path, code: Path, label: str, env: dict, steps: set[str], data: str) -> dict:
     """All steps at one size with the rdm at `code`; returns the figures."""
-    folder = label.split(" (")[0]  # "segments (search rerun)" searches the "segments" database
+    folder = label.split(" (")[0].split(" [")[0]  # "segments (search rerun)" searches the "segments" database
     env = dict(env, PYTHONPATH=str(code), RDM_INDEXES=str(work / f"indexes-{folder}-{data}-{size}"))
     emb, extra = work / f"emb-{data}-{size}.npy", work / "append-10k.parquet"
     if not emb.is_file():
@@ -309,6 +312,8 @@ def main() -> None:
         if args.search_only:
             steps = {"search-only"}
             label += " (search rerun)"
+        if os.environ.get("FAISS_SIMD_LEVEL"):
+            label += f" [faiss {os.environ['FAISS_SIMD_LEVEL']}]"
         print(f"== {label} {size:,}", flush=True)
         r = bench(size, args.work, code, label, env, steps, args.data)
         with open(results, "a") as f:
