@@ -455,6 +455,19 @@ class Database:
                 self._selector.referenced = batch  # the Not selector does not own the batch it negates
             return self._selector
 
+    def warm(self, background: bool = True, skip: set | None = None):
+        """Read the index shares (every search scans them), then the vectors (candidates are re-scored from
+        them), into the page cache, sequentially; as much as fits in memory (rdm.warm). What a long-running
+        service does once per database; files in `skip` are left alone and the rest are added to it."""
+        from .warm import warm
+
+        files = [] if self.spec.exact else [self.path / s.entry["files"]["index"]["name"] for s in self.segments]
+        files += [self.path / s.entry["files"]["vectors"]["name"] for s in self.segments]
+        if skip is not None:
+            files = [f for f in files if f not in skip]
+            skip.update(files)
+        return warm(files, background=background)
+
     # -- writing ------------------------------------------------------------------------------
     def _trained_index(self):
         if self.spec.exact:

@@ -137,9 +137,12 @@ class DatabaseRegistry:
     """
 
     def __init__(self, home: str | os.PathLike | None = None, names: Sequence[str | os.PathLike] | None = None,
-                 allow_paths: bool = False):
+                 allow_paths: bool = False, warm: bool = False):
         self.home = store.indexes_home(home)
         self.allow_paths = allow_paths  # trusted callers (notebooks, the CLI) may name database folders too
+        self.warm = warm  # read each opened database's hot files into the page cache (a long-running service)
+        self._warmed: set = set()  # files warmed before: a new generation shares most of them
+        self.warming: dict[str, object] = {}  # public name -> rdm.warm.Warming of its latest generation
         self._fixed = None
         if names is not None:
             self._fixed = {}
@@ -182,6 +185,8 @@ class DatabaseRegistry:
             if current is None or current.stamp != stamp:
                 current = DatabaseRetriever(Database.open(str(folder)), stamp)
                 self._open[key] = current
+                if self.warm:
+                    self.warming[name] = current.database.warm(skip=self._warmed)
             return current
 
 

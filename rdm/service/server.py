@@ -36,7 +36,8 @@ def build_app(config: ServeConfig, pipe=None):
         torch.set_num_threads(config.torch_threads)
     pipe = pipe or load_pipeline(config.model, config.device, config.dtype, progress=False)
     pipe.set_progress_bar_config(disable=True)
-    registry = DatabaseRegistry(config.indexes, list(config.databases) if config.databases is not None else None)
+    registry = DatabaseRegistry(config.indexes, list(config.databases) if config.databases is not None else None,
+                                warm=True)
     app = create_app(Engine(pipe, registry, config), config)
     app.add_middleware(Guard, config=config)
     return app
@@ -92,11 +93,26 @@ def serve(config: ServeConfig, pipe=None) -> None:
     names = app.state.engine.registry.names()
     print(f"rdm serve: http://{config.host}:{config.port}  ({len(names)} database(s): {', '.join(names) or 'none'}; "
           f"API at /docs, clip-retrieval at /knn-service)", file=sys.stderr, flush=True)
+    threading.Thread(target=_open_served, args=(app.state.engine.registry, names), daemon=True).start()
     server = _Server(_uvicorn_config(app, config), app)
     try:
         server.run()
     finally:
         app.state.queue.shutdown()
+
+
+def _open_served(registry, names: list[str]) -> None:
+    """Open every served database now, so that their files are read into the page cache before the first
+    searches need them (rdm.warm); a database that cannot be opened is reported when it is asked for."""
+    for name in names:
+        try:
+            registry.get(name)
+        except RDMError:
+            continue
+        w = registry.warming.get(name)
+        if w is not None:
+            w.wait()
+            log.info("database %s warmed in the page cache: %s", name, w.summary())
 
 
 @dataclass
