@@ -1,6 +1,7 @@
 """Warming a database's hot files into the page cache (what `rdm serve` does when it opens one)."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -15,12 +16,16 @@ def cached(path) -> bool:
     """Whether every page of the file is in the page cache: a RWF_NOWAIT read fails on the first that is not."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        buf, offset = bytearray(1 << 20), 0
+        buf, offset, tries = bytearray(1 << 20), 0, 0
         while True:
             try:
                 n = os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
-            except BlockingIOError:
-                return False
+            except BlockingIOError:  # not cached, or a page locked for a moment (readahead, writeback): retried
+                tries += 1
+                if tries > 5:
+                    return False
+                time.sleep(0.05)
+                continue
             if n == 0:
                 return True
             offset += n
@@ -54,7 +59,9 @@ def test_warming_reads_the_shares_then_the_vectors_into_the_page_cache(ivf_db):
     db, shares, vecs = ivf_db
     for f in shares + vecs:
         evict(f)
-    evicted = not any(cached(f) for f in shares + vecs)  # False only where the file system ignores the advice
+    # the vectors are never mapped, so the advice evicts them (a share may still be mapped by an index the build
+    # left to the garbage collector); False only where the file system ignores the advice
+    evicted = not any(cached(f) for f in vecs)
     w = db.warm()
     assert w.wait(60) and w.complete, w.summary()
     assert w.done == shares + vecs and w.read == w.total == sum(f.stat().st_size for f in shares + vecs)
