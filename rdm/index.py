@@ -7,8 +7,8 @@ takes 3.8 GB and SQ8 7.7 GB), trained once on a seeded sample. PQ codes are the 
 table lookup per byte, ~0.07-0.1 us a code on 2 cores), but plain PQ orders close neighbours loosely:
 text-like queries needed 100 candidates per result re-scored. The OPQ rotation, trained first, spreads
 the variance evenly over the 96 sub-spaces, so 10-30 candidates per result do (1M: 10, p50 2.4 against
-8.0 ms; 10M: 30, README "At scale"), at the cost of a 768x768 matrix per query and ~3 minutes of training. Every segment holds its
-share: its vectors encoded with that trained index, labelled with their database rows. At search
+8.0 ms; 10M: 30, README "At scale"), at the cost of a 768x768 matrix per query and ~3 minutes of
+training. Every segment holds its share: its vectors encoded with that trained index, labelled with their database rows. At search
 time the segments' inverted lists are stacked into one index (faiss `HStackInvertedLists` over
 memory-mapped files, nothing copied), removed rows are excluded inside FAISS with an IDSelector,
 and the k x `rerank` candidates are re-scored exactly from the stored vectors.
