@@ -254,6 +254,34 @@ def toyart_cmd(out, count, styles, size, seed, start, style_caption_prob):
     click.echo(f"{count} images in {path} (metadata.jsonl holds captions and labels)")
 
 
+MODELS_OWN = "[default: the model's]"
+
+
+def sampler_options(f=None):
+    """The sampler settings of rdm sample / compare / demo / score. None everywhere: the model's own settings
+    (rdm.modelformat.SamplingDefaults, recorded in its rdm_config.json) apply; no default is written here."""
+    options = [
+        click.option("--steps", type=click.IntRange(1), default=None, help=f"denoising steps {MODELS_OWN}"),
+        click.option("--guidance", type=float, default=None, help=f"classifier-free guidance scale {MODELS_OWN}"),
+        click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None,
+                     help="rescaled classifier-free guidance (Lin et al. 2024, 3.4; diffusers' guidance_rescale): 0 "
+                     f"off, 0.7 their suggestion {MODELS_OWN}"),
+        click.option("--style-scale", type=float, default=None,
+                     help="style strength: the neighbours' own guidance scale (two-condition guidance; --guidance then "
+                     "weighs the prompt alone). 0 ignores the neighbours, = --guidance is plain guidance "
+                     f"{MODELS_OWN}"),
+        click.option("--scheduler", default=None, help=f"ddim, ddim-trailing, dpm++, euler, ... or a diffusers "
+                     f"scheduler class {MODELS_OWN}"),
+        click.option("--eta", type=click.FloatRange(0, 1), default=None,
+                     help=f"DDIM eta: 0 deterministic (CompVis' default), 1 ancestral (DDPM-like) {MODELS_OWN}"),
+    ]
+    if f is None:
+        return options
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @main.command("demo")
 @click.option("--out", type=click.Path(file_okay=False), default="outputs/demo", show_default=True,
               help="folder for the toy art, the databases (OUT/indexes), the grid PNG and its provenance JSON")
@@ -266,14 +294,7 @@ def toyart_cmd(out, count, styles, size, seed, start, style_caption_prob):
               "'a yellow square']")
 @click.option("--seeds", default=2, show_default=True, type=click.IntRange(1), help="images per prompt")
 @click.option("--seed", default=0, show_default=True, type=int, help="first seed")
-@click.option("--steps", default=None, type=click.IntRange(1), help="denoising steps [default: 8]")
-@click.option("--scheduler", default=None, help="sampler: ddim-trailing (DDIM from t = T), ddim, dpm++, ... "
-              "[default: ddim-trailing]")
-@click.option("--guidance", default=3.0, show_default=True, type=float, help="classifier-free guidance scale")
-@click.option("--style-scale", default=None, type=float, help="the neighbours' own guidance scale (two-condition "
-              "guidance, as rdm sample) [default: plain guidance]")
-@click.option("--eta", default=0.0, show_default=True, type=click.FloatRange(0, 1),
-              help="DDIM eta: 0 deterministic (CompVis' default), 1 ancestral (DDPM-like)")
+@sampler_options
 @click.option("-k", "k", default=None, type=click.IntRange(1), help="neighbours per query [default: the model's]")
 @click.option("--n-per-style", default=48, show_default=True, type=click.IntRange(1),
               help="toy-art images in each style's database")
@@ -283,17 +304,15 @@ def toyart_cmd(out, count, styles, size, seed, start, style_caption_prob):
               help="torch CPU threads [default: the idle cores, at most 4]; the demo's small batches gain little from "
               "more, and a busy CPU makes more much slower")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def demo(out, model, clip, prompts, seeds, seed, steps, scheduler, guidance, style_scale, eta, k, n_per_style, styles,
-         device, threads, quiet):
+def demo(out, model, clip, prompts, seeds, seed, steps, guidance, guidance_rescale, style_scale, scheduler, eta, k,
+         n_per_style, styles, device, threads, quiet):
     """Swap the style by swapping the database: one grid of the same prompts and seeds, a row per toy-art style."""
     from .demo.run import DemoConfig, run_demo
 
     chosen = {"styles": tuple(s.strip() for s in styles.split(","))} if styles else {}
     chosen.update({"prompts": tuple(prompts)} if prompts else {})
-    chosen.update({"steps": steps} if steps else {})
-    chosen.update({"scheduler": scheduler} if scheduler else {})
-    run_demo(DemoConfig(out=out, model=model, clip=clip, seeds=seeds, seed=seed, guidance=guidance,
-                        style_scale=style_scale, eta=eta, k=k, n_per_style=n_per_style, device=device, threads=threads,
+    run_demo(DemoConfig(out=out, model=model, clip=clip, seeds=seeds, seed=seed, steps=steps, guidance=guidance,
+                        guidance_rescale=guidance_rescale, scheduler=scheduler, style_scale=style_scale, eta=eta, k=k, n_per_style=n_per_style, device=device, threads=threads,
                         progress=not quiet, **chosen),
              log=click.echo)
 
@@ -313,16 +332,7 @@ def sampling_options(f):
                      help="neighbours per query (default: the model's)"),
         click.option("-n", "num_images", type=click.IntRange(1), default=1, show_default=True,
                      help="images per prompt (seeds SEED, SEED+1, ...)"),
-        click.option("--steps", type=click.IntRange(1), default=50, show_default=True, help="denoising steps"),
-        click.option("--guidance", type=float, default=5.0, show_default=True, help="classifier-free guidance scale"),
-        click.option("--style-scale", type=float, default=None,
-                     help="style strength: the neighbours' own guidance scale (two-condition guidance; --guidance then "
-                     "weighs the prompt alone). 0 ignores the neighbours, = --guidance is plain guidance [default: "
-                     "plain guidance]"),
-        click.option("--scheduler", default=None, help="ddim (default, as CompVis), dpm++, euler, ... or a diffusers "
-                     "scheduler class"),
-        click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True,
-                     help="DDIM eta: 0 deterministic (CompVis' default), 1 ancestral (DDPM-like)"),
+        *sampler_options(),
         click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
                      help="seed of the first image (deterministic by default)"),
         click.option("--where", "where", multiple=True, help="COLUMN=VALUE filter applied inside the search"),
@@ -350,12 +360,12 @@ def _retrieval_warnings(run):
     return result
 
 
-def _sample_options(k, num_images, steps, guidance, style_scale, scheduler, eta, seed, where, height, width, quiet):
+def _sample_options(k, num_images, steps, guidance, guidance_rescale, style_scale, scheduler, eta, seed, where,
+                    height, width, quiet):
     from .generate import SampleOptions
 
-    return SampleOptions(k=k, num_images=num_images, steps=steps, guidance=guidance, style_scale=style_scale,
-                         scheduler=scheduler, eta=eta,
-                         seed=seed,
+    return SampleOptions(k=k, num_images=num_images, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
+                         style_scale=style_scale, scheduler=scheduler, eta=eta, seed=seed,
                          where=tuple(where), height=height, width=width, progress=not quiet)
 
 
@@ -371,13 +381,13 @@ def _sample_options(k, num_images, steps, guidance, style_scale, scheduler, eta,
 @sampling_options
 @indexes_option
 @click.pass_context
-def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guidance, style_scale, scheduler, eta, seed,
-           where, height, width, device, dtype, quiet, indexes):
+def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guidance, guidance_rescale, style_scale,
+           scheduler, eta, seed, where, height, width, device, dtype, quiet, indexes):
     """Generate images for PROMPT, conditioned on its neighbours in the --db databases."""
     from . import generate
 
-    options = _sample_options(k, num_images, steps, guidance, style_scale, scheduler, eta, seed, where, height, width,
-                              quiet)
+    options = _sample_options(k, num_images, steps, guidance, guidance_rescale, style_scale, scheduler, eta, seed,
+                              where, height, width, quiet)
     result = _retrieval_warnings(lambda: generate.sample(
         prompt, model=model, databases=list(dbs), options=options, image=image, refs=list(refs), out=out,
         indexes=_home(ctx, indexes), device=device, dtype=dtype))
@@ -395,13 +405,13 @@ def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guid
 @sampling_options
 @indexes_option
 @click.pass_context
-def compare(ctx, prompt, dbs, out, model, k, num_images, steps, guidance, style_scale, scheduler, eta, seed, where,
-            height, width, device, dtype, quiet, indexes):
+def compare(ctx, prompt, dbs, out, model, k, num_images, steps, guidance, guidance_rescale, style_scale, scheduler,
+            eta, seed, where, height, width, device, dtype, quiet, indexes):
     """Sample PROMPT with the same seeds and model once per --db, in one labelled grid."""
     from . import generate
 
-    options = _sample_options(k, num_images, steps, guidance, style_scale, scheduler, eta, seed, where, height, width,
-                              quiet)
+    options = _sample_options(k, num_images, steps, guidance, guidance_rescale, style_scale, scheduler, eta, seed,
+                              where, height, width, quiet)
     grid_path, provenance = _retrieval_warnings(lambda: generate.compare(
         prompt, list(dbs), model=model, options=options, out=out, indexes=_home(ctx, indexes), device=device,
         dtype=dtype))

@@ -24,7 +24,7 @@ from .convert.compvis import convert_compvis_checkpoint
 from .embedder import _parse_dtype
 from .errors import EmbedderUnavailable, RDMError
 from .modelformat import RDMConfig, read_rdm_config
-from .pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, RDMPipeline
+from .pipeline import RDMPipeline
 from .provenance import write_json
 from .registry import installed_models, model_asset_for, models_home
 from .sheets import grid
@@ -41,11 +41,13 @@ class SampleOptions:
 
     k: int | None = None  # neighbours per query (default: the model's rdm_config.k)
     num_images: int = 1  # images per prompt; image i gets seed + i
-    steps: int = DEFAULT_STEPS  # denoising steps
-    guidance: float = DEFAULT_GUIDANCE  # classifier-free guidance scale
-    style_scale: float | None = None  # the neighbours' own guidance scale (two-condition guidance); None: plain
-    scheduler: str | None = None  # None: the model's (CompVis DDIM); "dpm++", "euler", ... or a diffusers class
-    eta: float = 0.0  # DDIM eta (CompVis --ddim_eta): 0 deterministic, 1 ancestral (DDPM-like) sampling
+    # sampler settings: None takes the model's (rdm.modelformat.SamplingDefaults, recorded in its rdm_config.json)
+    steps: int | None = None  # denoising steps
+    guidance: float | None = None  # classifier-free guidance scale
+    guidance_rescale: float | None = None  # diffusers' guidance_rescale (Lin et al. 2024, 3.4): 0 off, 0.7 typical
+    style_scale: float | None = None  # the neighbours' own guidance scale (two-condition guidance)
+    scheduler: str | None = None  # "ddim", "dpm++", "euler", ... or a diffusers class
+    eta: float | None = None  # DDIM eta (CompVis --ddim_eta): 0 deterministic, 1 ancestral (DDPM-like) sampling
     seed: int | None = 0  # first image's seed (deterministic by default); None draws one at random (recorded)
     where: tuple[str, ...] = ()  # COLUMN=VALUE filters applied inside each search
     height: int | None = None  # pixels (default: the model's resolution)
@@ -202,7 +204,7 @@ def _run(pipe: RDMPipeline, prompt: str | None, databases: list[tuple[str, float
     out = pipe(prompt=prompt, image=image, refs=list(refs) or None, databases=databases or None,
                where=list(options.where) or None, k=options.k, num_images_per_prompt=options.num_images,
                num_inference_steps=options.steps, guidance_scale=options.guidance, style_scale=options.style_scale,
-               scheduler=options.scheduler, eta=options.eta,
+               scheduler=options.scheduler, eta=options.eta, guidance_rescale=options.guidance_rescale,
                seed=options.seed, height=options.height, width=options.width, output_type="pil", indexes=indexes)
     return out.images, [p.to_dict() for p in out.provenance]
 

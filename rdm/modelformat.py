@@ -5,7 +5,9 @@
       unet/                       config.json + diffusion_pytorch_model.safetensors (save_pretrained)
       vae/                        the same for the autoencoder; absent for pixel-space models
       scheduler/                  scheduler_config.json
-      rdm_config.json             RDMConfig below
+      rdm_config.json             RDMConfig below, with the sampling settings the model was made for
+      clip/                       optional: the model's own CLIP in open_clip's folder format, when the
+                                  embedder id is `local-dir:clip` (relative ids resolve against the folder)
       null_context.safetensors    "null_context" (T, D), only when unconditional == "learned"
 
 The layout follows diffusers' `DiffusionPipeline.save_pretrained`, so each component loads with its
@@ -34,6 +36,51 @@ UNCONDITIONAL_KINDS = ("zeros", "learned")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 NULL_CONTEXT_NAME = "null_context.safetensors"
+LOCAL_DIR = "local-dir:"
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """The sampling settings a model was made for (rdm_config.json "sampling", as transformers' generation config).
+
+    Every entry point (RDMPipeline, rdm sample / compare / score / serve and the page) uses them when the caller
+    passes nothing. A model folder without a "sampling" entry, or with only some of the keys, falls back to these
+    field defaults: CompVis' knn2img.py (DDIM, --ddim_steps 50, --scale 5.0, --ddim_eta 0). k is rdm_config's k.
+    """
+
+    scheduler: str | None = None  # None: the folder's own scheduler/ (DDIM for converted CompVis models)
+    num_inference_steps: int = 50  # knn2img.py --ddim_steps
+    guidance_scale: float = 5.0  # knn2img.py --scale
+    guidance_rescale: float = 0.0  # Lin et al. 2024 section 3.4 (diffusers' guidance_rescale); 0: off
+    style_scale: float | None = None  # the neighbours' own guidance scale; None: plain guidance
+    eta: float = 0.0  # knn2img.py --ddim_eta
+
+    def __post_init__(self):
+        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
+            raise RDMError(f"rdm config: sampling.num_inference_steps must be an integer >= 1, got "
+                           f"{self.num_inference_steps!r}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise RDMError(f"rdm config: sampling.guidance_rescale must be in [0, 1], got {self.guidance_rescale!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "SamplingDefaults":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d or {}) - names)
+        if unknown:
+            raise RDMError(f"rdm config: unknown sampling settings {unknown}; known: {sorted(names)}")
+        return cls(**(d or {}))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_embedder_id(model_id: str, folder: str | Path | None) -> str:
+    """A model's recorded CLIP id made loadable from anywhere: a relative `local-dir:` path is relative to the model
+    folder (so a copied or moved folder that holds its CLIP loads), never to the working directory."""
+    if folder is None or not model_id.startswith(LOCAL_DIR):
+        return model_id
+    path = Path(model_id[len(LOCAL_DIR):]).expanduser()
+    return model_id if path.is_absolute() else LOCAL_DIR + str((Path(folder) / path).resolve())
 
 
 @dataclass
@@ -49,6 +96,7 @@ class RDMConfig:
     query_token: bool = True  # the query's own embedding is the first context token: (B, 1+k, D)
     unconditional: str = "zeros"  # classifier-free guidance context: "zeros" or "learned" (null_context)
     prediction_type: str = "epsilon"  # what the U-Net predicts: "epsilon" or "v_prediction"
+    sampling: dict = field(default_factory=dict)  # SamplingDefaults the model was made for; missing keys fall back
     source: dict = field(default_factory=dict)  # provenance, e.g. converted from which checkpoint (sha256, ema)
     format: str = FORMAT  # always "rdm-model"
     format_version: int = FORMAT_VERSION  # bumped on incompatible changes of this file
@@ -66,6 +114,12 @@ class RDMConfig:
                            f"got {self.prediction_type!r}")
         if self.k < 0:
             raise RDMError(f"rdm config: k must be >= 0, got {self.k}")
+        SamplingDefaults.from_dict(self.sampling)  # refused here, not at the first sample
+
+    @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The model's sampling settings, the documented fallbacks where it records none."""
+        return SamplingDefaults.from_dict(self.sampling)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

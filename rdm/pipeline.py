@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin, UNet2DConditionModel
+from diffusers.guiders.guider_utils import rescale_noise_cfg
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -40,12 +41,11 @@ from . import conditioning as cond
 from .database import Database
 from .embedder import Embedder
 from .errors import RDMError
-from .modelformat import NULL_CONTEXT_NAME, RDMConfig, model_fingerprint, read_rdm_config, save_model_folder
+from .modelformat import (NULL_CONTEXT_NAME, RDMConfig, SamplingDefaults, model_fingerprint, read_rdm_config,
+                          resolve_embedder_id, save_model_folder)
 from .provenance import Provenance, scheduler_record
 from .retrieval import Retriever, registry_for
 
-DEFAULT_STEPS = 50  # CompVis knn2img.py --ddim_steps
-DEFAULT_GUIDANCE = 5.0  # CompVis knn2img.py --scale
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # Scheduler names a user may type -> (diffusers class name, config overrides).
 SCHEDULER_ALIASES = {
@@ -202,13 +202,19 @@ class RDMPipeline(DiffusionPipeline):
         return self._fingerprint
 
     @property
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The settings the model was made for (rdm_config.json "sampling"); what __call__ uses for None."""
+        return self.rdm_config.sampling_defaults
+
+    @property
     def embedder(self) -> Embedder:
-        """The CLIP the model was trained with, loaded on first use from the id in rdm_config.json."""
+        """The CLIP the model was trained with, loaded on first use from the id in rdm_config.json (a relative
+        local-dir path is relative to the model folder, not to the working directory)."""
         if self._embedder is None:
             from .api import load_embedder  # the CLIP is only needed for text/image queries and refs
 
             device = self._execution_device
-            emb = load_embedder(self.rdm_config.embedder["model"], str(device),
+            emb = load_embedder(resolve_embedder_id(self.rdm_config.embedder["model"], self._folder), str(device),
                                 "float32" if device.type == "cpu" else "auto")
             self.embedder = emb
         return self._embedder
@@ -294,11 +300,12 @@ class RDMPipeline(DiffusionPipeline):
         where: dict | list[str] | None = None,
         k: int | None = None,
         num_images_per_prompt: int = 1,
-        num_inference_steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         style_scale: float | None = None,
         scheduler: str | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
+        guidance_rescale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | list[int] | None = None,
         latents: torch.Tensor | None = None,
@@ -322,13 +329,17 @@ class RDMPipeline(DiffusionPipeline):
             where: metadata filters applied inside each search ({"style": "neon"} or ["style=neon"]).
             k: neighbours per query from the databases (default: the model's rdm_config.k); refs are all used.
             num_images_per_prompt: images per query, each with its own seed.
-            num_inference_steps, guidance_scale, eta: sampler settings (CompVis: 50, 5.0, 0.0).
-            style_scale: None (plain classifier-free guidance, one unconditional and one full context), or the
+            num_inference_steps, guidance_scale, eta, scheduler, style_scale, guidance_rescale: the sampler's
+                settings; each None takes the model's (`self.sampling_defaults`, rdm_config.json "sampling"; a model
+                that records none: DDIM, 50, 5.0, 0.0 as CompVis knn2img.py, no style scale, no rescale).
+            guidance_rescale: diffusers' guidance_rescale (Lin et al. 2024, section 3.4): the guided prediction's
+                per-image standard deviation brought back towards the conditional one's, by this fraction; 0: off.
+            style_scale: None (the model's; plain classifier-free guidance, one unconditional and one full context), or the
                 neighbours' own guidance scale s_nn of two-condition guidance (rdm.conditioning.style_guided_noise):
                 guidance_scale then weighs the query alone against the unconditional context and style_scale the
                 neighbours against the query alone; 0 ignores the neighbours, guidance_scale equals plain guidance.
-            scheduler: None (the model's scheduler, CompVis DDIM once converted), "dpm++", an alias in
-                SCHEDULER_ALIASES or a compatible diffusers scheduler class name.
+            scheduler: None (the model's: its recorded sampler, else its scheduler folder, CompVis DDIM once
+                converted), "dpm++", an alias in SCHEDULER_ALIASES or a compatible diffusers scheduler class name.
             generator / seed: noise source; seed s gives image i the seed s + i. Without either a seed is drawn
                 from torch's global RNG and recorded.
             latents: initial noise (B, C, h, w) instead of drawing it.
@@ -339,7 +350,14 @@ class RDMPipeline(DiffusionPipeline):
             indexes: home of the databases named in `databases` (default $RDM_INDEXES or ./indexes).
             callback: called as callback(step, timestep, latents) after each denoising step.
         """
-        # 1. Check inputs
+        # 1. Check inputs; settings not given are the model's
+        model_defaults = self.sampling_defaults
+        num_inference_steps = model_defaults.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = model_defaults.guidance_scale if guidance_scale is None else float(guidance_scale)
+        guidance_rescale = model_defaults.guidance_rescale if guidance_rescale is None else float(guidance_rescale)
+        style_scale = model_defaults.style_scale if style_scale is None else style_scale
+        scheduler = model_defaults.scheduler if scheduler is None else scheduler
+        eta = model_defaults.eta if eta is None else eta
         prompts, images, ref_images = as_list(prompt), as_list(image), as_list(refs)
         if prompt is not None and not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise RDMError("empty prompt: give some text, or query by --image")
@@ -359,6 +377,8 @@ class RDMPipeline(DiffusionPipeline):
             raise RDMError("num_images_per_prompt and num_inference_steps must be at least 1")
         if k is not None and k < 0:
             raise RDMError(f"k must be >= 0, got {k}")
+        if not (math.isfinite(guidance_rescale) and 0.0 <= guidance_rescale <= 1.0):
+            raise RDMError(f"guidance_rescale must be in [0, 1] (0: off; Lin et al. suggest 0.7), got {guidance_rescale}")
         if style_scale is not None and not (self.rdm_config.query_token and math.isfinite(style_scale)):
             raise RDMError(f"style_scale must be a finite number and the model must put the query first in its "
                            f"context (query_token); got {style_scale} for a model with query_token="
@@ -441,6 +461,8 @@ class RDMPipeline(DiffusionPipeline):
                 elif do_guidance:
                     eps_u, eps_c = eps.chunk(2)
                     eps = cond.guided_noise(eps_u, eps_c, guidance_scale)
+                if do_guidance and guidance_rescale > 0:  # diffusers' own; skipped at 0, so 0 is bit-identical
+                    eps = rescale_noise_cfg(eps, eps_c, guidance_rescale=guidance_rescale)
                 latents = sampler.step(eps, t, latents, **step_kwargs).prev_sample
                 if callback is not None:
                     callback(i, int(t), latents)
@@ -452,7 +474,7 @@ class RDMPipeline(DiffusionPipeline):
         # 9. Provenance, one record per image
         model = {"name_or_path": self.name_or_path, "fingerprint": self.fingerprint,
                  "embedder": self.rdm_config.embedder, "source": self.rdm_config.source}
-        settings = scheduler_record(sampler, num_inference_steps, guidance_scale, eta, style_scale)
+        settings = scheduler_record(sampler, num_inference_steps, guidance_scale, eta, style_scale, guidance_rescale)
         records = [Provenance(
             query=queries[b // n], seed=None if seeds is None else seeds[b], model=model,
             databases=neighbours.drawn, neighbours=per_image.hits[b], scheduler=settings,
@@ -482,9 +504,21 @@ def image_seeds(batch: int, seed: int | Sequence[int] | None, generator, latents
 
 
 def _step_kwargs(scheduler: SchedulerMixin, eta: float, generator) -> dict:
-    """eta and generator for schedulers whose step() takes them (diffusers' prepare_extra_step_kwargs)."""
+    """eta and generator for schedulers whose step() takes them (diffusers' prepare_extra_step_kwargs), and DDIM's
+    use_clipped_model_output wherever it clips x0.
+
+    DDIM with x0 clipped (clip_sample, thresholding) but the model's own noise estimate kept (diffusers' default)
+    steps to sqrt(a') x0_clipped + sqrt(1 - a') eps: a point no (x0, eps) pair of the current sample explains, so
+    each step drops what the clip cut off and the next prediction starts from a sample off the model's path. With
+    guidance on a zero-terminal-SNR v-prediction model the early x0 estimates overshoot [-1, 1] by far, and the
+    drift grows with the number of steps: the bundled demo model held its style at 8 DDIM steps and lost it at 25
+    and 50 (scripts/diagnose_sampler.py). use_clipped_model_output recomputes eps from the clipped x0, which makes
+    the step consistent, as the x0-based samplers (DPM-Solver++ with thresholding, DDPM) are by construction."""
     params = inspect.signature(scheduler.step).parameters
     out = {}
+    if "use_clipped_model_output" in params and (scheduler.config.get("clip_sample")
+                                                 or scheduler.config.get("thresholding")):
+        out["use_clipped_model_output"] = True
     if "eta" in params:
         out["eta"] = eta
     elif eta:

@@ -30,7 +30,7 @@ class Provenance:
     model: dict  # name_or_path, fingerprint (sha256 of its safetensors), embedder identity, source
     databases: list[dict]  # per source: name, fingerprint, weight, count, k_asked, k_drawn
     neighbours: list[dict]  # in context order: database, id, score, row, path, caption ... (or ref, score)
-    scheduler: dict  # name, num_inference_steps, guidance_scale, style_scale, eta, config
+    scheduler: dict  # name, num_inference_steps, guidance_scale, guidance_rescale, style_scale, eta, config
     size: dict  # height, width in pixels
     runtime: dict  # device, dtype
     where: dict = field(default_factory=dict)  # metadata filters applied inside the search
@@ -64,11 +64,12 @@ def _versions() -> dict[str, str]:
 
 
 def scheduler_record(scheduler, num_inference_steps: int, guidance_scale: float, eta: float,
-                     style_scale: float | None = None) -> dict:
+                     style_scale: float | None = None, guidance_rescale: float = 0.0) -> dict:
     """The scheduler's class, sampling settings (style_scale None: plain guidance) and full config (JSON types)."""
     config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
     return {"name": type(scheduler).__name__, "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale, "style_scale": style_scale, "eta": eta,
+            "guidance_scale": guidance_scale, "guidance_rescale": guidance_rescale, "style_scale": style_scale,
+            "eta": eta,
             "config": json.loads(json.dumps(config, default=str))}
 
 

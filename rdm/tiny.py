@@ -41,8 +41,9 @@ def make_tiny_clip(path: str | Path, seed: int = 0, model_cfg: dict | None = Non
 
 
 def make_tiny_rdm(path: str | Path, clip_identity: dict, resolution: int = 16, k: int = 3, seed: int = 0,
-                  channels: int = 32) -> Path:
-    """Write a random tiny pixel-space rdm model folder (U-Net of two `channels`-wide levels) for a CLIP identity."""
+                  channels: int = 32, sampling: dict | None = None) -> Path:
+    """Write a random tiny pixel-space rdm model folder (U-Net of two `channels`-wide levels) for a CLIP identity;
+    `sampling`: the sampler settings it records (rdm.modelformat.SamplingDefaults; None: none, the fallbacks)."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     from .modelformat import RDMConfig, save_model_folder
@@ -53,5 +54,6 @@ def make_tiny_rdm(path: str | Path, clip_identity: dict, resolution: int = 16, k
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=dim,
                                 layers_per_block=1, attention_head_dim=4, norm_num_groups=8)
-    config = RDMConfig(embedder=dict(clip_identity), embedding_dim=dim, resolution=resolution, latent_channels=3, k=k)
+    config = RDMConfig(embedder=dict(clip_identity), embedding_dim=dim, resolution=resolution, latent_channels=3, k=k,
+                       sampling=dict(sampling or {}))
     return save_model_folder(path, unet, None, DDIMScheduler(clip_sample=False), config, overwrite=True)

@@ -9,6 +9,9 @@
     # 3. same weights and seeds, only the database changes; a JSON report, a markdown table, a contact sheet
     python scripts/eval_style_swap.py evaluate --model models/demo-rdm --databases toyart-{style} \\
         --classifier models/toyart-judge --contents 16 --seeds 0 1 2 3 --out reports/style_swap.json
+    # 4. the blind style swap over the sampler grid, for small and large databases
+    python scripts/eval_style_swap.py grid --model models/demo-rdm --databases small-{style} large-{style} \\
+        --out reports/style_swap_grid.json
 
 See rdm/demo/evaluate.py for what is measured: the judge's style-swap and content accuracies, the blind judges
 (rdm/demo/blind.py: nearest style centroid in the model's CLIP space, border colour), and rdm score's
@@ -23,8 +26,9 @@ from pathlib import Path
 
 from rdm.demo.classifier import Augment, ClassifierConfig, ClassifierTrainConfig, ToyArtClassifier, train_classifier
 from rdm.demo.blind import CentroidJudge
-from rdm.demo.evaluate import (StyleSwapConfig, build_style_databases, contact_sheet, content_grid, database_borders,
-                               database_scorer, open_style_databases, pipeline_sampler, run_style_swap)
+from rdm.demo.evaluate import (SAMPLER_GRID, StyleSwapConfig, build_style_databases, contact_sheet, content_grid,
+                               database_borders, database_scorer, grid_markdown, grid_sampler, open_style_databases,
+                               pipeline_sampler, run_sampler_grid, run_style_swap)
 from rdm.demo.toyart import STYLES
 
 
@@ -80,6 +84,47 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     out.with_suffix(".md").write_text(report["markdown"] + "\n")
     say(report["markdown"])
     say(f"report {out} (and {out.with_suffix('.md')})")
+
+
+def cmd_grid(a: argparse.Namespace) -> None:
+    """The blind style swap at every cell of SAMPLER_GRID (and the model's own defaults), for each database set."""
+    import csv
+
+    from rdm.pipeline import RDMPipeline
+
+    pipe = RDMPipeline.from_pretrained(a.model)
+    if a.device:
+        pipe = pipe.to(a.device)
+    pipe.set_progress_bar_config(disable=True)
+    centroids = CentroidJudge.from_toyart(pipe.embedder, a.styles, a.centroids)
+    config = StyleSwapConfig(contents=content_grid(64)[a.content_offset:a.content_offset + a.contents],
+                             seeds=tuple(a.seeds), batch_size=a.batch_size, control=False)
+    cells = [c for c in SAMPLER_GRID if not a.cells or c["label"] in a.cells]
+    report, tables = {"model": {"path": str(Path(a.model).resolve()), "fingerprint": pipe.fingerprint},
+                      "contents": [list(c) for c in config.contents], "seeds": list(config.seeds), "sets": {}}, []
+    for template in a.databases:
+        databases = open_style_databases(template, a.styles, a.indexes)
+        sizes = sorted({db.count for db in databases.values()})
+        say(f"databases {template} ({'/'.join(map(str, sizes))} items each)")
+        rows = run_sampler_grid(lambda cell: grid_sampler(pipe, cell, a.indexes), databases, centroids,
+                                database_borders(databases), config, cells, log=say)
+        report["sets"][template] = {"items": sizes, "rows": rows}
+        tables.append(grid_markdown(rows, f"{template} ({'/'.join(map(str, sizes))} items per database)"))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    out.with_suffix(".md").write_text("\n\n".join(tables) + "\n")
+    with out.with_suffix(".csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["databases", "items", "sampler", "scheduler", "steps", "guidance", "style_swap", "border_error",
+                    "weakest", "weakest_style_swap", "holds"])
+        for template, entry in report["sets"].items():
+            for r in entry["rows"]:
+                w.writerow([template, "/".join(map(str, entry["items"])), r["label"], r.get("scheduler", ""),
+                            r.get("steps", ""), r.get("guidance", ""), f"{r['centroid_accuracy']:.4f}",
+                            f"{r['border_error']:.4f}", r["weakest"], f"{r['weakest_accuracy']:.4f}", r["holds"]])
+    say("\n\n".join(tables))
+    say(f"report {out} (and .md, .csv beside it)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,6 +185,23 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--out", default="style_swap.json", help="report JSON (a .md with the tables goes beside it)")
     e.add_argument("--sheet", default=None, help="also write a contact sheet PNG")
     e.set_defaults(run=cmd_evaluate)
+
+    g = sub.add_parser("grid", help="the blind style swap over the sampler grid (DDIM 8/25/50, DPM-Solver++ 10/20/50, "
+                       "guidance 3 and 5, the model's defaults) for each database set")
+    g.add_argument("--model", required=True, help="rdm model folder")
+    g.add_argument("--databases", nargs="+", required=True, help="database name templates with {style}, e.g. "
+                   "small-{style} large-{style}: one grid each")
+    g.add_argument("--styles", nargs="+", default=list(STYLES), choices=STYLES)
+    g.add_argument("--contents", type=int, default=8, help="content prompts per database (shape x colour pairs)")
+    g.add_argument("--content-offset", type=int, default=0, help="first pair of the 64 (choose unused ones)")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0])
+    g.add_argument("--cells", nargs="*", default=None, help="only these cell labels (default: all)")
+    g.add_argument("--centroids", type=int, default=200, help="clean unseen toy-art images per style centroid")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--device", default=None)
+    g.add_argument("--indexes", default=None)
+    g.add_argument("--out", default="style_swap_grid.json", help="report JSON (.md and .csv beside it)")
+    g.set_defaults(run=cmd_grid)
 
     a = p.parse_args(argv)
     a.run(a)

@@ -36,7 +36,7 @@ import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from ..errors import RDMError
-from ..modelformat import RDMConfig, save_model_folder
+from ..modelformat import RDMConfig, SamplingDefaults, save_model_folder
 from .safe_load import load_checkpoint
 
 UNET_PREFIX = "model.diffusion_model."
@@ -457,6 +457,7 @@ def convert_compvis_checkpoint(ckpt_path, config_path, out_dir, clip: str = "ViT
         query_token=True,
         unconditional="zeros",
         prediction_type=scheduler.config.prediction_type,
+        sampling=SamplingDefaults().to_dict(),  # CompVis knn2img.py's: DDIM (the folder's), 50 steps, scale 5, eta 0
         source={"format": "compvis-latent-diffusion", "checkpoint": Path(ckpt_path).name,
                 "checkpoint_sha256": checkpoint_sha256 or file_sha256(ckpt_path), "config": Path(config_path).name,
                 "config_sha256": file_sha256(config_path), "ema": ema,

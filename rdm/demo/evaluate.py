@@ -312,16 +312,18 @@ def contact_sheet(report: dict, out: str | Path, columns: int = 16, size: int = 
 # ---------------------------------------------------------------- the real sampler and databases
 
 
-def pipeline_sampler(pipe, k: int | None = None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
-                     scheduler: str | None = None, indexes: str | None = None, eta: float = 0.0,
-                     style_scale: float | None = None) -> Sampler:
-    """A Sampler drawing from an rdm.pipeline.RDMPipeline: one image per prompt, seeded per image."""
+def pipeline_sampler(pipe, k: int | None = None, num_inference_steps: int | None = None,
+                     guidance_scale: float | None = None, scheduler: str | None = None, indexes: str | None = None,
+                     eta: float | None = None, style_scale: float | None = None,
+                     guidance_rescale: float | None = None) -> Sampler:
+    """A Sampler drawing from an rdm.pipeline.RDMPipeline: one image per prompt, seeded per image; settings left at
+    None are the model's own."""
     pipe.set_progress_bar_config(disable=True)
 
     def sample(prompts: list[str], database: Any, seeds: list[int]) -> list[Image.Image]:
         out = pipe(prompt=list(prompts), databases=database, k=k, num_inference_steps=num_inference_steps,
                    guidance_scale=guidance_scale, style_scale=style_scale, scheduler=scheduler, eta=eta,
-                   seed=list(seeds), indexes=indexes,
+                   guidance_rescale=guidance_rescale, seed=list(seeds), indexes=indexes,
                    output_type="pil")
         return out.images
 
@@ -382,3 +384,68 @@ def build_style_databases(clip: str, root: str | Path, n_per_style: int, templat
         api.build_index(str(folder), name=names[style], clip=clip, indexes=indexes, workers=0, progress=False,
                         overwrite=True)
     return names
+
+
+# ---------------------------------------------------------------- the style swap over the samplers
+
+# The grid every claim about the demo model is checked on: the samplers and step counts a user reaches (rdm sample's
+# and the service's settings, DDIM and DPM-Solver++ at few and many steps, two guidance scales) and, as the first
+# cell, whatever the model records as its own defaults (every setting None).
+SAMPLER_GRID = (
+    {"label": "model's defaults"},
+    *({"label": f"{name} {steps} steps, guidance {g:g}", "scheduler": name, "steps": steps, "guidance": g}
+      for g in (3.0, 5.0) for name, counts in (("ddim", (8, 25, 50)), ("dpm++", (10, 20, 50))) for steps in counts),
+)
+
+
+def grid_sampler(pipe, cell: Mapping, indexes: str | None = None, k: int | None = None) -> Sampler:
+    """A pipeline Sampler with one grid cell's settings (absent ones: the model's own)."""
+    return pipeline_sampler(pipe, k=k, num_inference_steps=cell.get("steps"), guidance_scale=cell.get("guidance"),
+                            scheduler=cell.get("scheduler"), indexes=indexes, eta=cell.get("eta"),
+                            style_scale=cell.get("style_scale"), guidance_rescale=cell.get("guidance_rescale"))
+
+
+def run_sampler_grid(sampler_for: Callable[[Mapping], Sampler], databases: Mapping[str, Any], centroids: Any,
+                     reference_borders: Mapping, config: StyleSwapConfig, cells: Sequence[Mapping] = SAMPLER_GRID,
+                     log: Callable[[str], None] | None = None) -> list[dict]:
+    """The blind style swap (nearest centroid, border colour) at every cell: one row per cell with its accuracy,
+    border error, the weakest database and the verdict against CENTROID_GOAL and BORDER_GOAL."""
+    rows = []
+    for cell in cells:
+        sampler, per_db = sampler_for(cell), {}
+        for style, db in databases.items():
+            samples = draw_samples(sampler, db, config)
+            predicted = centroids.predict([s["image"] for s in samples])
+            for s, p in zip(samples, predicted):
+                s["centroid_style"], s["border_rgb"] = p, [float(v) for v in border_rgb(s.pop("image"))]
+            per_db[style] = summarise_blind(samples, style, reference_borders)
+        n = sum(d["n"] for d in per_db.values())
+        accuracy = sum(d["centroid_accuracy"] * d["n"] for d in per_db.values()) / n
+        border = sum(d["border_error"] * d["n"] for d in per_db.values()) / n
+        weakest = min(per_db, key=lambda st: per_db[st]["centroid_accuracy"])
+        row = {**dict(cell), "n": n, "centroid_accuracy": accuracy, "border_error": border, "weakest": weakest,
+               "weakest_accuracy": per_db[weakest]["centroid_accuracy"],
+               "holds": accuracy >= CENTROID_GOAL and border <= BORDER_GOAL, "databases": per_db}
+        rows.append(row)
+        if log:
+            log(f"{cell['label']:<34} style-swap {_pct(accuracy):>6}  border {border:.3f}  weakest {weakest} "
+                f"{_pct(row['weakest_accuracy'])}  {'holds' if row['holds'] else 'FAILS'}")
+    return rows
+
+
+def summarise_blind(samples: list[dict], style: str, reference_borders: Mapping) -> dict:
+    """Nearest-centroid accuracy and border error of one database's samples (no classifier needed)."""
+    n = len(samples)
+    ref = [float(v) for v in reference_borders[style]]
+    return {"n": n, "centroid_accuracy": sum(s["centroid_style"] == style for s in samples) / n,
+            "border_error": sum(sum(abs(s["border_rgb"][c] - ref[c]) for c in range(3)) / 3 for s in samples) / n}
+
+
+def grid_markdown(rows: list[dict], title: str) -> str:
+    """The grid as a markdown table, one line per cell."""
+    lines = [f"**{title}**", "", "| sampler | style-swap (nearest centroid) | border error | weakest database | holds |",
+             "|---|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {_pct(r['centroid_accuracy'])} | {r['border_error']:.3f} | "
+                     f"{r['weakest']} {_pct(r['weakest_accuracy'])} | {'yes' if r['holds'] else '**no**'} |")
+    return "\n".join(lines)

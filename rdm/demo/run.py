@@ -30,7 +30,7 @@ import torch
 from .. import api
 from ..errors import RDMError
 from ..generate import GRID_TILE, SampleOptions, _run, load_pipeline, neighbour_tiles, save_png
-from ..modelformat import read_rdm_config
+from ..modelformat import read_rdm_config, resolve_embedder_id
 from ..provenance import write_json
 from ..sheets import grid
 from .evaluate import build_style_databases
@@ -38,17 +38,12 @@ from .toyart import STYLES, ToyArtSpec, read_metadata
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"  # shipped with the package (package-data)
 DEMO_MODEL = ASSETS / "rdm"  # rdm model folder (rdm.modelformat), safetensors only
-DEMO_CLIP = ASSETS / "clip"  # open_clip local-dir folder: open_clip_config.json + open_clip_model.safetensors
+DEMO_CLIP = DEMO_MODEL / "clip"  # the model's own CLIP, open_clip's local-dir format (its rdm_config: local-dir:clip)
 TRAIN_RECIPE = "bash scripts/train_demo.sh"
 DEFAULT_PROMPTS = ("a red star", "a blue circle", "a green heart", "a yellow square")
 DEMO_START = 20_000_000  # toy-art index of the databases' first item: the demo CLIP trains on 0.., and evaluates
 #                          on 10_000_000.. (rdm.demo.clip.EVAL_START); scripts/train_demo.sh trains the RDM on 0..
 CONTROL = "control"  # label of the row sampled without a database
-# The sampler: DDIM with trailing timesteps (the first step at t = T, Lin et al. 2024) in 8 steps looks like 25
-# leading steps did (shapes, textures and the same muted backgrounds) in a third of the time; DPM-Solver++ in 8-10
-# steps keeps the textures too but saturates the background tints of the bundled epsilon model (scripts/
-# bench_demo.py compares them).
-DEMO_SCHEDULER, DEMO_STEPS = "ddim-trailing", 8
 
 
 @dataclass(frozen=True)
@@ -62,11 +57,14 @@ class DemoConfig:
     prompts: tuple[str, ...] = DEFAULT_PROMPTS  # content-only prompts, one group of columns each
     seeds: int = 2  # images per prompt; prompt p, image i gets seed `seed + p * seeds + i` in every row
     seed: int = 0  # first seed
-    steps: int = DEMO_STEPS  # denoising steps
-    scheduler: str | None = DEMO_SCHEDULER  # sampler (rdm.pipeline.SCHEDULER_ALIASES); None: the model's own
-    guidance: float = 3.0  # classifier-free guidance scale (rdm train draws its sample grids with 3.0)
-    eta: float = 0.0  # DDIM eta: 0 deterministic (CompVis' default), 1 ancestral
-    style_scale: float | None = None  # the neighbours' guidance scale (two-condition guidance); None: plain
+    # sampler settings, as rdm sample's: None takes the model's (the bundled one records DDIM from t = T, 8 steps,
+    # guidance 3; rdm.modelformat.SamplingDefaults)
+    steps: int | None = None  # denoising steps
+    scheduler: str | None = None  # sampler (rdm.pipeline.SCHEDULER_ALIASES)
+    guidance: float | None = None  # classifier-free guidance scale
+    guidance_rescale: float | None = None  # diffusers' guidance_rescale (Lin et al. 2024, 3.4)
+    eta: float | None = None  # DDIM eta: 0 deterministic (CompVis' default), 1 ancestral
+    style_scale: float | None = None  # the neighbours' guidance scale (two-condition guidance)
     k: int | None = None  # neighbours per query (default: the model's)
     n_per_style: int = 48  # toy-art items per style database
     styles: tuple[str, ...] = STYLES  # one database (and grid row) per style
@@ -128,7 +126,7 @@ def resolve_assets(model: str | None, clip: str | None) -> tuple[Path, str]:
     folder = Path(model).expanduser()
     if not (folder / "rdm_config.json").is_file():
         raise RDMError(f"--model {model} is not an rdm model folder (no rdm_config.json)")
-    return folder, clip_id(clip) if clip else read_rdm_config(folder).embedder["model"]
+    return folder, clip_id(clip) if clip else resolve_embedder_id(read_rdm_config(folder).embedder["model"], folder)
 
 
 # --- the steps -------------------------------------------------------------------------------------
@@ -147,7 +145,8 @@ def drop_stale_style_sets(root: Path, styles: Sequence[str], n: int, spec: ToyAr
 def sample_rows(pipe, databases: dict[str, str], config: DemoConfig, indexes: Path) -> list[dict]:
     """One pipeline call per row ({label: database name}, then none): every prompt x seed, same seeds throughout."""
     options = SampleOptions(k=config.k, num_images=config.seeds, steps=config.steps, guidance=config.guidance,
-                            style_scale=config.style_scale, scheduler=config.scheduler, eta=config.eta,
+                            guidance_rescale=config.guidance_rescale, style_scale=config.style_scale,
+                            scheduler=config.scheduler, eta=config.eta,
                             seed=config.seed, progress=config.progress and sys.stderr.isatty())
     rows = []
     for label, db in [*databases.items(), (CONTROL, None)]:
@@ -223,7 +222,8 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> DemoResult:
     # 3. Sample each database and the control with the same prompts, seeds and model
     t0 = time.perf_counter()
     n_images = len(config.prompts) * config.seeds
-    log(f"sampling {n_images} images ({len(config.prompts)} prompts x {config.seeds} seeds, {config.steps} steps) "
+    steps = config.steps or pipe.sampling_defaults.num_inference_steps
+    log(f"sampling {n_images} images ({len(config.prompts)} prompts x {config.seeds} seeds, {steps} steps) "
         f"for each of {len(names)} databases and the control")
     rows = sample_rows(pipe, names, config, indexes)
     seconds["sampling"] = time.perf_counter() - t0

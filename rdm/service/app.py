@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import DatabaseBusy, RDMError
-from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, SCHEDULER_ALIASES
+from ..pipeline import SCHEDULER_ALIASES
 from .clip_retrieval_compat import HIDDEN_COLUMNS
 from .clip_retrieval_compat import router as clip_router
 from .config import ServeConfig, is_loopback_host
@@ -164,11 +164,13 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.get("/api/info", tags=["service"])
     def info():
-        rc = engine.pipe.rdm_config
+        rc, own = engine.pipe.rdm_config, engine.pipe.sampling_defaults  # the model's own sampler settings
         return {"model": {"name": engine.pipe.name_or_path and str(engine.pipe.name_or_path).rsplit("/", 1)[-1],
                           "fingerprint": engine.pipe.fingerprint, "resolution": rc.resolution, "k": rc.k,
                           "embedder": rc.embedder.get("model", "").rsplit("/", 1)[-1], "dim": rc.embedding_dim},
-                "defaults": {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "k": rc.k, "seed": 0},
+                "defaults": {"steps": own.num_inference_steps, "guidance": own.guidance_scale,
+                             "guidance_rescale": own.guidance_rescale, "scheduler": own.scheduler, "eta": own.eta,
+                             "k": rc.k, "seed": 0},
                 "limits": {"max_k": config.max_k, "max_search_k": config.max_search_k, "max_steps": config.max_steps,
                            "max_images": config.max_images, "max_compare_rows": config.max_compare_rows,
                            "max_upload_bytes": config.max_upload_bytes, "max_queue": config.max_queue,
@@ -305,7 +307,10 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             check_int("steps", body.steps, 1, config.max_steps)
         if body.guidance is not None:
             check_float("guidance", body.guidance, -config.max_guidance, config.max_guidance)
-        check_float("eta", body.eta, 0.0, 1.0)
+        if body.eta is not None:
+            check_float("eta", body.eta, 0.0, 1.0)
+        if body.guidance_rescale is not None:
+            check_float("guidance_rescale", body.guidance_rescale, 0.0, 1.0)
         k = engine.pipe.rdm_config.k if body.k is None else check_int("k", body.k, 0, config.max_k)
         for choice in getattr(body, "databases", []) or [c for row in getattr(body, "rows", []) for c in row]:
             check_float(f"weight of {choice.name}", choice.weight, 0.0, 1e6)
@@ -313,7 +318,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     def rows_for(query, record, choices, k, where, body, n, label) -> list[Row]:
         neighbours = engine.neighbours(query, choices, k if choices else 0, where)
-        settings = engine.settings(neighbours.k, body.steps, body.guidance, body.scheduler, body.eta)
+        settings = engine.settings(neighbours.k, body.steps, body.guidance, body.scheduler, body.eta,
+                                   body.guidance_rescale)
         return [Row(query[0], neighbours.embeddings[0], neighbours.hits[0], neighbours.drawn, neighbours.notes,
                     where or {}, body.seed + i, record, settings, label) for i in range(n)]
 

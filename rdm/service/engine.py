@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import conditioning as cond
 from ..errors import DatabaseError, RDMError
-from ..pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, RDMPipeline, make_scheduler
+from ..pipeline import RDMPipeline, make_scheduler
 from ..retrieval import DatabaseRegistry, DatabaseRetriever
 from .config import ServeConfig
 from .images import decode_query_image, png_bytes
@@ -35,6 +35,7 @@ class Settings:
     guidance: float  # one guidance scale per call
     scheduler: str | None  # one sampler per call
     eta: float
+    guidance_rescale: float
     height: int  # one latent shape per call
     width: int
 
@@ -142,9 +143,15 @@ class Engine:
 
     # -- settings -------------------------------------------------------------------------------------
     def settings(self, k: int, steps: int | None, guidance: float | None, scheduler: str | None,
-                 eta: float) -> Settings:
-        """Checked sampler settings (the scheduler and the model's learned null context must accept them)."""
-        config = self.pipe.rdm_config
+                 eta: float | None, guidance_rescale: float | None = None) -> Settings:
+        """Checked sampler settings, the model's own (rdm.modelformat.SamplingDefaults) for each one not given (the
+        scheduler and the model's learned null context must accept them)."""
+        config, own = self.pipe.rdm_config, self.pipe.sampling_defaults
+        steps = own.num_inference_steps if steps is None else steps
+        guidance = own.guidance_scale if guidance is None else guidance
+        scheduler = own.scheduler if scheduler is None else scheduler
+        eta = own.eta if eta is None else eta
+        guidance_rescale = own.guidance_rescale if guidance_rescale is None else guidance_rescale
         try:
             make_scheduler(scheduler, self.pipe.scheduler)
         except RDMError as e:
@@ -152,13 +159,12 @@ class Engine:
         if not config.query_token and k == 0:
             raise BadRequest(422, "this model is conditioned on neighbours only: choose at least one database")
         null = self.pipe.null_context
-        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
         if config.unconditional == "learned" and guidance != 1.0 and null is not None \
                 and null.shape[0] not in (1, k + int(config.query_token)):
             raise BadRequest(422, f"this model's learned unconditional context fits k = "
                                   f"{null.shape[0] - int(config.query_token)} neighbours only")
-        return Settings(k=k, steps=DEFAULT_STEPS if steps is None else steps, guidance=float(guidance),
-                        scheduler=scheduler, eta=float(eta), height=config.resolution, width=config.resolution)
+        return Settings(k=k, steps=steps, guidance=float(guidance), scheduler=scheduler, eta=float(eta),
+                        guidance_rescale=float(guidance_rescale), height=config.resolution, width=config.resolution)
 
     # -- sampling -------------------------------------------------------------------------------------
     def sample(self, rows: Sequence[Row], on_step: Callable[[int], None]) -> list[Output]:
@@ -168,7 +174,7 @@ class Engine:
         out = self.pipe(query_embeds=np.stack([r.query for r in rows]),  # (B, D)
                         neighbor_embeds=np.stack([r.neighbours for r in rows]).reshape(len(rows), s.k, self.dim),
                         seed=[r.seed for r in rows], num_inference_steps=s.steps, guidance_scale=s.guidance,
-                        scheduler=s.scheduler, eta=s.eta, height=s.height, width=s.width, output_type="pil",
+                        scheduler=s.scheduler, eta=s.eta, guidance_rescale=s.guidance_rescale, height=s.height, width=s.width, output_type="pil",
                         callback=lambda i, _t, _latents: on_step(i + 1))
         outputs = []
         for row, image, record in zip(rows, out.images, out.provenance):

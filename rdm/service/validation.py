@@ -55,10 +55,12 @@ class GenerateRequest(Strict):
     where: dict[str, list[str] | str] | None = None  # metadata filters inside each search
     seed: int = 0  # image i of the request gets seed + i
     num_images: int = 1
-    steps: int | None = None  # default: the pipeline's (CompVis: 50)
-    guidance: float | None = None  # default: the pipeline's (CompVis: 5.0)
-    scheduler: str | None = None  # None: the model's (CompVis DDIM); ddim, dpm++, euler ...
-    eta: float = 0.0  # DDIM eta in [0, 1]
+    # sampler settings; None: the model's (rdm.modelformat.SamplingDefaults, /api/info "defaults")
+    steps: int | None = None
+    guidance: float | None = None
+    guidance_rescale: float | None = None  # diffusers' guidance_rescale in [0, 1]
+    scheduler: str | None = None  # ddim, dpm++, euler ...
+    eta: float | None = None  # DDIM eta in [0, 1]
 
 
 class CompareRequest(Strict):
@@ -70,8 +72,9 @@ class CompareRequest(Strict):
     num_images: int = 1
     steps: int | None = None
     guidance: float | None = None
+    guidance_rescale: float | None = None
     scheduler: str | None = None
-    eta: float = 0.0
+    eta: float | None = None
 
 
 class SearchRequest(Strict):

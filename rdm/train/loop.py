@@ -457,6 +457,7 @@ def rdm_config_for(cfg: TrainConfig, model: Model, embedder: Embedder, scale: fl
     return RDMConfig(embedder=embedder.identity.to_dict(), embedding_dim=embedder.dim, resolution=cfg.resolution,
                      latent_channels=unet.config.in_channels, latent_scale_factor=float(scale), k=cfg.k,
                      query_token=True, unconditional="zeros", prediction_type=cfg.prediction_type,
+                     sampling={"num_inference_steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale},
                      source={"format": "rdm-train", "trainer": "rdm.train", "step": step, "ema": True,
                              "data": cfg.data, "images": len(data), "query": cfg.query, "database": db.name,
                              "database_fingerprint": db.fingerprint, "dedup_threshold": cfg.dedup_threshold,

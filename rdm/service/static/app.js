@@ -45,8 +45,10 @@ async function init() {
     const m = state.info.model;
     $("model-info").textContent = `model ${m.name} · ${m.resolution}px · CLIP ${m.embedder} · default k ${m.k}`;
     $("k").value = m.k; $("k").max = state.info.limits.max_k;
-    $("steps").value = Math.min(state.info.defaults.steps, 25); $("steps").max = state.info.limits.max_steps;
+    // the model's own sampler settings (its rdm_config.json "sampling"), as rdm sample uses them
+    $("steps").value = state.info.defaults.steps; $("steps").max = state.info.limits.max_steps;
     $("guidance").value = state.info.defaults.guidance;
+    $("guidance-rescale").value = state.info.defaults.guidance_rescale;
     $("num-images").max = state.info.limits.max_images;
     state.databases = (await api("/api/databases")).filter((d) => d.compatible);
     renderDatabases();
@@ -119,7 +121,7 @@ async function submit(kind) {
   showError("");
   const prompt = $("prompt").value.trim();
   const common = { k: numberOf("k"), seed: numberOf("seed") ?? 0, steps: numberOf("steps"),
-                   guidance: numberOf("guidance"), num_images: numberOf("num-images") ?? 1 };
+                   guidance: numberOf("guidance"), guidance_rescale: numberOf("guidance-rescale"), num_images: numberOf("num-images") ?? 1 };
   let path, body;
   if (kind === "compare") {
     if (!prompt) return showError("compare needs a prompt");
