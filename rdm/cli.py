@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import warnings
+from dataclasses import replace
 
 import click
 
@@ -178,27 +179,100 @@ def verify(ctx, db, indexes):
     click.echo(f"{r['name']}: {r['files']} files, {r['bytes']} bytes, {r['segments']} segment(s), {r['count']} items: ok")
 
 
+MODELS_OWN = "[default: the model's]"
+
+
+def sampler_options(f=None):
+    """The sampler settings of rdm sample / compare / demo / score. None everywhere: the model's own settings
+    (rdm.modelformat.SamplingDefaults, recorded in its rdm_config.json) apply; no default is written here."""
+    options = [
+        click.option("--steps", type=click.IntRange(1), default=None, help=f"denoising steps {MODELS_OWN}"),
+        click.option("--guidance", type=float, default=None, help=f"classifier-free guidance scale {MODELS_OWN}"),
+        click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None,
+                     help="rescaled classifier-free guidance (Lin et al. 2024, 3.4; diffusers' guidance_rescale): 0 "
+                     f"off, 0.7 their suggestion {MODELS_OWN}"),
+        click.option("--style-scale", type=float, default=None,
+                     help="style strength: the neighbours' own guidance scale (two-condition guidance; --guidance then "
+                     "weighs the prompt alone). 0 ignores the neighbours, = --guidance is plain guidance "
+                     f"{MODELS_OWN}"),
+        click.option("--scheduler", default=None, help=f"ddim, ddim-trailing, dpm++, euler, ... or a diffusers "
+                     f"scheduler class {MODELS_OWN}"),
+        click.option("--eta", type=click.FloatRange(0, 1), default=None,
+                     help=f"DDIM eta: 0 deterministic (CompVis' default), 1 ancestral (DDPM-like) {MODELS_OWN}"),
+    ]
+    if f is None:
+        return options
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @main.command()
-@click.argument("images", nargs=-1, required=True)
+@click.argument("images", nargs=-1)
 @click.option("--db", "dbs", multiple=True, required=True, help="a database the images may look like (repeatable)")
 @click.option("--target", default=None, help="the --db the images should look like: its retrieval precision and "
               "probe accuracy are reported")
-@click.option("--prompt", default=None, help="the content the images should show (CLIP text-image similarity)")
+@click.option("--prompt", "prompts", multiple=True, help="the content the images should show (CLIP text-image "
+              "similarity); with --model, the prompts to sample (repeatable)")
 @click.option("-k", "k", default=10, show_default=True, type=click.IntRange(1),
               help="nearest neighbours per image over all the databases")
 @click.option("--seed", default=0, show_default=True, type=int, help="seed of the linear probe's training split")
+@click.option("--model", default=None, help="instead of IMAGES: sample each --prompt with each --db with this model "
+              "and score the style swap (each sample towards the database it was drawn from)")
+@click.option("--seeds", "sample_seeds", default="0", show_default=True,
+              help="with --model: comma-separated sampling seeds, the same for every database")
+@click.option("--grid", is_flag=True, help="with --model: over the sampler grid (the model's defaults, DDIM 8/25/50 and "
+              "DPM-Solver++ 10/20/50 steps at guidance 3 and 5) instead of one setting")
+@sampler_options
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--device", default=None, help="the CLIP's device (default: cuda when present)")
 @indexes_option
 @click.pass_context
-def score(ctx, images, dbs, target, prompt, k, seed, as_json, device, indexes):
-    """Style adherence of IMAGES (files or folders) to each --db: neighbours, a linear probe, prompt similarity."""
+def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid, steps, guidance, guidance_rescale,
+          style_scale, scheduler, eta, as_json, device, indexes):
+    """Style adherence of IMAGES (files or folders) to each --db: neighbours, a linear probe, prompt similarity; or,
+    with --model, the model's style swap over the --db databases."""
     from .score import ScoreOptions
     from .score import score as run_score
 
-    report = run_score(list(images), list(dbs), ScoreOptions(k=k, target=target, prompt=prompt, seed=seed,
-                                                             device=device), indexes=_home(ctx, indexes))
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
+    options = ScoreOptions(k=k, target=target, seed=seed, device=device)
+    sampling = {"steps": steps, "guidance": guidance, "guidance_rescale": guidance_rescale, "style_scale": style_scale,
+                "scheduler": scheduler, "eta": eta}
+    if model is None:
+        if not images:
+            raise click.UsageError("give IMAGES to score, or --model MODEL to sample and score its style swap")
+        if grid or any(v is not None for v in sampling.values()):
+            raise click.UsageError("--grid and sampler settings apply with --model only")
+        if len(prompts) > 1:
+            raise click.UsageError("give one --prompt for IMAGES (several are for --model)")
+        report = run_score(list(images), list(dbs), replace(options, prompt=prompts[0] if prompts else None),
+                           indexes=_home(ctx, indexes))
+        click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table())
+        return
+    from .score import SAMPLER_GRID, SwapSettings, style_swap, swap_line
+
+    if images:
+        raise click.UsageError("give IMAGES or --model, not both")
+    if not prompts:
+        raise click.UsageError("--model needs at least one --prompt to sample")
+    try:
+        seeds = [int(s) for s in sample_seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not comma-separated integers: {sample_seeds!r}", param_hint="--seeds") from None
+    if grid and any(v is not None for v in sampling.values()):
+        raise click.UsageError("--grid sets the sampler; leave out --steps, --guidance ... (or leave out --grid)")
+    cells = ([SwapSettings.from_dict(c) for c in SAMPLER_GRID] if grid
+             else [SwapSettings(label="as given" if any(v is not None for v in sampling.values())
+                                else "model's defaults", **sampling)])
+    from .generate import load_pipeline
+
+    pipe = load_pipeline(model, device, None, False)
+    home = _home(ctx, indexes)
+    opened = [api.open_database(name, home) for name in dbs]
+    rows = style_swap(pipe, opened, list(prompts), seeds, cells, options, log=None if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps({"format": "rdm-style-swap", "model": str(model), "databases": [d.name for d in opened],
+                               "prompts": list(prompts), "seeds": seeds, "cells": rows}, indent=2))
 
 
 @main.command()
@@ -252,34 +326,6 @@ def toyart_cmd(out, count, styles, size, seed, start, style_caption_prob):
     spec = toyart.ToyArtSpec(size=size, seed=seed, style_caption_prob=style_caption_prob)
     path = toyart.generate(spec, count, out, styles=chosen, start=start)
     click.echo(f"{count} images in {path} (metadata.jsonl holds captions and labels)")
-
-
-MODELS_OWN = "[default: the model's]"
-
-
-def sampler_options(f=None):
-    """The sampler settings of rdm sample / compare / demo / score. None everywhere: the model's own settings
-    (rdm.modelformat.SamplingDefaults, recorded in its rdm_config.json) apply; no default is written here."""
-    options = [
-        click.option("--steps", type=click.IntRange(1), default=None, help=f"denoising steps {MODELS_OWN}"),
-        click.option("--guidance", type=float, default=None, help=f"classifier-free guidance scale {MODELS_OWN}"),
-        click.option("--guidance-rescale", type=click.FloatRange(0, 1), default=None,
-                     help="rescaled classifier-free guidance (Lin et al. 2024, 3.4; diffusers' guidance_rescale): 0 "
-                     f"off, 0.7 their suggestion {MODELS_OWN}"),
-        click.option("--style-scale", type=float, default=None,
-                     help="style strength: the neighbours' own guidance scale (two-condition guidance; --guidance then "
-                     "weighs the prompt alone). 0 ignores the neighbours, = --guidance is plain guidance "
-                     f"{MODELS_OWN}"),
-        click.option("--scheduler", default=None, help=f"ddim, ddim-trailing, dpm++, euler, ... or a diffusers "
-                     f"scheduler class {MODELS_OWN}"),
-        click.option("--eta", type=click.FloatRange(0, 1), default=None,
-                     help=f"DDIM eta: 0 deterministic (CompVis' default), 1 ancestral (DDPM-like) {MODELS_OWN}"),
-    ]
-    if f is None:
-        return options
-    for option in reversed(options):
-        f = option(f)
-    return f
 
 
 @main.command("demo")

@@ -276,3 +276,72 @@ def score(images: Sequence[str | Path], databases: Sequence[str], options: Score
     if options.target in databases:  # --target as given to --db (a folder, say): the database's own name
         options = replace(options, target=opened[list(databases).index(options.target)].name)
     return score_images(expand_images(images), opened, options)
+
+
+# --- the style swap of a model: sample with each database, score towards it -----------------------------
+
+# The sampler settings every claim about a model's style swap is checked on: whatever the model records as its own
+# (every setting None), DDIM and DPM-Solver++ at few and many steps, at two guidance scales.
+SAMPLER_GRID = (
+    {"label": "model's defaults"},
+    *({"label": f"{name} {steps} steps, guidance {g:g}", "scheduler": name, "steps": steps, "guidance": g}
+      for g in (3.0, 5.0) for name, counts in (("ddim", (8, 25, 50)), ("dpm++", (10, 20, 50))) for steps in counts),
+)
+
+
+@dataclass(frozen=True)
+class SwapSettings:
+    """One cell of a style-swap run: the sampler settings (None: the model's own) and its label."""
+
+    label: str = "model's defaults"
+    scheduler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    guidance_rescale: float | None = None
+    style_scale: float | None = None
+    eta: float | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SwapSettings":
+        return cls(**d)
+
+
+def style_swap(pipe, databases: Sequence[Any], prompts: Sequence[str], seeds: Sequence[int],
+               cells: Sequence[SwapSettings] = (SwapSettings(),), options: ScoreOptions = ScoreOptions(),
+               log=None) -> list[dict]:
+    """The model's style swap judged by rdm score, with no judge trained on samples: for each cell, every prompt x
+    seed is sampled with each database as the only source of neighbours (the same seeds throughout, so only the
+    database changes) and scored towards that database. One row per cell: the probe's accuracy towards the
+    database sampled from (the style swap), retrieval precision and content similarity, with the weakest
+    database. `pipe` is an rdm.pipeline.RDMPipeline."""
+    names = check_databases(databases, None)
+    if not prompts or not seeds:
+        raise RDMError("the style swap needs at least one prompt and one seed")
+    probe = train_probe(databases, options)
+    jobs = [(p, s) for s in seeds for p in prompts]
+    rows = []
+    for cell in cells:
+        per_db = {}
+        for name, db in zip(names, databases):
+            out = pipe([p for p, _ in jobs], databases=db, seed=[s for _, s in jobs], output_type="pil",
+                       num_inference_steps=cell.steps, guidance_scale=cell.guidance, scheduler=cell.scheduler,
+                       guidance_rescale=cell.guidance_rescale, style_scale=cell.style_scale, eta=cell.eta)
+            report = score_images(out.images, databases, replace(options, target=name), embedder=pipe.embedder,
+                                  prompts=[p for p, _ in jobs], probe=probe)
+            per_db[name] = {key: report.summary[key] for key in ("probe_accuracy", "retrieval_precision", "content")}
+        mean = {key: float(np.mean([d[key] for d in per_db.values()]))
+                for key in ("probe_accuracy", "retrieval_precision", "content")}
+        weakest = min(per_db, key=lambda n: per_db[n]["probe_accuracy"])
+        rows.append({**asdict(cell), "images": len(jobs) * len(names), **mean, "weakest": weakest,
+                     "weakest_probe_accuracy": per_db[weakest]["probe_accuracy"], "databases": per_db,
+                     "probe_heldout_accuracy": probe.heldout_accuracy})
+        if log:
+            log(swap_line(rows[-1]))
+    return rows
+
+
+def swap_line(row: dict) -> str:
+    """One cell of a style-swap run as a line of text."""
+    return (f"{row['label']:<30} style-swap (probe) {row['probe_accuracy']:.3f}  retrieval precision "
+            f"{row['retrieval_precision']:.3f}  content {row['content']:.3f}  weakest {row['weakest']} "
+            f"{row['weakest_probe_accuracy']:.3f}")

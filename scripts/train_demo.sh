@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Make the weights `rdm demo` ships with: the demo CLIP and the demo RDM, trained on toy art, copied
-# into rdm/assets/demo/ (clip/: open_clip local-dir folder; rdm/: rdm model folder). Reproducible:
+# into rdm/assets/demo/rdm/ (an rdm model folder holding its CLIP in clip/, open_clip's local-dir format). Reproducible:
 # every step is seeded, and the toy art is a pure function of (seed, index).
 #
 #   bash scripts/train_demo.sh                                   # CPU defaults (hours on 2 cores)
 #   CLIP_STEPS=5000 RDM_STEPS=20000 RDM_BATCH=128 DEVICE=cuda CLIP_WORKERS=12 bash scripts/train_demo.sh
-#   CLIP_FROM=rdm/assets/demo/clip RDM_INIT=rdm/assets/demo/rdm bash scripts/train_demo.sh   # fine-tune the bundled
+#   CLIP_FROM=rdm/assets/demo/rdm/clip RDM_INIT=rdm/assets/demo/rdm bash scripts/train_demo.sh   # fine-tune the bundled
 #                                                                model onto the leak-free schedule (CPU: ~1 h)
-#   SCHEDULE=legacy CLIP_FROM=rdm/assets/demo/clip bash scripts/train_demo.sh   # the previous bundled model
+#   SCHEDULE=legacy CLIP_FROM=rdm/assets/demo/rdm/clip bash scripts/train_demo.sh   # the previous bundled model
 #
 # The schedule (SCHEDULE=leak-free, the default): the small preset's DDPM betas rescaled to zero terminal SNR,
 # v-prediction and trailing timesteps (Lin et al. 2024), so that the model cannot read the image's colour from
@@ -22,7 +22,7 @@ STYLE_CAPTIONS=${STYLE_CAPTIONS:-0}    # share of the RDM's training captions th
 #                                        style can only come from the neighbours (the CLIP draws its own captions)
 DEVICE=${DEVICE:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
 CLIP_FROM=${CLIP_FROM:-}               # an existing demo CLIP folder to reuse instead of training one, e.g.
-#                                        rdm/assets/demo/clip (to retrain only the RDM)
+#                                        rdm/assets/demo/rdm/clip (to retrain only the RDM)
 CLIP_STEPS=${CLIP_STEPS:-3000}         # demo CLIP optimiser steps (rdm/demo/clip.py); the bundled CLIP: 3000
 CLIP_BATCH=${CLIP_BATCH:-128}          # image/caption pairs per CLIP step; the bundled CLIP: 128
 CLIP_WORKERS=${CLIP_WORKERS:-1}        # processes rendering the CLIP's toy art on the fly
@@ -104,11 +104,11 @@ else
 fi
 
 # 5. Ship: configs and safetensors only, within the size limit
-mkdir -p "$ASSETS/clip" "$ASSETS/rdm"
-find "$ASSETS/clip" "$ASSETS/rdm" -mindepth 1 ! -name README.md -delete   # each folder's README.md stays
-cp "$RUN/clip/open_clip_config.json" "$RUN/clip/open_clip_model.safetensors" "$ASSETS/clip/"
-if [ -f "$RUN/clip/train_info.json" ]; then cp "$RUN/clip/train_info.json" "$ASSETS/clip/"; fi
+mkdir -p "$ASSETS/rdm/clip"
+find "$ASSETS/rdm" -mindepth 1 -type f ! -name README.md -delete   # each folder's README.md stays
 cp -r "$final/." "$ASSETS/rdm/"   # model_index.json, rdm_config.json, unet/, scheduler/
+cp "$RUN/clip/open_clip_config.json" "$RUN/clip/open_clip_model.safetensors" "$ASSETS/rdm/clip/"
+if [ -f "$RUN/clip/train_info.json" ]; then cp "$RUN/clip/train_info.json" "$ASSETS/rdm/clip/"; fi
 python - "$ASSETS" <<'EOF'
 import json, sys
 from pathlib import Path
@@ -116,22 +116,25 @@ from pathlib import Path
 from rdm.embedder import Embedder
 
 # The model records the CLIP's weights checksum, which is what is checked; its id would be this machine's
-# absolute path, so it is replaced by the bundled folder's path from a source checkout's root.
+# absolute path, so it is replaced by "local-dir:clip", relative to the model folder (a copy of it loads anywhere).
+# The sampler settings rdm demo and the blind evaluation use are recorded as the model's own.
 assets = Path(sys.argv[1])
 config_path = assets / "rdm" / "rdm_config.json"
 config = json.loads(config_path.read_text())
-bundled = Embedder.load(f"local-dir:{assets / 'clip'}", device="cpu", dtype="float32").identity
+bundled = Embedder.load(f"local-dir:{assets / 'rdm' / 'clip'}", device="cpu", dtype="float32").identity
 if bundled.weights_sha256 != config["embedder"]["weights_sha256"]:
     sys.exit(f"error: the bundled CLIP is not the one {config_path} was trained with")
-config["embedder"]["model"] = f"local-dir:{assets / 'clip'}"
+config["embedder"]["model"] = "local-dir:clip"
+config["sampling"] = {"scheduler": None, "num_inference_steps": 8, "guidance_scale": 3.0, "guidance_rescale": 0.0,
+                      "style_scale": None, "eta": 0.0}
 config_path.write_text(json.dumps(config, indent=1) + "\n")
 EOF
-other=$(find "$ASSETS/clip" "$ASSETS/rdm" -type f ! -name '*.json' ! -name '*.safetensors' ! -name README.md)
+other=$(find "$ASSETS/rdm" -type f ! -name '*.json' ! -name '*.safetensors' ! -name README.md)
 if [ -n "$other" ]; then
     echo "error: only configs, safetensors and READMEs may ship, found: $other" >&2
     exit 1
 fi
-bytes=$(find "$ASSETS/clip" "$ASSETS/rdm" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
+bytes=$(find "$ASSETS/rdm" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
 echo "bundled weights in $ASSETS: $(awk -v b="$bytes" 'BEGIN {printf "%.1f", b / 1e6}') MB (limit $MAX_MB MB)"
 if [ "$bytes" -gt $((MAX_MB * 1000000)) ]; then
     echo "error: the demo weights exceed $MAX_MB MB" >&2
@@ -140,4 +143,4 @@ fi
 
 # 6. The demo itself, from the bundled weights
 # shellcheck disable=SC2086
-rdm demo --out "$RUN/demo" --model "$ASSETS/rdm" --clip "$ASSETS/clip" $DEMO_ARGS
+rdm demo --out "$RUN/demo" --model "$ASSETS/rdm" $DEMO_ARGS

@@ -138,3 +138,27 @@ def test_raising_style_scale_moves_retrieval_precision_towards_the_target(toy):
                           for key in ("retrieval_precision", "probe_accuracy")}
     assert measured[3.0]["retrieval_precision"] > measured[0.0]["retrieval_precision"] + 0.05, measured
     assert measured[3.0]["probe_accuracy"] >= measured[0.0]["probe_accuracy"] + 0.25, measured
+
+
+def test_score_with_a_model_samples_each_database_and_scores_the_swap(toy):
+    """rdm score --model: the bundled demo model's swap at its own settings, judged by the probe; a cell with the
+    style switched off (style scale 0: the query alone, the same image for every database) scores chance."""
+    run = lambda *a: CliRunner().invoke(cli, ["--indexes", toy["indexes"], "score", "--model", str(DEMO_MODEL),  # noqa: E731
+                                              *[x for s in STYLES for x in ("--db", s)], "--prompt", "a red star",
+                                              "--prompt", "a blue heart", "--seeds", "3", "--json", *a],
+                                        catch_exceptions=False)
+    result = run()
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    (cell,) = report["cells"]
+    assert cell["label"] == "model's defaults" and cell["images"] == 2 * len(STYLES)
+    assert cell["probe_accuracy"] >= 0.8 and set(cell["databases"]) == set(STYLES), cell
+    off = json.loads(run("--style-scale", "0").output)["cells"][0]
+    assert off["label"] == "as given" and off["style_scale"] == 0.0
+    assert off["probe_accuracy"] <= 0.5, off  # one image for all three databases: right for at most one of them
+    for args, words in ((["--grid", "--steps", "3"], "--grid sets the sampler"),):
+        bad = run(*args)
+        assert bad.exit_code != 0 and words in bad.output
+    no_prompt = CliRunner().invoke(cli, ["--indexes", toy["indexes"], "score", "--model", str(DEMO_MODEL), "--db",
+                                         "flat"])
+    assert no_prompt.exit_code != 0 and "--prompt" in no_prompt.output

@@ -32,6 +32,7 @@ from rdm.database import Database
 from rdm.demo.blind import border_rgb
 from rdm.demo.toyart import COLOURS, SHAPES, STYLES, ToyArtSpec, generate, make_caption
 from rdm.errors import RDMError
+from rdm.score import SAMPLER_GRID
 from rdm.sheets import grid
 
 CONTROL = "control (no database)"  # the row of samples drawn from the query alone
@@ -387,16 +388,6 @@ def build_style_databases(clip: str, root: str | Path, n_per_style: int, templat
 
 
 # ---------------------------------------------------------------- the style swap over the samplers
-
-# The grid every claim about the demo model is checked on: the samplers and step counts a user reaches (rdm sample's
-# and the service's settings, DDIM and DPM-Solver++ at few and many steps, two guidance scales) and, as the first
-# cell, whatever the model records as its own defaults (every setting None).
-SAMPLER_GRID = (
-    {"label": "model's defaults"},
-    *({"label": f"{name} {steps} steps, guidance {g:g}", "scheduler": name, "steps": steps, "guidance": g}
-      for g in (3.0, 5.0) for name, counts in (("ddim", (8, 25, 50)), ("dpm++", (10, 20, 50))) for steps in counts),
-)
-
 
 def grid_sampler(pipe, cell: Mapping, indexes: str | None = None, k: int | None = None) -> Sampler:
     """A pipeline Sampler with one grid cell's settings (absent ones: the model's own)."""
