@@ -59,7 +59,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
     if a.device:
         pipe = pipe.to(a.device)
     sampler = pipeline_sampler(pipe, k=a.k, num_inference_steps=a.steps, guidance_scale=a.guidance,
-                               scheduler=a.scheduler, indexes=a.indexes, eta=a.eta, style_scale=a.style_scale)
+                               scheduler=a.scheduler, indexes=a.indexes, eta=a.eta, style_scale=a.style_scale,
+                               guidance_rescale=a.guidance_rescale)
     databases = open_style_databases(a.databases, a.styles, a.indexes)
     scorer = None if a.no_score else database_scorer(databases, k=a.score_k)
     judge = ToyArtClassifier.load(a.classifier)
@@ -72,7 +73,8 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
                             centroids=centroids, reference_borders=borders)
     report["model"] = {"path": str(Path(a.model).resolve()), "fingerprint": pipe.fingerprint}
     report["sampling"] = {"k": a.k, "steps": a.steps, "guidance": a.guidance, "style_scale": a.style_scale,
-                          "eta": a.eta, "scheduler": a.scheduler}
+                          "eta": a.eta, "scheduler": a.scheduler, "guidance_rescale": a.guidance_rescale,
+                          "model_defaults": pipe.sampling_defaults.to_dict()}
     report["databases"] = {s: getattr(db, "fingerprint", None) for s, db in databases.items()}
     report["judge"] = {"path": str(Path(a.classifier).resolve()), "heldout": judge.metrics.get("heldout")}
     if a.sheet:
@@ -166,10 +168,10 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--contents", type=int, default=16, help="content prompts (shape x colour pairs, 1-64)")
     e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     e.add_argument("--k", type=int, default=None, help="neighbours per query (default: the model's)")
-    e.add_argument("--steps", type=int, default=25,
-                   help="denoising steps (the figures so far: 25; rdm demo now samples 8 with --scheduler ddim-trailing)")
-    e.add_argument("--guidance", type=float, default=3.0, help="guidance scale (rdm demo: 3.0)")
-    e.add_argument("--eta", type=float, default=0.0, help="DDIM eta (rdm demo: 0, deterministic)")
+    e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    e.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    e.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale (default: the model's)")
+    e.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the model's)")
     e.add_argument("--style-scale", type=float, default=None, help="the neighbours' guidance scale (rdm sample "
                    "--style-scale); default: plain guidance")
     e.add_argument("--centroids", type=int, default=200,
