@@ -382,6 +382,7 @@ def sampling_options(f):
         click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
                      help="seed of the first image (deterministic by default)"),
         click.option("--where", "where", multiple=True, help="COLUMN=VALUE filter applied inside the search"),
+        *neighbour_options(),
         click.option("--height", type=click.IntRange(1), default=None, help="pixels (default: the model's size)"),
         click.option("--width", type=click.IntRange(1), default=None, help="pixels (default: the model's size)"),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)"),
@@ -392,6 +393,33 @@ def sampling_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def neighbour_options():
+    """Control over the neighbours (rdm.conditioning.NeighbourControl); defaults as rdm.generate.SampleOptions."""
+    return [
+        click.option("--diversity", type=click.FloatRange(0, 1), default=None,
+                     help="maximal marginal relevance over over-fetched candidates: 0 the nearest k, 1 the most novel "
+                     "[default: 0]"),
+        click.option("--dedup", type=click.FloatRange(-1, 1), default=None,
+                     help="cosine above which two candidates are duplicates, only one kept [default: 0.95 with "
+                     "--diversity, else off]"),
+        click.option("--max-per", "max_per", multiple=True, help="COLUMN=N: at most N neighbours sharing a value of "
+                     "COLUMN (an artist, a source ...; repeatable)"),
+        click.option("--neighbour-weights", type=click.Choice(["uniform", "database", "score"]), default=None,
+                     help="each neighbour's weight in cross-attention: uniform, database (its --db weight), score (its "
+                     "similarity over the best one's) [default: uniform]; --ref IMG:W weighs a reference"),
+        click.option("--negative-db", "negative_dbs", multiple=True, help="database whose neighbours the sample is "
+                     "guided away from (repeatable, NAME:WEIGHT)"),
+        click.option("--negative-ref", "negative_refs", multiple=True, help="image the sample is guided away from "
+                     "(repeatable)"),
+        click.option("--negative-prompt", default=None, help="text the sample is guided away from"),
+        click.option("--content-subtract", type=click.FloatRange(0, 2), default=None,
+                     help="each neighbour minus this times the query's embedding, renormalised: keeps the retrieved "
+                     "images' content out of the style (InstantStyle) [default: 0, off]"),
+        click.option("--neighbour-window", default=None, help="START:END, the fractions of the denoising steps in "
+                     "which the neighbours act (e.g. 0:0.6) [default: 0:1, all]"),
+    ]
 
 
 def _retrieval_warnings(run):
@@ -406,13 +434,13 @@ def _retrieval_warnings(run):
     return result
 
 
-def _sample_options(k, num_images, steps, guidance, guidance_rescale, style_scale, scheduler, eta, seed, where,
-                    height, width, quiet):
+def _sample_options(quiet, where, max_per, negative_dbs, negative_refs, **given):
+    """SampleOptions from the command's options; those left unset keep SampleOptions' own defaults."""
     from .generate import SampleOptions
 
-    return SampleOptions(k=k, num_images=num_images, steps=steps, guidance=guidance, guidance_rescale=guidance_rescale,
-                         style_scale=style_scale, scheduler=scheduler, eta=eta, seed=seed,
-                         where=tuple(where), height=height, width=width, progress=not quiet)
+    chosen = {name: value for name, value in given.items() if value is not None}
+    return SampleOptions(where=tuple(where), max_per=tuple(max_per), negative_dbs=tuple(negative_dbs),
+                         negative_refs=tuple(negative_refs), progress=not quiet, **chosen)
 
 
 @main.command()
@@ -420,20 +448,18 @@ def _sample_options(k, num_images, steps, guidance, guidance_rescale, style_scal
 @click.option("--db", "dbs", multiple=True, help=DB_HELP)
 @click.option("--image", "image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="query by image instead of a prompt")
-@click.option("--ref", "refs", multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="reference image used directly as a neighbour (repeatable; no database)")
+@click.option("--ref", "refs", multiple=True,
+              help="reference image used directly as a neighbour, IMG or IMG:WEIGHT (repeatable; no database)")
 @click.option("--out", type=click.Path(file_okay=False), default="outputs", show_default=True,
               help="folder for the PNGs, their provenance JSON and the grid")
 @sampling_options
 @indexes_option
 @click.pass_context
-def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guidance, guidance_rescale, style_scale,
-           scheduler, eta, seed, where, height, width, device, dtype, quiet, indexes):
+def sample(ctx, prompt, dbs, image, refs, out, model, device, dtype, indexes, **options):
     """Generate images for PROMPT, conditioned on its neighbours in the --db databases."""
     from . import generate
 
-    options = _sample_options(k, num_images, steps, guidance, guidance_rescale, style_scale, scheduler, eta, seed,
-                              where, height, width, quiet)
+    options = _sample_options(**options)
     result = _retrieval_warnings(lambda: generate.sample(
         prompt, model=model, databases=list(dbs), options=options, image=image, refs=list(refs), out=out,
         indexes=_home(ctx, indexes), device=device, dtype=dtype))
@@ -451,13 +477,11 @@ def sample(ctx, prompt, dbs, image, refs, out, model, k, num_images, steps, guid
 @sampling_options
 @indexes_option
 @click.pass_context
-def compare(ctx, prompt, dbs, out, model, k, num_images, steps, guidance, guidance_rescale, style_scale, scheduler,
-            eta, seed, where, height, width, device, dtype, quiet, indexes):
+def compare(ctx, prompt, dbs, out, model, device, dtype, indexes, **options):
     """Sample PROMPT with the same seeds and model once per --db, in one labelled grid."""
     from . import generate
 
-    options = _sample_options(k, num_images, steps, guidance, guidance_rescale, style_scale, scheduler, eta, seed,
-                              where, height, width, quiet)
+    options = _sample_options(**options)
     grid_path, provenance = _retrieval_warnings(lambda: generate.compare(
         prompt, list(dbs), model=model, options=options, out=out, indexes=_home(ctx, indexes), device=device,
         dtype=dtype))

@@ -29,6 +29,7 @@ from .database import parse_where
 from .errors import DatabaseError, RDMError
 from .identity import EmbedderIdentity
 from .retrieval import Retriever
+from .selection import Selection, select
 from .sources import json_safe
 
 
@@ -45,15 +46,21 @@ class Neighbours:
     hits: list[list[dict]]  # per query, per neighbour: database, id, score, row, path, caption, ... (JSON-able)
     drawn: list[dict] = field(default_factory=list)  # per source: name, fingerprint, weight, k asked, k drawn
     notes: list[str] = field(default_factory=list)  # warnings raised while retrieving, for provenance
+    weights: np.ndarray | None = None  # (Q, k) attention weight of each neighbour (rdm.attention); None: all 1
 
     @property
     def k(self) -> int:
         return self.embeddings.shape[1]
 
+    @property
+    def weighted(self) -> bool:
+        return self.weights is not None and not np.all(self.weights == 1.0)
+
     def repeat(self, n: int) -> "Neighbours":
         """Each query's neighbours repeated n times in a row (num_images_per_prompt)."""
         return Neighbours(np.repeat(self.embeddings, n, axis=0), np.repeat(self.scores, n, axis=0),
-                          [h for h in self.hits for _ in range(n)], self.drawn, self.notes)
+                          [h for h in self.hits for _ in range(n)], self.drawn, self.notes,
+                          None if self.weights is None else np.repeat(self.weights, n, axis=0))
 
 
 # --- Embedders -------------------------------------------------------------------------------------
@@ -109,12 +116,15 @@ def _valid_columns(rows: np.ndarray) -> list[list[int]]:
 
 
 def retrieve(queries: np.ndarray, sources: Sequence[tuple[Retriever, float]], k: int,
-             where: Mapping[str, Sequence[str]] | Sequence[str] | None = None) -> Neighbours:
+             where: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
+             selection: Selection = Selection()) -> Neighbours:
     """k neighbours per query (Q, D), drawn from the sources in proportion to their weights, merged by similarity.
 
     Each source gets largest_remainder(k, weights) of the k slots; a source with fewer items (or fewer
     matching the filters) than its share gives what it has, with a warning. The merged neighbours are
     sorted by similarity to their query, whichever database they came from (all share one CLIP space).
+    With a `selection` other than nearest-k (rdm.selection: diversity, duplicates, at most N per metadata value),
+    each source's candidates are over-fetched and its share chosen among them.
     """
     queries = np.asarray(queries, np.float32)  # (Q, D)
     where = parse_where(where)
@@ -131,9 +141,8 @@ def retrieve(queries: np.ndarray, sources: Sequence[tuple[Retriever, float]], k:
             share = count
         got = 0
         if share > 0:
-            result = retriever.search(queries, k=share, where=where or None)
-            valid = _valid_columns(result.rows)
-            got = min(len(v) for v in valid)
+            result, valid = _draw(retriever, queries, share, count, where, selection)
+            got = min(min(len(v) for v in valid), share)
             if got < share:
                 notes.append(f"only {got} item(s) of database {name} "
                              f"{f'match the filters {where}' if where else 'were found'}; "
@@ -142,7 +151,7 @@ def retrieve(queries: np.ndarray, sources: Sequence[tuple[Retriever, float]], k:
             scores = np.take_along_axis(result.scores, cols, 1).astype(np.float32)
             embeddings = np.take_along_axis(result.embeddings(), cols[..., None], 1)  # (Q, got, D)
             hits = [[{"database": name, **{key: json_safe(v) for key, v in h.items()}}
-                     for h in result.hits(q)[:got]] for q in range(len(queries))]
+                     for h in _hits_at(result, q, rows)] for q, rows in enumerate(cols)]
             parts.append((embeddings, scores, hits))
         drawn.append({"name": name, "fingerprint": getattr(retriever, "fingerprint", None), "weight": weight,
                       "count": count, "k_asked": asked, "k_drawn": got})
@@ -157,24 +166,161 @@ def retrieve(queries: np.ndarray, sources: Sequence[tuple[Retriever, float]], k:
     return sort_by_similarity(Neighbours(embeddings, scores, hits, drawn, notes))
 
 
+def _draw(retriever: Retriever, queries: np.ndarray, share: int, count: int | None, where,
+          selection: Selection) -> tuple[Any, list[list[int]]]:
+    """One source's search result and, per query, the result columns of its neighbours: the nearest `share`, or
+    `share` chosen by the selection among over-fetched candidates (fetched again, four times as many, while a
+    max-per limit leaves fewer than `share` and the database holds more)."""
+    fetch = selection.candidates(share) if count is None else min(selection.candidates(share), count)
+    while True:
+        result = retriever.search(queries, k=fetch, where=where or None)
+        valid = _valid_columns(result.rows)
+        if selection.nearest:
+            return result, valid
+        vectors = result.embeddings()
+        chosen = [[v[j] for j in select(result.scores[q, v], vectors[q, v], result.hits(q), share, selection)]
+                  for q, v in enumerate(valid)]
+        short = min(len(c) for c in chosen) < share and min(len(v) for v in valid) == fetch
+        if not short or count is None or fetch >= count:
+            return result, chosen
+        fetch = min(fetch * 4, count)
+
+
+def _hits_at(result, q: int, positions: np.ndarray) -> list[dict]:
+    """The hit records of query q at the given result positions (hits(q) lists the valid results in order)."""
+    valid = [j for j in range(result.rows.shape[1]) if result.rows[q, j] >= 0]
+    records = result.hits(q)
+    return [records[valid.index(int(j))] for j in positions]
+
+
 def sort_by_similarity(n: Neighbours) -> Neighbours:
     """Neighbours of each query in order of decreasing similarity (stable: ties keep source order)."""
     order = np.argsort(-n.scores, axis=1, kind="stable")  # (Q, k)
     return Neighbours(np.take_along_axis(n.embeddings, order[..., None], 1), np.take_along_axis(n.scores, order, 1),
-                      [[hq[j] for j in oq] for hq, oq in zip(n.hits, order)], n.drawn, n.notes)
+                      [[hq[j] for j in oq] for hq, oq in zip(n.hits, order)], n.drawn, n.notes,
+                      None if n.weights is None else np.take_along_axis(n.weights, order, 1))
 
 
-def reference_neighbours(queries: np.ndarray | None, refs: np.ndarray, labels: Sequence[str]) -> Neighbours:
-    """Images given directly (R, D) as every query's neighbours, sorted by similarity when there is a query."""
+def reference_neighbours(queries: np.ndarray | None, refs: np.ndarray, labels: Sequence[str],
+                         weights: Sequence[float] | None = None) -> Neighbours:
+    """Images given directly (R, D) as every query's neighbours, sorted by similarity when there is a query;
+    `weights` (R,): each reference's attention weight (rdm sample --ref IMG:W)."""
     refs = np.asarray(refs, np.float32)  # (R, D)
     n_queries = 1 if queries is None else len(queries)
     scores = (np.zeros((n_queries, len(refs)), np.float32) if queries is None
               else np.asarray(queries, np.float32) @ refs.T)  # (Q, R)
-    hits = [[{"ref": label, "score": float(s)} for label, s in zip(labels, sq)] for sq in scores]
+    w = None if weights is None else np.broadcast_to(np.asarray(weights, np.float32), scores.shape).copy()
+    hits = [[{"ref": label, "score": float(s), **({} if w is None else {"weight": float(wi)})}
+             for label, s, wi in zip(labels, sq, w[0] if w is not None else [None] * len(labels))] for sq in scores]
     n = Neighbours(np.broadcast_to(refs, (n_queries, *refs.shape)).copy(), scores, hits,
                    [{"name": "refs", "fingerprint": None, "weight": 1.0, "count": len(refs),
-                     "k_asked": len(refs), "k_drawn": len(refs)}])
+                     "k_asked": len(refs), "k_drawn": len(refs)}], weights=w)
     return n if queries is None else sort_by_similarity(n)
+
+
+# --- Control over the neighbours -------------------------------------------------------------------
+
+WEIGHTINGS = ("uniform", "database", "score")
+
+
+@dataclass(frozen=True)
+class NeighbourControl:
+    """What a sampler does with the neighbours beyond retrieving them (rdm sample --diversity, --negative-db ...).
+
+    NeighbourControl() is plain retrieval conditioning, bit for bit.
+    """
+
+    selection: Selection = field(default_factory=Selection)  # diversity, duplicates, at most N per value
+    weighting: str = "uniform"  # per-neighbour weight: uniform (1), database (its --db weight), score (s_i / s_1)
+    negative_databases: Any = None  # like `databases`: neighbours the sample is guided away from
+    negative_refs: Sequence = ()  # images the sample is guided away from
+    negative_prompt: str | None = None  # its CLIP text embedding takes the unconditional context's query slot
+    content_subtract: float = 0.0  # each neighbour minus this times the query embedding, renormalised (InstantStyle)
+    window: tuple[float, float] = (0.0, 1.0)  # the fraction of the denoising steps in which the neighbours act
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise RDMError(f"neighbour weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if not (math.isfinite(self.content_subtract) and 0.0 <= self.content_subtract <= 2.0):
+            raise RDMError(f"content_subtract must be in [0, 2] (0: off; InstantStyle uses ~1), got "
+                           f"{self.content_subtract}")
+        start, end = (float(x) for x in self.window)
+        if not 0.0 <= start < end <= 1.0:
+            raise RDMError(f"the neighbour window START:END needs 0 <= START < END <= 1, got {start}:{end}")
+        object.__setattr__(self, "window", (start, end))
+        object.__setattr__(self, "negative_refs", tuple(self.negative_refs or ()))
+
+    @property
+    def negatives(self) -> bool:
+        return bool(self.negative_databases) or bool(self.negative_refs)
+
+    def active(self, step: int, steps: int) -> bool:
+        """Whether the neighbours act at denoising step `step` of `steps` (0 = the noisiest)."""
+        start, end = self.window
+        return start <= step / steps < end or (end == 1.0 and step == steps - 1)
+
+    def to_dict(self) -> dict:
+        return {**self.selection.to_dict(), "weighting": self.weighting,
+                "negative_prompt": self.negative_prompt, "content_subtract": self.content_subtract,
+                "window": list(self.window)}
+
+
+def parse_window(spec: str | Sequence[float] | None) -> tuple[float, float]:
+    """'0.2:0.8' -> (0.2, 0.8); None -> (0, 1)."""
+    if spec is None:
+        return (0.0, 1.0)
+    if isinstance(spec, str):
+        start, sep, end = spec.partition(":")
+        try:
+            return (float(start or 0), float(end or 1)) if sep else _bad_window(spec)
+        except ValueError:
+            return _bad_window(spec)
+    return tuple(float(x) for x in spec)
+
+
+def _bad_window(spec: str):
+    raise RDMError(f"neighbour window '{spec}' is not START:END as fractions of the schedule (e.g. 0:0.6)")
+
+
+def parse_weighted(spec: str) -> tuple[str, float]:
+    """'img.png:0.5' -> ('img.png', 0.5); 'img.png' -> ('img.png', 1.0); a suffix that is not a number stays."""
+    name, weight = parse_database_spec(spec)
+    if not (math.isfinite(weight) and weight >= 0):
+        raise RDMError(f"the weight in '{spec}' must be a finite number >= 0")
+    return name, weight
+
+
+def neighbour_weights(n: Neighbours, weighting: str) -> Neighbours:
+    """The neighbours with the weighting's per-neighbour weights (refs keep the weights they were given)."""
+    if weighting == "uniform" or n.k == 0:
+        return n
+    if weighting == "database":
+        by_name = {d["name"]: float(d["weight"]) for d in n.drawn}
+        w = np.array([[by_name.get(h.get("database"), 1.0) for h in hq] for hq in n.hits], np.float32)
+    else:  # score: relative to the nearest neighbour of the query, negative similarities count 0
+        best = np.maximum(n.scores.max(1, keepdims=True), 1e-6)
+        w = np.clip(n.scores / best, 0.0, None).astype(np.float32)
+    w = w if n.weights is None else w * n.weights
+    hits = [[{**h, "weight": float(wi)} for h, wi in zip(hq, wq)] for hq, wq in zip(n.hits, w)]
+    return Neighbours(n.embeddings, n.scores, hits, n.drawn, n.notes, w)
+
+
+def subtract_content(n: Neighbours, query: np.ndarray | None, amount: float) -> Neighbours:
+    """Each neighbour minus `amount` times its query's embedding, renormalised: the global-feature trick of
+    InstantStyle (Wang et al. 2024), keeping the retrieved images' content out of the style they give."""
+    if amount == 0 or query is None or n.k == 0:
+        return n
+    e = n.embeddings - amount * np.asarray(query, np.float32)[:, None, :]
+    e /= np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-6)
+    return Neighbours(e.astype(np.float32), n.scores, n.hits, n.drawn, n.notes, n.weights)
+
+
+def fit_to(embeddings: np.ndarray, k: int) -> np.ndarray:
+    """(Q, m, D) negatives cut or zero-padded to (Q, k, D): the shape of the context they stand in for."""
+    q, m, d = embeddings.shape
+    if m >= k:
+        return embeddings[:, :k]
+    return np.concatenate([embeddings, np.zeros((q, k - m, d), np.float32)], 1)
 
 
 # --- Context tokens --------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ from .convert.compvis import convert_compvis_checkpoint
 from .embedder import _parse_dtype
 from .errors import EmbedderUnavailable, RDMError
 from .modelformat import RDMConfig, read_rdm_config
+from .conditioning import NeighbourControl, parse_weighted, parse_window
 from .pipeline import RDMPipeline
+from .selection import Selection, parse_max_per
 from .provenance import write_json
 from .registry import installed_models, model_asset_for, models_home
 from .sheets import grid
@@ -50,6 +52,16 @@ class SampleOptions:
     eta: float | None = None  # DDIM eta (CompVis --ddim_eta): 0 deterministic, 1 ancestral (DDPM-like) sampling
     seed: int | None = 0  # first image's seed (deterministic by default); None draws one at random (recorded)
     where: tuple[str, ...] = ()  # COLUMN=VALUE filters applied inside each search
+    # control over the neighbours (rdm.conditioning.NeighbourControl, rdm.selection.Selection)
+    diversity: float = 0.0  # maximal marginal relevance over over-fetched candidates: 0 nearest-k, 1 most novel
+    dedup: float | None = None  # cosine above which candidates are duplicates (None: 0.95 with diversity, else off)
+    max_per: tuple[str, ...] = ()  # COLUMN=N: at most N neighbours sharing a value of COLUMN
+    neighbour_weights: str = "uniform"  # uniform | database (each neighbour its --db weight) | score (s_i / s_1)
+    negative_dbs: tuple[str, ...] = ()  # databases whose neighbours the sample is guided away from
+    negative_refs: tuple[str, ...] = ()  # images the sample is guided away from
+    negative_prompt: str | None = None  # text the sample is guided away from
+    content_subtract: float = 0.0  # neighbours minus this times the query's embedding (InstantStyle); 0 off
+    neighbour_window: str | None = None  # START:END fractions of the schedule in which the neighbours act
     height: int | None = None  # pixels (default: the model's resolution)
     width: int | None = None  # pixels (default: the model's resolution)
     progress: bool = True  # show a progress bar over the denoising steps
@@ -198,14 +210,39 @@ def _describe_databases(databases: Sequence[tuple[str, float]], refs: Sequence[s
     return ", ".join(name if weight == 1.0 else f"{name}:{weight:g}" for name, weight in databases)
 
 
+def neighbour_control(options: SampleOptions) -> NeighbourControl:
+    """The NeighbourControl of the options (NeighbourControl() when none is set: plain retrieval conditioning)."""
+    return NeighbourControl(
+        selection=Selection(diversity=options.diversity, dedup=options.dedup, max_per=parse_max_per(options.max_per)),
+        weighting=options.neighbour_weights, negative_databases=list(options.negative_dbs) or None,
+        negative_refs=tuple(_existing(r, "--negative-ref") for r in options.negative_refs),
+        negative_prompt=options.negative_prompt, content_subtract=options.content_subtract,
+        window=parse_window(options.neighbour_window))
+
+
+def parse_ref(spec: str) -> tuple[str, float] | str:
+    """'img.png:0.5' -> ('img.png', 0.5) (a weighted reference); 'img.png' -> 'img.png'."""
+    if Path(spec).is_file():
+        return spec
+    path, weight = parse_weighted(spec)
+    return (_existing(path, "--ref"), weight)
+
+
+def _existing(path: str, option: str) -> str:
+    if not Path(path).is_file():
+        raise RDMError(f"{option} {path}: no such image file")
+    return path
+
+
 def _run(pipe: RDMPipeline, prompt: str | None, databases: list[tuple[str, float]], options: SampleOptions,
          image: str | None, refs: Sequence[str], indexes: str | None):
     """One pipeline call with the options; returns the PIL images and their provenance dicts."""
-    out = pipe(prompt=prompt, image=image, refs=list(refs) or None, databases=databases or None,
+    out = pipe(prompt=prompt, image=image, refs=[parse_ref(r) for r in refs] or None, databases=databases or None,
                where=list(options.where) or None, k=options.k, num_images_per_prompt=options.num_images,
                num_inference_steps=options.steps, guidance_scale=options.guidance, style_scale=options.style_scale,
                scheduler=options.scheduler, eta=options.eta, guidance_rescale=options.guidance_rescale,
-               seed=options.seed, height=options.height, width=options.width, output_type="pil", indexes=indexes)
+               seed=options.seed, height=options.height, width=options.width, output_type="pil", indexes=indexes,
+               control=neighbour_control(options))
     return out.images, [p.to_dict() for p in out.provenance]
 
 

@@ -21,6 +21,7 @@ on first use, and must match it.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -37,6 +38,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from safetensors.torch import load_file
 
+from . import attention
 from . import conditioning as cond
 from .database import Database
 from .embedder import Embedder
@@ -289,6 +291,62 @@ class RDMPipeline(DiffusionPipeline):
             x = self.vae.decode((latents / self.rdm_config.latent_scale_factor).to(self.vae.dtype)).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
+    def negatives(self, control: cond.NeighbourControl, query: torch.Tensor | None, k: int, where,
+                  indexes) -> dict | None:
+        """What the sample is guided away from: {"neighbours": (P, k, D) negative neighbours (retrieved from the
+        negative databases for each query, then the negative refs, cut or zero-padded to k), "prompt": (1, D)
+        the negative prompt's embedding, "hits": per query the negatives used}; None when nothing is negative."""
+        if not control.negatives and control.negative_prompt is None:
+            return None
+        out: dict = {"neighbours": None, "prompt": None, "hits": None}
+        if control.negative_prompt is not None:
+            if not control.negative_prompt.strip():
+                raise RDMError("empty negative prompt")
+            out["prompt"] = torch.from_numpy(self.embedder.encode_text([control.negative_prompt]))  # (1, D)
+        if control.negatives:
+            if query is None:
+                raise RDMError("negative neighbours need a query to stand against")
+            parts, hits = [], [[] for _ in range(len(query))]
+            if control.negative_databases:
+                found = cond.retrieve(query.numpy(), self.sources(control.negative_databases, indexes), max(k, 1),
+                                      where)
+                parts.append(found.embeddings)
+                hits = [h + fh for h, fh in zip(hits, found.hits)]
+            if control.negative_refs:
+                vectors, labels = self.embedder.encode_image_inputs(list(control.negative_refs))
+                parts.append(np.broadcast_to(vectors, (len(query), *vectors.shape)).astype(np.float32))
+                hits = [h + [{"ref": label} for label in labels] for h in hits]
+            embeddings = np.concatenate(parts, 1)
+            out["neighbours"] = torch.from_numpy(cond.fit_to(embeddings, k))
+            out["hits"] = [h[:k] for h in hits]
+        return out
+
+    def guidance_contexts(self, context: torch.Tensor, do_guidance: bool, style: bool, negatives: dict | None,
+                          n: int) -> dict[str, torch.Tensor]:
+        """The contexts of one U-Net call, {"in": inside the neighbours' window, "out": outside it}: the full context
+        alone (no guidance); [unconditional, full] (guidance); [unconditional, query alone, full] (style guidance).
+        Negative neighbours stand in the neighbour slots of the unconditional context (plain guidance) or of the
+        query-alone one (style guidance); a negative prompt in the unconditional context's query slot. Outside
+        the window the full context is the query alone."""
+        query_alone = cond.query_only_context(context) if self.rdm_config.query_token else torch.zeros_like(context)
+        if not do_guidance:
+            return {"in": context, "out": query_alone}
+        uncond = cond.unconditional_context(context, self.rdm_config.unconditional, self.null_context)
+        against = query_alone
+        if negatives is not None:
+            neg = negatives["neighbours"]
+            neg = None if neg is None else neg.repeat_interleave(n, 0).to(context)  # (B, k, D)
+            if self.rdm_config.query_token and negatives["prompt"] is not None:
+                uncond = uncond.clone()
+                uncond[:, 0] = negatives["prompt"].to(context)
+            if neg is not None and style:
+                against = torch.cat([context[:, :1], neg], 1) if self.rdm_config.query_token else neg
+            elif neg is not None:
+                uncond = torch.cat([uncond[:, :1], neg], 1) if self.rdm_config.query_token else neg
+        if not style:
+            return {"in": torch.cat([uncond, context]), "out": torch.cat([uncond, query_alone])}
+        return {"in": torch.cat([uncond, against, context]), "out": torch.cat([uncond, against, query_alone])}
+
     # -- sampling -------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
@@ -306,6 +364,7 @@ class RDMPipeline(DiffusionPipeline):
         scheduler: str | None = None,
         eta: float | None = None,
         guidance_rescale: float | None = None,
+        control: cond.NeighbourControl | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | list[int] | None = None,
         latents: torch.Tensor | None = None,
@@ -323,7 +382,7 @@ class RDMPipeline(DiffusionPipeline):
         Args:
             prompt: text query (or one per batch row); its CLIP text embedding is the query.
             image: image query (PIL or path, or a list); its CLIP image embedding is the query.
-            refs: images used directly as every query's neighbours (no database).
+            refs: images used directly as every query's neighbours (no database); (image, weight) pairs weigh them.
             databases: None (the query alone), a name, "name:weight", a Database (any Retriever), or a list of
                 those or of (database, weight) pairs: k neighbours are drawn from each in proportion.
             where: metadata filters applied inside each search ({"style": "neon"} or ["style=neon"]).
@@ -349,6 +408,10 @@ class RDMPipeline(DiffusionPipeline):
             neighbor_embeds: (P, k, D) neighbour embeddings instead of retrieval.
             indexes: home of the databases named in `databases` (default $RDM_INDEXES or ./indexes).
             callback: called as callback(step, timestep, latents) after each denoising step.
+            control: what is done with the neighbours (rdm.conditioning.NeighbourControl): diversity and
+                duplicates at retrieval, per-neighbour weights (a log(w) bias on their cross-attention logits,
+                rdm.attention), negative databases, refs or prompt in place of the unconditional context, content
+                subtraction, the window of steps in which they act. None: plain retrieval conditioning.
         """
         # 1. Check inputs; settings not given are the model's
         model_defaults = self.sampling_defaults
@@ -358,7 +421,9 @@ class RDMPipeline(DiffusionPipeline):
         style_scale = model_defaults.style_scale if style_scale is None else style_scale
         scheduler = model_defaults.scheduler if scheduler is None else scheduler
         eta = model_defaults.eta if eta is None else eta
-        prompts, images, ref_images = as_list(prompt), as_list(image), as_list(refs)
+        control = control or cond.NeighbourControl()
+        prompts, images = as_list(prompt), as_list(image)
+        ref_images, ref_weights = split_weights(as_list(refs))
         if prompt is not None and not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
             raise RDMError("empty prompt: give some text, or query by --image")
         given = [name for name, present in (("prompt", prompts), ("image", images),
@@ -404,12 +469,14 @@ class RDMPipeline(DiffusionPipeline):
         # 3. Neighbours: (P, k, D) retrieved from the databases, embedded refs, or given
         n_queries = len(queries)
         if sources:
-            neighbours = cond.retrieve(query.numpy(), sources, self.rdm_config.k if k is None else k, where)
+            neighbours = cond.retrieve(query.numpy(), sources, self.rdm_config.k if k is None else k, where,
+                                       control.selection)
         elif ref_images:
             if k not in (None, len(ref_images)):
                 raise RDMError(f"every --ref image is a neighbour: k={k} does not apply to {len(ref_images)} refs")
             ref_vectors, labels = self.embedder.encode_image_inputs(ref_images)
-            neighbours = cond.reference_neighbours(None if query is None else query.numpy(), ref_vectors, labels)
+            neighbours = cond.reference_neighbours(None if query is None else query.numpy(), ref_vectors, labels,
+                                                   ref_weights)
         elif neighbor_embeds is not None:
             given_n = torch.as_tensor(neighbor_embeds, dtype=torch.float32).cpu().numpy()
             if given_n.ndim != 3 or given_n.shape[0] != n_queries or given_n.shape[2] != dim:
@@ -420,7 +487,13 @@ class RDMPipeline(DiffusionPipeline):
             neighbours = cond.Neighbours(np.zeros((n_queries, 0, dim), np.float32),
                                          np.zeros((n_queries, 0), np.float32), [[] for _ in range(n_queries)])
 
-        # 4. Context tokens (B, T, D) for each image, and the unconditional context of the same shape
+        neighbours = cond.neighbour_weights(neighbours, control.weighting)
+        neighbours = cond.subtract_content(neighbours, None if query is None else query.numpy(),
+                                           control.content_subtract)
+        negatives = self.negatives(control, query, neighbours.k, where, indexes)  # (P, k, D), (P, D) or None
+
+        # 4. Context tokens (B, T, D) for each image, the unconditional context of the same shape, and the
+        #    neighbours' logit bias (B, T)
         n = num_images_per_prompt
         batch = n_queries * n
         per_image = neighbours.repeat(n)
@@ -428,13 +501,16 @@ class RDMPipeline(DiffusionPipeline):
         context = cond.build_context(query_b, torch.from_numpy(per_image.embeddings), self.rdm_config.query_token)
         context = context.to(device=device, dtype=dtype)  # (B, T, D)
         do_guidance = guidance_scale != 1.0 or style_scale is not None  # CompVis knn2img.py: `if opt.scale != 1.0`
-        if do_guidance:
-            uncond = cond.unconditional_context(context, self.rdm_config.unconditional, self.null_context)
-            if style_scale is None:
-                context = torch.cat([uncond, context])  # (2B, T, D): unconditional first
-            else:  # two-condition guidance: unconditional, the query alone, query + neighbours, in one U-Net call
-                context = torch.cat([uncond, cond.query_only_context(context), context])  # (3B, T, D)
-        copies = len(context) // batch  # 1, 2 (guidance) or 3 (style guidance) contexts per image
+        contexts = self.guidance_contexts(context, do_guidance, style_scale is not None, negatives, n)
+        copies = len(contexts["in"]) // batch  # 1, 2 (guidance) or 3 (style guidance) contexts per image
+        bias = None
+        if per_image.weighted:
+            if (per_image.weights.sum(1) == 0).any() and not self.rdm_config.query_token:
+                raise RDMError("every neighbour has weight 0, and this model is conditioned on neighbours only")
+            w = torch.from_numpy(per_image.weights)
+            bias = attention.weight_bias(torch.cat([torch.ones(batch, int(self.rdm_config.query_token)), w], 1))
+            bias = torch.cat([torch.zeros((copies - 1) * batch, bias.shape[1]), bias]).to(device)  # the full context
+        window_open = [control.active(i, num_inference_steps) for i in range(num_inference_steps)]
 
         # 5. Prepare timesteps
         sampler.set_timesteps(num_inference_steps, device=device)
@@ -450,11 +526,15 @@ class RDMPipeline(DiffusionPipeline):
         #    two-condition form with style_scale); the latents stay float32 between steps, only the U-Net runs in
         #    the model's dtype
         step_kwargs = _step_kwargs(sampler, eta, generator)
-        with self.progress_bar(total=len(timesteps)) as bar:
+        biased = attention.context_bias(self.unet) if bias is not None else contextlib.nullcontext()
+        with self.progress_bar(total=len(timesteps)) as bar, biased:
             for i, t in enumerate(timesteps):
                 x = torch.cat([latents] * copies) if do_guidance else latents  # (copies * B, C, h, w)
                 x = sampler.scale_model_input(x, t).to(dtype)
-                eps = self.unet(x, t, encoder_hidden_states=context).sample.float()
+                inside = window_open[min(i, len(window_open) - 1)]  # the neighbours act in the window only
+                kwargs = {"context_bias": bias} if bias is not None and inside else None
+                eps = self.unet(x, t, encoder_hidden_states=contexts["in" if inside else "out"],
+                                cross_attention_kwargs=kwargs).sample.float()
                 if style_scale is not None:
                     eps_u, eps_q, eps_c = eps.chunk(3)
                     eps = cond.style_guided_noise(eps_u, eps_q, eps_c, guidance_scale, style_scale)
@@ -480,10 +560,32 @@ class RDMPipeline(DiffusionPipeline):
             databases=neighbours.drawn, neighbours=per_image.hits[b], scheduler=settings,
             size={"height": height, "width": width}, runtime={"device": str(device), "dtype": str(dtype)},
             where=cond.parse_where(where) if sources else {}, k=None if neighbor_embeds is not None else per_image.k,
-            index=b, warnings=list(neighbours.notes)) for b in range(batch)]
+            index=b, warnings=list(neighbours.notes),
+            control=control_record(control, negatives)) for b in range(batch)]
         if not return_dict:
             return images, records
         return RDMPipelineOutput(images=images, provenance=records, latents=latents)
+
+
+def split_weights(refs: list) -> tuple[list, list[float] | None]:
+    """References as given ([image] or [(image, weight)]) -> (images, weights or None when none is weighed)."""
+    images = [r[0] if isinstance(r, tuple) else r for r in refs]
+    weights = [float(r[1]) if isinstance(r, tuple) else 1.0 for r in refs]
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise RDMError(f"reference weights must be finite and >= 0, got {weights}")
+    return images, weights if any(isinstance(r, tuple) for r in refs) else None
+
+
+def control_record(control: cond.NeighbourControl, negatives: dict | None) -> dict:
+    """The neighbour control of a sample, for its provenance ({} when it is plain retrieval conditioning)."""
+    if control == cond.NeighbourControl() and negatives is None:
+        return {}
+    out = control.to_dict()
+    out["negative_databases"] = [str(d) for d in as_list(control.negative_databases)]
+    out["negative_refs"] = [str(r) if not isinstance(r, Image.Image) else "image" for r in control.negative_refs]
+    if negatives is not None and negatives["hits"] is not None:
+        out["negatives"] = negatives["hits"]
+    return out
 
 
 def image_seeds(batch: int, seed: int | Sequence[int] | None, generator, latents) -> list[int] | None:

@@ -37,6 +37,7 @@ class Provenance:
     k: int | None = None  # neighbours asked for (None when neighbour embeddings were passed in)
     index: int = 0  # position of the image in its batch
     warnings: list[str] = field(default_factory=list)  # e.g. k clamped to a database's size
+    control: dict = field(default_factory=dict)  # neighbour control: diversity, weights, negatives ... ({}: none)
     versions: dict = field(default_factory=lambda: package_versions())  # package -> version
     format: str = FORMAT  # always "rdm-provenance"
     format_version: int = FORMAT_VERSION  # bumped on incompatible changes
