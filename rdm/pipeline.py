@@ -372,7 +372,7 @@ class RDMPipeline(DiffusionPipeline):
         width: int | None = None,
         output_type: str = "pil",
         query_embeds: torch.Tensor | np.ndarray | None = None,
-        neighbor_embeds: torch.Tensor | np.ndarray | None = None,
+        neighbor_embeds: torch.Tensor | np.ndarray | cond.Neighbours | None = None,
         indexes: str | Path | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         return_dict: bool = True,
@@ -405,7 +405,8 @@ class RDMPipeline(DiffusionPipeline):
             height, width: pixels, multiples of the autoencoder factor (default: the model's resolution).
             output_type: "pil", "np" (B, H, W, 3), "pt" (B, 3, H, W), all in [0, 1], or "latent".
             query_embeds: (P, D) query embeddings instead of a prompt or image.
-            neighbor_embeds: (P, k, D) neighbour embeddings instead of retrieval.
+            neighbor_embeds: (P, k, D) neighbour embeddings instead of retrieval, or an rdm.conditioning.Neighbours
+                retrieved beforehand (its records go to the provenance, its weights to the cross-attention).
             indexes: home of the databases named in `databases` (default $RDM_INDEXES or ./indexes).
             callback: called as callback(step, timestep, latents) after each denoising step.
             control: what is done with the neighbours (rdm.conditioning.NeighbourControl): diversity and
@@ -477,6 +478,11 @@ class RDMPipeline(DiffusionPipeline):
             ref_vectors, labels = self.embedder.encode_image_inputs(ref_images)
             neighbours = cond.reference_neighbours(None if query is None else query.numpy(), ref_vectors, labels,
                                                    ref_weights)
+        elif isinstance(neighbor_embeds, cond.Neighbours):  # retrieved beforehand, with records and weights
+            if neighbor_embeds.embeddings.shape[0] != n_queries or neighbor_embeds.embeddings.shape[2] != dim:
+                raise RDMError(f"neighbours must be ({n_queries}, k, {dim}), got "
+                               f"{tuple(neighbor_embeds.embeddings.shape)}")
+            neighbours = neighbor_embeds
         elif neighbor_embeds is not None:
             given_n = torch.as_tensor(neighbor_embeds, dtype=torch.float32).cpu().numpy()
             if given_n.ndim != 3 or given_n.shape[0] != n_queries or given_n.shape[2] != dim:
@@ -581,7 +587,8 @@ def control_record(control: cond.NeighbourControl, negatives: dict | None) -> di
     if control == cond.NeighbourControl() and negatives is None:
         return {}
     out = control.to_dict()
-    out["negative_databases"] = [str(d) for d in as_list(control.negative_databases)]
+    named = [d[0] if isinstance(d, tuple) else d for d in as_list(control.negative_databases)]
+    out["negative_databases"] = [getattr(d, "name", None) or str(d) for d in named]
     out["negative_refs"] = [str(r) if not isinstance(r, Image.Image) else "image" for r in control.negative_refs]
     if negatives is not None and negatives["hits"] is not None:
         out["negatives"] = negatives["hits"]

@@ -476,3 +476,34 @@ def test_rdm_serve_command_serves_and_reports_jobs_in_flight_at_sigterm(world, t
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_neighbour_control_is_served_as_the_pipeline_samples_it(server, pipe):
+    from rdm.conditioning import NeighbourControl
+    from rdm.selection import Selection
+
+    base = server.url
+    body = {"prompt": "a red circle", "databases": [{"name": "A"}], "k": 3, "seed": 5, "steps": 3, "diversity": 0.6,
+            "max_per": {"id": 1}, "neighbour_weights": "score", "negative_databases": [{"name": "B"}],
+            "negative_prompt": "a blue square", "content_subtract": 0.5, "neighbour_window": [0.0, 0.7]}
+    view = generate(base, **body)
+    assert view["state"] == "done", view
+    record = json.loads(call(f"{base}{view['images'][0]['provenance_url']}")[2])
+    control = record["control"]
+    assert control["diversity"] == 0.6 and control["dedup"] == 0.95 and control["negative_databases"] == ["B"]
+    assert control["window"] == [0.0, 0.7] and all("weight" in h for h in record["neighbours"])
+    registry = server.app.state.engine.registry
+    direct = pipe("a red circle", databases="A", indexes=registry, k=3, seed=5, num_inference_steps=3, output_type="np",
+                  control=NeighbourControl(selection=Selection(diversity=0.6, max_per={"id": 1}), weighting="score",
+                                           negative_databases="B", negative_prompt="a blue square",
+                                           content_subtract=0.5, window=(0.0, 0.7)))
+    assert [h["id"] for h in direct.provenance[0].neighbours] == [h["id"] for h in record["neighbours"]]
+    served = np.asarray(Image.open(io.BytesIO(call(f"{base}{view['images'][0]['image_url']}")[2])).convert("RGB"),
+                        np.int16)
+    assert np.abs(served - np.round(direct.images[0] * 255)).max() <= 1
+    for bad, status in (({"diversity": 2}, 422), ({"negative_databases": [{"name": "nope"}]}, 404),
+                        ({"neighbour_window": [0.8, 0.2]}, 422), ({"neighbour_weights": "loud"}, 422),
+                        ({"max_per": {"id": 0}}, 422), ({"content_subtract": -1}, 422)):
+        status_got, answer = jcall(f"{base}/api/generate", "POST", {**body, **bad})
+        assert status_got == status, (bad, answer)
+    assert jcall(f"{base}/api/health")[0] == 200

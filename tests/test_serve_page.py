@@ -115,3 +115,31 @@ def test_prompt_progress_neighbours_compare_and_provenance(server, browser, tmp_
     page.screenshot(path=str(SCREENSHOT), full_page=True)
     assert not errors, errors
     page.close()
+
+
+def test_a_negative_collection_and_the_diversity_slider(server, browser):
+    """The page sends the avoided collections and the diversity slider's value; the job's provenance says so."""
+    page = browser.new_page(viewport={"width": 1360, "height": 900}, accept_downloads=True, bypass_csp=True)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#databases input[type=checkbox]")
+    names = [page.locator(f"#db-{i}").get_attribute("data-name") for i in range(3)]
+    page.fill("#prompt", "a green heart")
+    page.fill("#num-images", "1")
+    for i, name in enumerate(names):  # sample from outline, avoid neon
+        (page.check if name == "outline" else page.uncheck)(f"#db-{i}")
+        if name == "neon":
+            page.check(f"#neg-{i}")
+    page.locator("#diversity").fill("0.6")
+    assert page.inner_text("#diversity-value") == "0.60"
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status-text').textContent.startsWith('done')", timeout=120_000)
+    with page.expect_download() as info:
+        page.locator("#results a.provenance").first.click()
+    record = json.loads(Path(info.value.path()).read_text())
+    assert {d["name"] for d in record["databases"]} == {"outline"}
+    assert record["control"]["negative_databases"] == ["neon"] and record["control"]["diversity"] == 0.6
+    assert all(n["database"] == "neon" for n in record["control"]["negatives"][0])
+    assert not errors, errors
+    page.close()

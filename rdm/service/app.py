@@ -26,7 +26,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import DatabaseBusy, RDMError
+from ..conditioning import NeighbourControl, parse_window
 from ..pipeline import SCHEDULER_ALIASES
+from ..selection import Selection
 from .clip_retrieval_compat import HIDDEN_COLUMNS
 from .clip_retrieval_compat import router as clip_router
 from .config import ServeConfig, is_loopback_host
@@ -316,12 +318,31 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             check_float(f"weight of {choice.name}", choice.weight, 0.0, 1e6)
         return n, k
 
+    def neighbour_control(body) -> NeighbourControl:
+        """The request's control over the neighbours; 422 for values out of range or unknown databases."""
+        negatives = body.negative_databases or []
+        for choice in negatives:
+            check_float(f"weight of {choice.name}", choice.weight, 0.0, 1e6)
+        if body.negative_prompt is not None:
+            check_text("negative_prompt", body.negative_prompt, config)
+        try:
+            selection = Selection(diversity=body.diversity, dedup=body.dedup, max_per=body.max_per or {})
+            return NeighbourControl(
+                selection=selection, weighting=body.neighbour_weights, content_subtract=body.content_subtract,
+                negative_databases=[(engine.database(c.name), c.weight) for c in negatives] or None,
+                negative_prompt=body.negative_prompt, window=parse_window(body.neighbour_window))
+        except RDMError as e:
+            raise BadRequest(422, str(e)) from None
+
     def rows_for(query, record, choices, k, where, body, n, label) -> list[Row]:
-        neighbours = engine.neighbours(query, choices, k if choices else 0, where)
+        control = neighbour_control(body)
+        neighbours = engine.neighbours(query, choices, k if choices else 0, where, control.selection,
+                                       control.weighting)
         settings = engine.settings(neighbours.k, body.steps, body.guidance, body.scheduler, body.eta,
-                                   body.guidance_rescale)
+                                   body.guidance_rescale, control)
+        weights = None if neighbours.weights is None else neighbours.weights[0]
         return [Row(query[0], neighbours.embeddings[0], neighbours.hits[0], neighbours.drawn, neighbours.notes,
-                    where or {}, body.seed + i, record, settings, label) for i in range(n)]
+                    weights, where or {}, body.seed + i, record, settings, label) for i in range(n)]
 
     def describe(choices) -> str:
         return ", ".join(c.name if c.weight == 1.0 else f"{c.name}:{c.weight:g}" for c in choices) or "no database"

@@ -20,6 +20,7 @@ import numpy as np
 from .. import conditioning as cond
 from ..errors import DatabaseError, RDMError
 from ..pipeline import RDMPipeline, make_scheduler
+from ..selection import Selection
 from ..retrieval import DatabaseRegistry, DatabaseRetriever
 from .config import ServeConfig
 from .images import decode_query_image, png_bytes
@@ -38,6 +39,7 @@ class Settings:
     guidance_rescale: float
     height: int  # one latent shape per call
     width: int
+    control: cond.NeighbourControl = field(default_factory=cond.NeighbourControl)  # negatives, window, ...
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Row:
     hits: list[dict]  # the k neighbours' records (database, id, score, row, metadata)
     drawn: list[dict]  # per database: name, fingerprint, weight, count, k_asked, k_drawn
     notes: list[str]  # retrieval warnings (k clamped, few filter matches)
+    weights: np.ndarray | None  # (k,) each neighbour's attention weight; None: all 1
     where: dict  # filters applied inside the searches
     seed: int
     query_record: dict  # {"prompt": ...} | {"image": ...} | {"embedding": True}
@@ -125,8 +128,9 @@ class Engine:
 
     # -- retrieval ------------------------------------------------------------------------------------
     def neighbours(self, query: np.ndarray, choices: Sequence[DatabaseChoice], k: int,
-                   where: dict | None) -> cond.Neighbours:
-        """k neighbours of each query (Q, D) from the chosen databases, in proportion to their weights."""
+                   where: dict | None, selection: Selection = Selection(), weighting: str = "uniform") -> cond.Neighbours:
+        """k neighbours of each query (Q, D) from the chosen databases, in proportion to their weights, chosen by
+        the selection (diversity, duplicates, max-per) and weighed by the weighting."""
         if not choices or k == 0:
             return cond.Neighbours(np.zeros((len(query), 0, self.dim), np.float32),
                                    np.zeros((len(query), 0), np.float32), [[] for _ in range(len(query))])
@@ -137,13 +141,14 @@ class Engine:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", cond.RetrievalWarning)  # kept in Neighbours.notes
-                return cond.retrieve(query, sources, k, where)
+                return cond.neighbour_weights(cond.retrieve(query, sources, k, where, selection), weighting)
         except RDMError as e:
             raise BadRequest(422, str(e)) from None
 
     # -- settings -------------------------------------------------------------------------------------
     def settings(self, k: int, steps: int | None, guidance: float | None, scheduler: str | None,
-                 eta: float | None, guidance_rescale: float | None = None) -> Settings:
+                 eta: float | None, guidance_rescale: float | None = None,
+                 control: cond.NeighbourControl | None = None) -> Settings:
         """Checked sampler settings, the model's own (rdm.modelformat.SamplingDefaults) for each one not given (the
         scheduler and the model's learned null context must accept them)."""
         config, own = self.pipe.rdm_config, self.pipe.sampling_defaults
@@ -164,15 +169,20 @@ class Engine:
             raise BadRequest(422, f"this model's learned unconditional context fits k = "
                                   f"{null.shape[0] - int(config.query_token)} neighbours only")
         return Settings(k=k, steps=steps, guidance=float(guidance), scheduler=scheduler, eta=float(eta),
-                        guidance_rescale=float(guidance_rescale), height=config.resolution, width=config.resolution)
+                        guidance_rescale=float(guidance_rescale), height=config.resolution, width=config.resolution,
+                        control=control or cond.NeighbourControl())
 
     # -- sampling -------------------------------------------------------------------------------------
     def sample(self, rows: Sequence[Row], on_step: Callable[[int], None]) -> list[Output]:
         """One pipeline call for rows sharing their Settings; on_step(i) after each step may raise Cancelled."""
         s = rows[0].settings
         assert all(r.settings == s for r in rows)
+        weights = None if all(r.weights is None for r in rows) else np.stack(
+            [np.ones(s.k, np.float32) if r.weights is None else r.weights for r in rows])
+        given = cond.Neighbours(np.stack([r.neighbours for r in rows]).reshape(len(rows), s.k, self.dim),
+                                np.zeros((len(rows), s.k), np.float32), [r.hits for r in rows], weights=weights)
         out = self.pipe(query_embeds=np.stack([r.query for r in rows]),  # (B, D)
-                        neighbor_embeds=np.stack([r.neighbours for r in rows]).reshape(len(rows), s.k, self.dim),
+                        neighbor_embeds=given, control=s.control,
                         seed=[r.seed for r in rows], num_inference_steps=s.steps, guidance_scale=s.guidance,
                         scheduler=s.scheduler, eta=s.eta, guidance_rescale=s.guidance_rescale, height=s.height, width=s.width, output_type="pil",
                         callback=lambda i, _t, _latents: on_step(i + 1))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -47,7 +47,20 @@ class DatabaseChoice(Strict):
     weight: float = 1.0  # share of the k neighbours, relative to the others
 
 
-class GenerateRequest(Strict):
+class NeighbourFields(Strict):
+    """Control over the neighbours (rdm.conditioning.NeighbourControl); the defaults are plain retrieval."""
+
+    diversity: float = 0.0  # MMR over over-fetched candidates in [0, 1]: 0 the nearest k
+    dedup: float | None = None  # duplicate cosine threshold (None: 0.95 with diversity, else off)
+    max_per: dict[str, int] | None = None  # metadata column -> at most this many neighbours per value
+    neighbour_weights: Literal["uniform", "database", "score"] = "uniform"
+    negative_databases: list[DatabaseChoice] = Field(default_factory=list)  # guided away from
+    negative_prompt: str | None = None
+    content_subtract: float = 0.0  # neighbours minus this times the query, renormalised, in [0, 2]
+    neighbour_window: list[float] | None = None  # [start, end] fractions of the steps the neighbours act in
+
+
+class GenerateRequest(NeighbourFields):
     prompt: str | None = None  # text query ...
     image: ItemRef | None = None  # ... or an image query
     databases: list[DatabaseChoice] = Field(default_factory=list)  # empty: the query alone
@@ -63,7 +76,7 @@ class GenerateRequest(Strict):
     eta: float | None = None  # DDIM eta in [0, 1]
 
 
-class CompareRequest(Strict):
+class CompareRequest(NeighbourFields):
     prompt: str
     rows: list[list[DatabaseChoice]]  # one row per entry; [] is a row without retrieval
     k: int | None = None

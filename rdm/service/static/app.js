@@ -58,6 +58,7 @@ async function init() {
   $("controls").addEventListener("submit", (ev) => { ev.preventDefault(); submit("generate"); });
   $("compare").addEventListener("click", () => submit("compare"));
   $("cancel").addEventListener("click", cancel);
+  $("diversity").addEventListener("input", () => { $("diversity-value").textContent = Number($("diversity").value).toFixed(2); });
   $("image-file").addEventListener("change", uploadImage);
   $("clear-image").addEventListener("click", clearImage);
 }
@@ -78,13 +79,19 @@ function renderDatabases() {
     slider.addEventListener("input", () => { out.textContent = Number(slider.value).toFixed(2); });
     const label = el("label", { for: `db-${i}`, title: `${d.count} items · ${d.fingerprint}` },
                      [check, ` ${d.name} `, el("span", { class: "muted", text: `(${d.count})` })]);
-    box.append(el("div", { class: "db" }, [label, slider, out]));
+    const avoid = el("label", { class: "avoid", title: `guide the images away from ${d.name} (a negative collection)` },
+                     [el("input", { type: "checkbox", id: `neg-${i}`, "data-name": d.name }), " avoid"]);
+    box.append(el("div", { class: "db" }, [label, slider, out, avoid]));
   });
 }
 
 function chosenDatabases() {
   return state.databases.map((d, i) => ({ name: d.name, check: $(`db-${i}`), weight: Number($(`w-${i}`).value) }))
     .filter((d) => d.check.checked && d.weight > 0).map(({ name, weight }) => ({ name, weight }));
+}
+
+function negativeDatabases() {
+  return state.databases.filter((d, i) => $(`neg-${i}`).checked).map((d) => ({ name: d.name }));
 }
 
 function numberOf(id) {
@@ -121,7 +128,8 @@ async function submit(kind) {
   showError("");
   const prompt = $("prompt").value.trim();
   const common = { k: numberOf("k"), seed: numberOf("seed") ?? 0, steps: numberOf("steps"),
-                   guidance: numberOf("guidance"), guidance_rescale: numberOf("guidance-rescale"), num_images: numberOf("num-images") ?? 1 };
+                   guidance: numberOf("guidance"), guidance_rescale: numberOf("guidance-rescale"),
+                   diversity: Number($("diversity").value), negative_databases: negativeDatabases(), num_images: numberOf("num-images") ?? 1 };
   let path, body;
   if (kind === "compare") {
     if (!prompt) return showError("compare needs a prompt");
