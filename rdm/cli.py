@@ -207,6 +207,38 @@ def sampler_options(f=None):
     return f
 
 
+def neighbour_options(f=None):
+    """Control over the neighbours (rdm.conditioning.NeighbourControl); defaults as rdm.generate.SampleOptions."""
+    options = [
+        click.option("--diversity", type=click.FloatRange(0, 1), default=None,
+                     help="maximal marginal relevance over over-fetched candidates: 0 the nearest k, 1 the most novel "
+                     "[default: 0]"),
+        click.option("--dedup", type=click.FloatRange(-1, 1), default=None,
+                     help="cosine above which two candidates are duplicates, only one kept [default: 0.95 with "
+                     "--diversity, else off]"),
+        click.option("--max-per", "max_per", multiple=True, help="COLUMN=N: at most N neighbours sharing a value of "
+                     "COLUMN (an artist, a source ...; repeatable)"),
+        click.option("--neighbour-weights", type=click.Choice(["uniform", "database", "score"]), default=None,
+                     help="each neighbour's weight in cross-attention: uniform, database (its --db weight), score (its "
+                     "similarity over the best one's) [default: uniform]; --ref IMG:W weighs a reference"),
+        click.option("--negative-db", "negative_dbs", multiple=True, help="database whose neighbours the sample is "
+                     "guided away from (repeatable, NAME:WEIGHT)"),
+        click.option("--negative-ref", "negative_refs", multiple=True, help="image the sample is guided away from "
+                     "(repeatable)"),
+        click.option("--negative-prompt", default=None, help="text the sample is guided away from"),
+        click.option("--content-subtract", type=click.FloatRange(0, 2), default=None,
+                     help="each neighbour minus this times the query's embedding, renormalised: keeps the retrieved "
+                     "images' content out of the style (InstantStyle) [default: 0, off]"),
+        click.option("--neighbour-window", default=None, help="START:END, the fractions of the denoising steps in "
+                     "which the neighbours act (e.g. 0:0.6) [default: 0:1, all]"),
+    ]
+    if f is None:
+        return options
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @main.command()
 @click.argument("images", nargs=-1)
 @click.option("--db", "dbs", multiple=True, required=True, help="a database the images may look like (repeatable)")
@@ -224,12 +256,16 @@ def sampler_options(f=None):
 @click.option("--grid", is_flag=True, help="with --model: over the sampler grid (the model's defaults, DDIM 8/25/50 and "
               "DPM-Solver++ 10/20/50 steps at guidance 3 and 5) instead of one setting")
 @sampler_options
+@neighbour_options
+@click.option("--neighbours", "neighbours_k", type=click.IntRange(0), default=None,
+              help="with --model: neighbours per sample [default: the model's k]")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--device", default=None, help="the CLIP's device (default: cuda when present)")
 @indexes_option
 @click.pass_context
 def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid, steps, guidance, guidance_rescale,
-          style_scale, scheduler, eta, as_json, device, indexes):
+          style_scale, scheduler, eta, neighbours_k, as_json, device, indexes, max_per, negative_dbs, negative_refs,
+          **control_options):
     """Style adherence of IMAGES (files or folders) to each --db: neighbours, a linear probe, prompt similarity; or,
     with --model, the model's style swap over the --db databases."""
     from .score import ScoreOptions
@@ -241,8 +277,9 @@ def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid,
     if model is None:
         if not images:
             raise click.UsageError("give IMAGES to score, or --model MODEL to sample and score its style swap")
-        if grid or any(v is not None for v in sampling.values()):
-            raise click.UsageError("--grid and sampler settings apply with --model only")
+        if grid or any(v is not None for v in [*sampling.values(), *control_options.values(), neighbours_k]) \
+                or max_per or negative_dbs or negative_refs:
+            raise click.UsageError("--grid, sampler settings and neighbour control apply with --model only")
         if len(prompts) > 1:
             raise click.UsageError("give one --prompt for IMAGES (several are for --model)")
         report = run_score(list(images), list(dbs), replace(options, prompt=prompts[0] if prompts else None),
@@ -269,7 +306,11 @@ def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid,
     pipe = load_pipeline(model, device, None, False)
     home = _home(ctx, indexes)
     opened = [api.open_database(name, home) for name in dbs]
-    rows = style_swap(pipe, opened, list(prompts), seeds, cells, options, log=None if as_json else click.echo)
+    from .generate import neighbour_control
+
+    control = neighbour_control(_sample_options(True, (), max_per, negative_dbs, negative_refs, **control_options))
+    rows = style_swap(pipe, opened, list(prompts), seeds, cells, options, log=None if as_json else click.echo,
+                      control=control, k=neighbours_k)
     if as_json:
         click.echo(json.dumps({"format": "rdm-style-swap", "model": str(model), "databases": [d.name for d in opened],
                                "prompts": list(prompts), "seeds": seeds, "cells": rows}, indent=2))
@@ -393,33 +434,6 @@ def sampling_options(f):
     for option in reversed(options):
         f = option(f)
     return f
-
-
-def neighbour_options():
-    """Control over the neighbours (rdm.conditioning.NeighbourControl); defaults as rdm.generate.SampleOptions."""
-    return [
-        click.option("--diversity", type=click.FloatRange(0, 1), default=None,
-                     help="maximal marginal relevance over over-fetched candidates: 0 the nearest k, 1 the most novel "
-                     "[default: 0]"),
-        click.option("--dedup", type=click.FloatRange(-1, 1), default=None,
-                     help="cosine above which two candidates are duplicates, only one kept [default: 0.95 with "
-                     "--diversity, else off]"),
-        click.option("--max-per", "max_per", multiple=True, help="COLUMN=N: at most N neighbours sharing a value of "
-                     "COLUMN (an artist, a source ...; repeatable)"),
-        click.option("--neighbour-weights", type=click.Choice(["uniform", "database", "score"]), default=None,
-                     help="each neighbour's weight in cross-attention: uniform, database (its --db weight), score (its "
-                     "similarity over the best one's) [default: uniform]; --ref IMG:W weighs a reference"),
-        click.option("--negative-db", "negative_dbs", multiple=True, help="database whose neighbours the sample is "
-                     "guided away from (repeatable, NAME:WEIGHT)"),
-        click.option("--negative-ref", "negative_refs", multiple=True, help="image the sample is guided away from "
-                     "(repeatable)"),
-        click.option("--negative-prompt", default=None, help="text the sample is guided away from"),
-        click.option("--content-subtract", type=click.FloatRange(0, 2), default=None,
-                     help="each neighbour minus this times the query's embedding, renormalised: keeps the retrieved "
-                     "images' content out of the style (InstantStyle) [default: 0, off]"),
-        click.option("--neighbour-window", default=None, help="START:END, the fractions of the denoising steps in "
-                     "which the neighbours act (e.g. 0:0.6) [default: 0:1, all]"),
-    ]
 
 
 def _retrieval_warnings(run):

@@ -18,6 +18,7 @@ Any images against any databases (all built with one CLIP), with no judge traine
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -308,32 +309,47 @@ class SwapSettings:
 
 def style_swap(pipe, databases: Sequence[Any], prompts: Sequence[str], seeds: Sequence[int],
                cells: Sequence[SwapSettings] = (SwapSettings(),), options: ScoreOptions = ScoreOptions(),
-               log=None) -> list[dict]:
+               log=None, control=None, k: int | None = None) -> list[dict]:
     """The model's style swap judged by rdm score, with no judge trained on samples: for each cell, every prompt x
     seed is sampled with each database as the only source of neighbours (the same seeds throughout, so only the
     database changes) and scored towards that database. One row per cell: the probe's accuracy towards the
     database sampled from (the style swap), retrieval precision and content similarity, with the weakest
-    database. `pipe` is an rdm.pipeline.RDMPipeline."""
+    database. `pipe` is an rdm.pipeline.RDMPipeline; `control` its rdm.conditioning.NeighbourControl (diversity,
+    negatives ...). Each row also has the probe's mean probability of every database per database sampled from
+    ("probe"), and the mean pairwise cosine of the neighbours the prompts retrieve ("neighbour_cosine")."""
+    from .conditioning import NeighbourControl, retrieve
+    from .selection import mean_pairwise_cosine
+
+    control = control or NeighbourControl()
+    k = pipe.rdm_config.k if k is None else k
     names = check_databases(databases, None)
     if not prompts or not seeds:
         raise RDMError("the style swap needs at least one prompt and one seed")
     probe = train_probe(databases, options)
     jobs = [(p, s) for s in seeds for p in prompts]
+    queries = pipe.embedder.encode_text(list(prompts))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # k beyond a small database: said by the sampling below
+        cosine = float(np.mean([mean_pairwise_cosine(retrieve(queries, [(db, 1.0)], k, None,
+                                                              control.selection).embeddings) for db in databases]))
     rows = []
     for cell in cells:
         per_db = {}
         for name, db in zip(names, databases):
             out = pipe([p for p, _ in jobs], databases=db, seed=[s for _, s in jobs], output_type="pil",
                        num_inference_steps=cell.steps, guidance_scale=cell.guidance, scheduler=cell.scheduler,
-                       guidance_rescale=cell.guidance_rescale, style_scale=cell.style_scale, eta=cell.eta)
+                       guidance_rescale=cell.guidance_rescale, style_scale=cell.style_scale, eta=cell.eta, k=k,
+                       control=control)
             report = score_images(out.images, databases, replace(options, target=name), embedder=pipe.embedder,
                                   prompts=[p for p, _ in jobs], probe=probe)
-            per_db[name] = {key: report.summary[key] for key in ("probe_accuracy", "retrieval_precision", "content")}
+            per_db[name] = {key: report.summary[key] for key in ("probe_accuracy", "retrieval_precision", "content",
+                                                                  "probe")}
         mean = {key: float(np.mean([d[key] for d in per_db.values()]))
                 for key in ("probe_accuracy", "retrieval_precision", "content")}
         weakest = min(per_db, key=lambda n: per_db[n]["probe_accuracy"])
         rows.append({**asdict(cell), "images": len(jobs) * len(names), **mean, "weakest": weakest,
                      "weakest_probe_accuracy": per_db[weakest]["probe_accuracy"], "databases": per_db,
+                     "neighbour_cosine": cosine, "control": control.to_dict(),
                      "probe_heldout_accuracy": probe.heldout_accuracy})
         if log:
             log(swap_line(rows[-1]))
@@ -344,4 +360,4 @@ def swap_line(row: dict) -> str:
     """One cell of a style-swap run as a line of text."""
     return (f"{row['label']:<30} style-swap (probe) {row['probe_accuracy']:.3f}  retrieval precision "
             f"{row['retrieval_precision']:.3f}  content {row['content']:.3f}  weakest {row['weakest']} "
-            f"{row['weakest_probe_accuracy']:.3f}")
+            f"{row['weakest_probe_accuracy']:.3f}  neighbours' mean cosine {row['neighbour_cosine']:.3f}")
