@@ -257,7 +257,7 @@ class NeighbourControl:
     def active(self, step: int, steps: int) -> bool:
         """Whether the neighbours act at denoising step `step` of `steps` (0 = the noisiest)."""
         start, end = self.window
-        return start <= step / steps < end or (end == 1.0 and step == steps - 1)
+        return start <= step / steps < end
 
     def to_dict(self) -> dict:
         return {**self.selection.to_dict(), "weighting": self.weighting,

@@ -496,7 +496,7 @@ class RDMPipeline(DiffusionPipeline):
         neighbours = cond.neighbour_weights(neighbours, control.weighting)
         neighbours = cond.subtract_content(neighbours, None if query is None else query.numpy(),
                                            control.content_subtract)
-        negatives = self.negatives(control, query, neighbours.k, where, indexes)  # (P, k, D), (P, D) or None
+        negatives = self.negatives(control, query, neighbours.k, where, indexes)  # what guidance pushes away from
 
         # 4. Context tokens (B, T, D) for each image, the unconditional context of the same shape, and the
         #    neighbours' logit bias (B, T)
@@ -516,7 +516,6 @@ class RDMPipeline(DiffusionPipeline):
             w = torch.from_numpy(per_image.weights)
             bias = attention.weight_bias(torch.cat([torch.ones(batch, int(self.rdm_config.query_token)), w], 1))
             bias = torch.cat([torch.zeros((copies - 1) * batch, bias.shape[1]), bias]).to(device)  # the full context
-        window_open = [control.active(i, num_inference_steps) for i in range(num_inference_steps)]
 
         # 5. Prepare timesteps
         sampler.set_timesteps(num_inference_steps, device=device)
@@ -537,7 +536,7 @@ class RDMPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 x = torch.cat([latents] * copies) if do_guidance else latents  # (copies * B, C, h, w)
                 x = sampler.scale_model_input(x, t).to(dtype)
-                inside = window_open[min(i, len(window_open) - 1)]  # the neighbours act in the window only
+                inside = control.active(i, len(timesteps))  # the neighbours act in their window of steps only
                 kwargs = {"context_bias": bias} if bias is not None and inside else None
                 eps = self.unet(x, t, encoder_hidden_states=contexts["in" if inside else "out"],
                                 cross_attention_kwargs=kwargs).sample.float()

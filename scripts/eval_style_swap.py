@@ -29,7 +29,9 @@ from rdm.demo.blind import CentroidJudge
 from rdm.demo.evaluate import (SAMPLER_GRID, StyleSwapConfig, build_style_databases, contact_sheet, content_grid,
                                database_borders, database_scorer, grid_markdown, grid_sampler, open_style_databases,
                                pipeline_sampler, run_sampler_grid, run_style_swap)
+from rdm.conditioning import NeighbourControl
 from rdm.demo.toyart import STYLES
+from rdm.selection import Selection
 
 
 def say(line: str) -> None:
@@ -60,21 +62,25 @@ def cmd_evaluate(a: argparse.Namespace) -> None:
         pipe = pipe.to(a.device)
     sampler = pipeline_sampler(pipe, k=a.k, num_inference_steps=a.steps, guidance_scale=a.guidance,
                                scheduler=a.scheduler, indexes=a.indexes, eta=a.eta, style_scale=a.style_scale,
-                               guidance_rescale=a.guidance_rescale)
+                               guidance_rescale=a.guidance_rescale,
+                               control=NeighbourControl(selection=Selection(diversity=a.diversity),
+                                                        content_subtract=a.content_subtract))
     databases = open_style_databases(a.databases, a.styles, a.indexes)
     scorer = None if a.no_score else database_scorer(databases, k=a.score_k)
     judge = ToyArtClassifier.load(a.classifier)
     # the blind judges: style centroids of clean unseen toy art in the model's own CLIP space, border colours
     centroids = CentroidJudge.from_toyart(pipe.embedder, a.styles, a.centroids) if a.centroids else None
     borders = None if a.no_borders else database_borders(databases)
-    config = StyleSwapConfig(contents=content_grid(a.contents), seeds=tuple(a.seeds), batch_size=a.batch_size,
+    config = StyleSwapConfig(contents=content_grid(64)[a.content_offset:a.content_offset + a.contents],
+                             seeds=tuple(a.seeds), batch_size=a.batch_size,
                              control=not a.no_control)
     report = run_style_swap(sampler, databases, judge, config, keep_images=bool(a.sheet), log=say, scorer=scorer,
                             centroids=centroids, reference_borders=borders)
     report["model"] = {"path": str(Path(a.model).resolve()), "fingerprint": pipe.fingerprint}
     report["sampling"] = {"k": a.k, "steps": a.steps, "guidance": a.guidance, "style_scale": a.style_scale,
                           "eta": a.eta, "scheduler": a.scheduler, "guidance_rescale": a.guidance_rescale,
-                          "model_defaults": pipe.sampling_defaults.to_dict()}
+                          "model_defaults": pipe.sampling_defaults.to_dict(), "content_subtract": a.content_subtract,
+                          "diversity": a.diversity}
     report["databases"] = {s: getattr(db, "fingerprint", None) for s, db in databases.items()}
     report["judge"] = {"path": str(Path(a.classifier).resolve()), "heldout": judge.metrics.get("heldout")}
     if a.sheet:
@@ -166,12 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--classifier", required=True, help="judge folder from the `classifier` command")
     e.add_argument("--styles", nargs="+", default=list(STYLES), choices=STYLES)
     e.add_argument("--contents", type=int, default=16, help="content prompts (shape x colour pairs, 1-64)")
+    e.add_argument("--content-offset", type=int, default=0, help="first pair of the 64 (choose unused ones)")
     e.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     e.add_argument("--k", type=int, default=None, help="neighbours per query (default: the model's)")
     e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     e.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     e.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale (default: the model's)")
     e.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the model's)")
+    e.add_argument("--content-subtract", type=float, default=0.0, help="rdm sample --content-subtract (0: off)")
+    e.add_argument("--diversity", type=float, default=0.0, help="rdm sample --diversity (0: the nearest k)")
     e.add_argument("--style-scale", type=float, default=None, help="the neighbours' guidance scale (rdm sample "
                    "--style-scale); default: plain guidance")
     e.add_argument("--centroids", type=int, default=200,

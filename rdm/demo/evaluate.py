@@ -316,7 +316,7 @@ def contact_sheet(report: dict, out: str | Path, columns: int = 16, size: int = 
 def pipeline_sampler(pipe, k: int | None = None, num_inference_steps: int | None = None,
                      guidance_scale: float | None = None, scheduler: str | None = None, indexes: str | None = None,
                      eta: float | None = None, style_scale: float | None = None,
-                     guidance_rescale: float | None = None) -> Sampler:
+                     guidance_rescale: float | None = None, control=None) -> Sampler:
     """A Sampler drawing from an rdm.pipeline.RDMPipeline: one image per prompt, seeded per image; settings left at
     None are the model's own."""
     pipe.set_progress_bar_config(disable=True)
@@ -324,7 +324,7 @@ def pipeline_sampler(pipe, k: int | None = None, num_inference_steps: int | None
     def sample(prompts: list[str], database: Any, seeds: list[int]) -> list[Image.Image]:
         out = pipe(prompt=list(prompts), databases=database, k=k, num_inference_steps=num_inference_steps,
                    guidance_scale=guidance_scale, style_scale=style_scale, scheduler=scheduler, eta=eta,
-                   guidance_rescale=guidance_rescale, seed=list(seeds), indexes=indexes,
+                   guidance_rescale=guidance_rescale, seed=list(seeds), indexes=indexes, control=control,
                    output_type="pil")
         return out.images
 
