@@ -424,6 +424,18 @@ def sampling_options(f):
                      help="seed of the first image (deterministic by default)"),
         click.option("--where", "where", multiple=True, help="COLUMN=VALUE filter applied inside the search"),
         *neighbour_options(),
+        click.option("--init-image", type=click.Path(dir_okay=False), default=None,
+                     help="restyle or edit this image (image-to-image); without PROMPT its CLIP embedding is the query"),
+        click.option("--strength", type=click.FloatRange(0, 1), default=None,
+                     help="how much of --init-image is redrawn: 0 returns it, 1 ignores it; steps x strength steps run "
+                     "[default: 0.8; 1 when outpainting]"),
+        click.option("--mask", type=click.Path(dir_okay=False), default=None,
+                     help="inpainting: white (or opaque) = redraw, the rest of --init-image is kept exactly"),
+        click.option("--mask-feather", type=click.FloatRange(0), default=None,
+                     help="a soft mask edge of about this many pixels, inside the mask [default: 0]"),
+        click.option("--extend", default=None, help="outpainting: LEFT,TOP,RIGHT,BOTTOM pixels added around "
+                     "--init-image (one number: all sides)"),
+        click.option("--aspect", default=None, help="outpainting: grow --init-image to this W:H (e.g. 16:9)"),
         click.option("--height", type=click.IntRange(1), default=None, help="pixels (default: the model's size)"),
         click.option("--width", type=click.IntRange(1), default=None, help="pixels (default: the model's size)"),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)"),
@@ -483,7 +495,7 @@ def sample(ctx, prompt, dbs, image, refs, out, model, device, dtype, indexes, **
 
 
 @main.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option("--db", "dbs", multiple=True, required=True, help="a database per grid row (repeatable); none: a row "
               "without retrieval")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
@@ -492,7 +504,7 @@ def sample(ctx, prompt, dbs, image, refs, out, model, device, dtype, indexes, **
 @indexes_option
 @click.pass_context
 def compare(ctx, prompt, dbs, out, model, device, dtype, indexes, **options):
-    """Sample PROMPT with the same seeds and model once per --db, in one labelled grid."""
+    """Sample PROMPT (or restyle --init-image) with the same seeds and model once per --db, in one labelled grid."""
     from . import generate
 
     options = _sample_options(**options)

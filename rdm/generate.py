@@ -64,6 +64,13 @@ class SampleOptions:
     neighbour_window: str | None = None  # START:END fractions of the schedule in which the neighbours act
     height: int | None = None  # pixels (default: the model's resolution)
     width: int | None = None  # pixels (default: the model's resolution)
+    # editing (rdm.editing): restyle an image, inpaint a masked region, outpaint a larger canvas
+    init_image: str | None = None  # the image to restyle or edit (without a prompt, its CLIP embedding is the query)
+    strength: float | None = None  # 0 returns the input, 1 ignores it (default 0.8; 1 when outpainting)
+    mask: str | None = None  # white = redraw; everything else is kept
+    mask_feather: float = 0.0  # a soft edge of this many pixels inside the mask
+    extend: str | None = None  # LEFT,TOP,RIGHT,BOTTOM pixels added around the input (outpainting)
+    aspect: str | None = None  # W:H the input is grown to (outpainting)
     progress: bool = True  # show a progress bar over the denoising steps
 
 
@@ -156,12 +163,20 @@ def parse_databases(specs: Sequence[str]) -> list[tuple[str, float]]:
     return [parse_database_spec(s) for s in specs]
 
 
-def check_query(prompt: str | None, image: str | None, refs: Sequence[str]) -> None:
-    """Refuse an empty prompt, or no query at all, before a model is loaded."""
+def check_query(prompt: str | None, image: str | None, refs: Sequence[str], options: SampleOptions | None = None) -> None:
+    """Refuse an empty prompt, no query at all, or edit settings without an image, before a model is loaded."""
+    init = options.init_image if options is not None else None
     if prompt is not None and not prompt.strip():
         raise RDMError("empty prompt: give some text, or query by --image")
-    if prompt is None and image is None and not refs:
-        raise RDMError("give a PROMPT, an --image query or --ref images")
+    if prompt is None and image is None and not refs and init is None:
+        raise RDMError("give a PROMPT, an --image query, --ref images or an --init-image to restyle")
+    if options is None:
+        return
+    if init is None and (options.strength is not None or options.mask or options.extend or options.aspect):
+        raise RDMError("--strength, --mask, --extend and --aspect edit an image: give --init-image")
+    for path, option in ((init, "--init-image"), (options.mask, "--mask")):
+        if path is not None and not Path(path).is_file():
+            raise RDMError(f"{option} {path}: no such image file")
 
 
 # --- Files -----------------------------------------------------------------------------------------
@@ -198,8 +213,20 @@ def neighbour_tiles(hits: Sequence[dict], limit: int | None = None) -> list[tupl
     return tiles
 
 
-def _query_label(prompt: str | None, image: str | None) -> str:
-    return prompt if prompt else f"image {Path(image).name}" if image else "refs"
+def _query_label(prompt: str | None, image: str | None, options: SampleOptions | None = None) -> str:
+    init = options.init_image if options is not None else None
+    label = prompt if prompt else f"image {Path(image).name}" if image else "" if init else "refs"
+    if init is not None:
+        what = "outpaint" if options.extend or options.aspect else "inpaint" if options.mask else "restyle"
+        strength = "" if options.strength is None else f" at {options.strength:g}"
+        label = "\n".join(filter(None, (label, f"{what} {Path(init).name}{strength}")))
+    return label
+
+
+def _input_tiles(options: SampleOptions) -> list[tuple[str | None, str]]:
+    """The grid tiles of an edit's input (and mask) before the neighbours."""
+    tiles = [(options.init_image, "input")] if options.init_image else []
+    return tiles + ([(options.mask, "mask")] if options.mask else [])
 
 
 def _describe_databases(databases: Sequence[tuple[str, float]], refs: Sequence[str]) -> str:
@@ -242,7 +269,8 @@ def _run(pipe: RDMPipeline, prompt: str | None, databases: list[tuple[str, float
                num_inference_steps=options.steps, guidance_scale=options.guidance, style_scale=options.style_scale,
                scheduler=options.scheduler, eta=options.eta, guidance_rescale=options.guidance_rescale,
                seed=options.seed, height=options.height, width=options.width, output_type="pil", indexes=indexes,
-               control=neighbour_control(options))
+               control=neighbour_control(options), init_image=options.init_image, strength=options.strength,
+               mask_image=options.mask, mask_feather=options.mask_feather, extend=options.extend, aspect=options.aspect)
     return out.images, [p.to_dict() for p in out.provenance]
 
 
@@ -257,7 +285,7 @@ def sample(prompt: str | None, model: str | None = None, databases: Sequence[str
     `pipe` reuses a loaded pipeline (then model, device and dtype are not used).
     """
     # 1. Check what was asked for before loading anything heavy
-    check_query(prompt, image, refs)
+    check_query(prompt, image, refs, options)
     if not databases and not refs:
         raise RDMError("give --db NAME (repeatable, NAME:WEIGHT to weigh several), --db none for the query "
                        "alone, or --ref IMAGE")
@@ -275,31 +303,36 @@ def sample(prompt: str | None, model: str | None = None, databases: Sequence[str
     # 3. Write each image with its provenance, then the grid
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    base = slug(prompt) if prompt else slug(Path(image).stem) if image else "refs"
+    base = slug(prompt) if prompt else slug(Path(image).stem) if image else \
+        slug(Path(options.init_image).stem) if options.init_image else "refs"
     pngs, jsons = [], []
     for im, record in zip(images, records):
         stem = free_stem(folder, f"{base}-{record['seed']}")
         pngs.append(save_png(im, folder / f"{stem}.png"))
         jsons.append(write_json(folder / f"{stem}.json", record))
-    row = neighbour_tiles(records[0]["neighbours"]) + [(im, f"seed {r['seed']}") for im, r in zip(images, records)]
-    label = f"{_query_label(prompt, image)}\n{_describe_databases(dbs, refs)}"
-    sheet = grid([row], row_labels=[label], title=f"rdm sample: {_query_label(prompt, image)}", size=GRID_TILE)
+    row = _input_tiles(options) + neighbour_tiles(records[0]["neighbours"]) + \
+        [(im, f"seed {r['seed']}") for im, r in zip(images, records)]
+    label = f"{_query_label(prompt, image, options)}\n{_describe_databases(dbs, refs)}"
+    sheet = grid([row], row_labels=[label], title="rdm sample: " + _query_label(prompt, image, options).replace("\n", ", "),
+                 size=GRID_TILE)
     grid_path = save_png(sheet, folder / f"{free_stem(folder, f'{base}-{options.seed}-grid', ('.png',))}.png")
     return SampleResult(pngs, jsons, grid_path, records)
 
 
-def compare(prompt: str, databases: Sequence[str], model: str | None = None,
+def compare(prompt: str | None, databases: Sequence[str], model: str | None = None,
             options: SampleOptions = SampleOptions(), out: str | os.PathLike | None = None,
             indexes: str | None = None, device: str | None = None, dtype: str | None = None,
             pipe: RDMPipeline | None = None) -> tuple[Path, Path]:
-    """`rdm compare`: the same prompt, seeds and model with each database, one grid row per database."""
-    check_query(prompt, None, ())
+    """`rdm compare`: the same prompt (or the same --init-image restyled), seeds and model with each database, one
+    grid row per database."""
+    check_query(prompt, None, (), options)
     if not databases:
         raise RDMError("give at least one --db to compare (--db none adds a row without retrieval)")
     rows_specs = [parse_databases([spec]) for spec in databases]  # each --db is one row
     if options.seed is None:
         options = replace(options, seed=secrets.randbelow(2**31 - options.num_images))
-    out = Path(out) if out else Path("outputs") / f"compare-{slug(prompt)}-{options.seed}.png"
+    name = slug(prompt) if prompt else slug(Path(options.init_image).stem)
+    out = Path(out) if out else Path("outputs") / f"compare-{name}-{options.seed}.png"
     if out.suffix.lower() != ".png":
         raise RDMError(f"--out must name a .png file, got {out}")
 
@@ -308,16 +341,17 @@ def compare(prompt: str, databases: Sequence[str], model: str | None = None,
     neighbours, samples, labels, rows = [], [], [], []
     for spec, dbs in zip(databases, rows_specs):
         images, records = _run(pipe, prompt, dbs, options, None, (), indexes)
-        neighbours.append(neighbour_tiles(records[0]["neighbours"]))
+        neighbours.append(_input_tiles(options) + neighbour_tiles(records[0]["neighbours"]))
         samples.append([(im, f"seed {r['seed']}") for im, r in zip(images, records)])
         fingerprints = " ".join((d.get("fingerprint") or "")[:8] for d in records[0]["databases"])
-        labels.append(f"{_describe_databases(dbs, ())}\n{fingerprints}\nk={len(neighbours[-1])}")
+        labels.append(f"{_describe_databases(dbs, ())}\n{fingerprints}\nk={len(records[0]['neighbours'])}")
         rows.append({"db": spec, "images": records})
 
     out.parent.mkdir(parents=True, exist_ok=True)
     width = max(len(n) for n in neighbours)  # blank tiles keep the samples of every row in the same columns
     tiles = [n + [(None, "")] * (width - len(n)) + s for n, s in zip(neighbours, samples)]
-    sheet = grid(tiles, row_labels=labels, title=f"rdm compare: {prompt}", size=GRID_TILE)
+    sheet = grid(tiles, row_labels=labels, title="rdm compare: " + _query_label(prompt, None, options).replace("\n", ", "),
+                 size=GRID_TILE)
     save_png(sheet, out)
     provenance = write_json(out.with_suffix(".json"), {
         "format": "rdm-compare", "prompt": prompt, "seeds": [options.seed + i for i in range(options.num_images)],

@@ -40,6 +40,7 @@ from safetensors.torch import load_file
 
 from . import attention
 from . import conditioning as cond
+from . import editing
 from .database import Database
 from .embedder import Embedder
 from .errors import RDMError
@@ -230,6 +231,21 @@ class RDMPipeline(DiffusionPipeline):
         self._embedder = emb
 
     # -- steps of __call__ ----------------------------------------------------------------------------
+    @property
+    def size_multiple(self) -> int:
+        """Pixels per side that every size must be a multiple of: the autoencoder's factor times the U-Net's
+        downsampling (2 ** (down blocks - 1))."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+
+    def encode_pixels(self, image: Image.Image, batch: int, device) -> torch.Tensor:
+        """An RGB image -> its latents (batch, C, h, w) in float32: the autoencoder's mode times the latent scale
+        factor, or the pixels in [-1, 1] for a pixel-space model (exactly invertible by decode_latents)."""
+        x = torch.from_numpy(np.asarray(image.convert("RGB"), np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+        x = x.to(device)
+        if self.vae is not None:
+            x = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode().float() * self.rdm_config.latent_scale_factor
+        return x.float().expand(batch, -1, -1, -1).contiguous()
+
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """(height, width), the model's native resolution by default; each a multiple of the VAE factor."""
         height = self.rdm_config.resolution if height is None else height
@@ -376,6 +392,12 @@ class RDMPipeline(DiffusionPipeline):
         indexes: str | Path | None = None,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
         return_dict: bool = True,
+        init_image: ImageInput | None = None,
+        strength: float | None = None,
+        mask_image: ImageInput | np.ndarray | None = None,
+        mask_feather: float = 0.0,
+        extend: tuple[int, int, int, int] | str | None = None,
+        aspect: float | str | None = None,
     ) -> RDMPipelineOutput | tuple:
         """Generate images conditioned on a query and its neighbours.
 
@@ -413,6 +435,18 @@ class RDMPipeline(DiffusionPipeline):
                 duplicates at retrieval, per-neighbour weights (a log(w) bias on their cross-attention logits,
                 rdm.attention), negative databases, refs or prompt in place of the unconditional context, content
                 subtraction, the window of steps in which they act. None: plain retrieval conditioning.
+            init_image: an image to restyle or edit (image-to-image): encoded (the autoencoder, or its pixels),
+                noised to the step `strength` selects and denoised with the same conditioning. Without a prompt,
+                image or query_embeds, its CLIP embedding is the query. Fitted to the model's size, aspect kept
+                (or to height x width when given).
+            strength: diffusers' semantics in [0, 1]: 0 returns the input through the autoencoder, 1 ignores it
+                (text-to-image with the same seed); int(steps x strength) steps are run. Default 0.8, and 1 when
+                outpainting.
+            mask_image: inpainting: white (or opaque) = redraw, resized to the image if it differs; the rest is
+                kept by blending the noised input in at every step and pasting its pixels back at the end.
+            mask_feather: a soft edge of about this many pixels, inside the mask (outside it nothing changes).
+            extend / aspect: outpainting: (left, top, right, bottom) pixels or "L,T,R,B" added around the input,
+                or a "W:H" aspect to grow it to; the new border is inpainted.
         """
         # 1. Check inputs; settings not given are the model's
         model_defaults = self.sampling_defaults
@@ -433,7 +467,7 @@ class RDMPipeline(DiffusionPipeline):
                                                 ("neighbor_embeds", neighbor_embeds is not None)) if present]
         if len(given) > 1:
             raise RDMError(f"give one kind of query, not {' and '.join(given)}")
-        if not given and not retrieval:
+        if not given and not retrieval and init_image is None:
             raise RDMError("nothing to condition on: give a prompt, an image or query_embeds")
         if len(retrieval) > 1:
             raise RDMError(f"give neighbours one way, not {' and '.join(retrieval)}")
@@ -449,6 +483,17 @@ class RDMPipeline(DiffusionPipeline):
             raise RDMError(f"style_scale must be a finite number and the model must put the query first in its "
                            f"context (query_token); got {style_scale} for a model with query_token="
                            f"{self.rdm_config.query_token}")
+        edit = None
+        if init_image is not None:
+            size = None if height is None and width is None else self.check_size(height, width)[::-1]
+            edit = editing.prepare_edit(init_image, strength, mask_image, mask_feather, extend, aspect,
+                                        resolution=self.rdm_config.resolution, multiple=self.size_multiple, size=size)
+            height, width = edit.image.height, edit.image.width
+            query_from = "prompt" if prompts else "image" if images else "embedding" if given else "init_image"
+            if not given:  # the init image is the query
+                images, given = [init_image], ["image"]
+        elif strength is not None or mask_image is not None or extend is not None or aspect is not None:
+            raise RDMError("strength, a mask, extend and aspect edit an image: give init_image (--init-image)")
         height, width = self.check_size(height, width)
         sampler = make_scheduler(scheduler, self.scheduler)
         sources = self.sources(databases, indexes) if "databases" in retrieval else []
@@ -517,15 +562,34 @@ class RDMPipeline(DiffusionPipeline):
             bias = attention.weight_bias(torch.cat([torch.ones(batch, int(self.rdm_config.query_token)), w], 1))
             bias = torch.cat([torch.zeros((copies - 1) * batch, bias.shape[1]), bias]).to(device)  # the full context
 
-        # 5. Prepare timesteps
+        # 5. Prepare timesteps (image-to-image: the last int(steps x strength) of them, as diffusers)
         sampler.set_timesteps(num_inference_steps, device=device)
         timesteps = sampler.timesteps
+        if edit is not None:
+            run = min(int(num_inference_steps * edit.strength), num_inference_steps)
+            start = (num_inference_steps - run) * sampler.order
+            timesteps = timesteps[start:]
+            if hasattr(sampler, "set_begin_index"):
+                sampler.set_begin_index(start)
 
-        # 6. Prepare the initial latents (B, C, h, w): one CPU generator per image seed
+        # 6. Prepare the initial latents (B, C, h, w): one CPU generator per image seed; image-to-image: the init
+        #    image's latents noised to the first step run (strength 1: the noise alone, as text-to-image)
         seeds = image_seeds(batch, seed, generator, latents)
         if seeds is not None:
             generator = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        given_latents = latents
         latents = self.prepare_latents(sampler, batch, height, width, generator, latents, device)
+        init = mask = noise = None
+        if edit is not None:
+            init = self.encode_pixels(edit.image, batch, device)  # (B, C, h, w)
+            noise = latents / sampler.init_noise_sigma if given_latents is None else given_latents.to(latents)
+            if len(timesteps) == 0:
+                latents = init.clone()
+            elif run < num_inference_steps:
+                latents = sampler.add_noise(init, noise, timesteps[:1].repeat(batch))
+            if edit.mask is not None:
+                m = torch.from_numpy(edit.mask)[None, None].to(device)
+                mask = torch.nn.functional.interpolate(m, size=init.shape[-2:], mode="area")  # the latent grid
 
         # 7. Denoising loop: one batched U-Net call per step, guidance eps_u + s * (eps_c - eps_u) (or its
         #    two-condition form with style_scale); the latents stay float32 between steps, only the U-Net runs in
@@ -549,12 +613,24 @@ class RDMPipeline(DiffusionPipeline):
                 if do_guidance and guidance_rescale > 0:  # diffusers' own; skipped at 0, so 0 is bit-identical
                     eps = rescale_noise_cfg(eps, eps_c, guidance_rescale=guidance_rescale)
                 latents = sampler.step(eps, t, latents, **step_kwargs).prev_sample
+                if mask is not None:  # outside the mask: the input, noised to where the sample now is
+                    kept = init if i == len(timesteps) - 1 else sampler.add_noise(
+                        init, noise, timesteps[i + 1:i + 2].repeat(batch))
+                    latents = (1 - mask) * kept + mask * latents
                 if callback is not None:
                     callback(i, int(t), latents)
                 bar.update()
 
-        # 8. Decode and convert
-        images = latents if output_type == "latent" else to_output(self.decode_latents(latents), output_type)
+        # 8. Decode (inpainting: the input's own pixels pasted back outside the mask) and convert
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = self.decode_latents(latents)
+            if edit is not None and edit.mask is not None:
+                original = torch.from_numpy(np.asarray(edit.image, np.float32) / 255.0).permute(2, 0, 1)[None]
+                m = torch.from_numpy(edit.mask)[None, None]
+                decoded = m.to(decoded) * decoded + (1 - m.to(decoded)) * original.to(decoded)
+            images = to_output(decoded, output_type)
 
         # 9. Provenance, one record per image
         model = {"name_or_path": self.name_or_path, "fingerprint": self.fingerprint,
@@ -566,7 +642,9 @@ class RDMPipeline(DiffusionPipeline):
             size={"height": height, "width": width}, runtime={"device": str(device), "dtype": str(dtype)},
             where=cond.parse_where(where) if sources else {}, k=None if neighbor_embeds is not None else per_image.k,
             index=b, warnings=list(neighbours.notes),
-            control=control_record(control, negatives)) for b in range(batch)]
+            control=control_record(control, negatives),
+            edit={} if edit is None else {**edit.record(), "steps_run": len(timesteps), "query_from": query_from})
+            for b in range(batch)]
         if not return_dict:
             return images, records
         return RDMPipelineOutput(images=images, provenance=records, latents=latents)

@@ -38,6 +38,7 @@ class Provenance:
     index: int = 0  # position of the image in its batch
     warnings: list[str] = field(default_factory=list)  # e.g. k clamped to a database's size
     control: dict = field(default_factory=dict)  # neighbour control: diversity, weights, negatives ... ({}: none)
+    edit: dict = field(default_factory=dict)  # image-to-image / inpainting: input digest, strength, mask ({}: none)
     versions: dict = field(default_factory=lambda: package_versions())  # package -> version
     format: str = FORMAT  # always "rdm-provenance"
     format_version: int = FORMAT_VERSION  # bumped on incompatible changes
