@@ -102,11 +102,11 @@ def working_size(width: int, height: int, resolution: int, multiple: int) -> tup
     return w, h
 
 
-def parse_extend(text: str | None) -> tuple[int, int, int, int] | None:
-    """'LEFT,TOP,RIGHT,BOTTOM' pixels (one number: all four sides) -> a tuple, or None."""
+def parse_extend(text: str | tuple | list | None) -> tuple[int, int, int, int] | None:
+    """'LEFT,TOP,RIGHT,BOTTOM' pixels or a 4-sequence (one number: all four sides) -> a tuple, or None."""
     if text is None or text == "":
         return None
-    parts = [p.strip() for p in str(text).split(",")]
+    parts = [str(p).strip() for p in text] if isinstance(text, (list, tuple)) else [p.strip() for p in str(text).split(",")]
     if len(parts) == 1:
         parts *= 4
     try:
@@ -191,7 +191,7 @@ def prepare_edit(init_image: ImageInput, strength: float | None = None, mask: Im
     size: (width, height) to use instead of fitting to `resolution` (the input is resized to it).
     Outpainting (extend or aspect) makes its border the mask (added to a given mask) and defaults strength to 1.
     """
-    extend = parse_extend(extend) if isinstance(extend, str) else extend
+    extend = parse_extend(extend)
     aspect = parse_aspect(aspect) if isinstance(aspect, str) else aspect
     if extend is not None and aspect is not None:
         raise RDMError("give --extend or --aspect, not both")

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from importlib import resources
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -25,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import editing
 from ..errors import DatabaseBusy, RDMError
 from ..conditioning import NeighbourControl, parse_window
 from ..pipeline import SCHEDULER_ALIASES
@@ -122,6 +124,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.state.engine, app.state.config = engine, config
     app.state.queue = JobQueue(engine, config)
     app.state.uploads = OrderedDict()  # upload id -> ((1, D) vector, info)
+    app.state.upload_images = OrderedDict()  # upload id -> (PIL image, {"name", "sha256"}) for editing
     app.state.images = ImageCache()
     queue: JobQueue = app.state.queue
 
@@ -276,12 +279,17 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     async def upload(file: UploadFile = File(...)):
         data = await file.read(config.max_upload_bytes + 1)
         vector, size = await run_in_threadpool(engine.embed_image_bytes, data)
-        upload_id = "u-" + hashlib.sha256(data).hexdigest()[:24]
-        uploads = app.state.uploads
-        uploads[upload_id] = (vector, {"width": size[0], "height": size[1]})
-        uploads.move_to_end(upload_id)
-        while len(uploads) > config.uploads_kept:
-            uploads.popitem(last=False)
+        image = await run_in_threadpool(engine.editable_image, data)
+        digest = hashlib.sha256(data).hexdigest()
+        upload_id = "u-" + digest[:24]
+        for store, value, limit in ((app.state.uploads, (vector, {"width": size[0], "height": size[1]}),
+                                     config.uploads_kept),
+                                    (app.state.upload_images, (image, {"name": "upload " + upload_id,
+                                                                       "sha256": digest}), config.upload_images_kept)):
+            store[upload_id] = value
+            store.move_to_end(upload_id)
+            while len(store) > limit:
+                store.popitem(last=False)
         return {"upload": upload_id, "width": size[0], "height": size[1]}
 
     @app.post("/api/search", tags=["search"])
@@ -344,15 +352,79 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         return [Row(query[0], neighbours.embeddings[0], neighbours.hits[0], neighbours.drawn, neighbours.notes,
                     weights, where or {}, body.seed + i, record, settings, label) for i in range(n)]
 
+    def edit_of(body, has_query: bool):
+        """The request's prepared edit (rdm.editing.Edit) or None; 404 for an upload no longer kept, 422 for a bad
+        strength, mask or canvas. Its image is the query when the request gives none."""
+        if body.init_image is None:
+            if body.strength is not None or body.mask is not None or body.extend is not None or body.aspect:
+                raise BadRequest(422, "strength, mask, extend and aspect edit an image: give init_image")
+            return None
+        image, source = kept_image(body.init_image, "init_image")
+        mask = None
+        if body.mask is not None:
+            mask_image, _ = kept_image(body.mask, "mask")
+            mask = mask_image
+        try:
+            e = editing.prepare_edit(image, body.strength, mask, body.mask_feather,
+                                     tuple(body.extend) if body.extend is not None else None, body.aspect,
+                                     resolution=engine.pipe.rdm_config.resolution, multiple=engine.pipe.size_multiple)
+        except RDMError as err:
+            raise BadRequest(422, str(err)) from None
+        e.source = {**source, "size": e.source["size"]}
+        return e
+
+    def kept_image(ref: ItemRef, what: str):
+        """(PIL image, {"name", "sha256"}) of an upload still kept, or of a database item (init_image only)."""
+        if ref.upload is not None and ref.database is None and ref.id is None:
+            found = app.state.upload_images.get(ref.upload)
+            if found is None:
+                raise BadRequest(404, f"{what}: no upload {ref.upload!r} (uploads are kept for a while only; upload "
+                                      "again)")
+            return found
+        if what == "init_image" and ref.database is not None and ref.id is not None and ref.upload is None:
+            db = _served(ref.database)
+            found = db.lookup(check_id(ref.id))
+            if found is None:
+                raise BadRequest(404, f"database {ref.database} has no item {ref.id!r}")
+            path = db.image_file(found[0])
+            if path is None:
+                raise BadRequest(404, f"item {ref.id!r} of {ref.database} has no image file inside the database's "
+                                      "source folder; upload the image instead")
+            data = path.read_bytes()
+            return engine.editable_image(data), {"name": f"{ref.database}/{ref.id}",
+                                                 "sha256": hashlib.sha256(data).hexdigest()}
+        raise BadRequest(422, f"{what}: give {{\"upload\": ID}}" + (" or {\"database\": NAME, \"id\": ITEM}"
+                                                                     if what == "init_image" else ""))
+
+    def edit_query(body, e, text):
+        """(query, record) of an edit request: the prompt (or image query) when given, else the init image."""
+        if text is not None or getattr(body, "image", None) is not None:
+            query, record = query_of(text, getattr(body, "image", None), None, engine.dim)
+            return query, {**record, "from": "prompt" if text is not None else "image"}
+        query = engine.embedder.encode_images([e.image])  # (1, D): the working image's CLIP embedding
+        return query, {"image": e.source.get("name", "init image"), "from": "init_image"}
+
+    def with_edit(rows: list[Row], e) -> list[Row]:
+        if e is None:
+            return rows
+        key = (e.source.get("sha256"), e.strength, None if e.mask_source is None else e.mask_source.get("sha256"),
+               e.feather, e.extend, e.image.size)
+        for row in rows:
+            row.settings = replace(row.settings, edit=key, height=e.image.height, width=e.image.width)
+            row.edit = e
+        return rows
+
     def describe(choices) -> str:
         return ", ".join(c.name if c.weight == 1.0 else f"{c.name}:{c.weight:g}" for c in choices) or "no database"
 
     @app.post("/api/generate", tags=["generate"], status_code=202)
     def generate(body: GenerateRequest, request: Request):
         n, k = check_sampling(body)
-        query, record = query_of(body.prompt, body.image, None, engine.dim)
+        e = edit_of(body, body.prompt is not None or body.image is not None)
+        query, record = edit_query(body, e, body.prompt) if e is not None else \
+            query_of(body.prompt, body.image, None, engine.dim)
         where = check_where(body.where)
-        rows = rows_for(query, record, body.databases, k, where, body, n, describe(body.databases))
+        rows = with_edit(rows_for(query, record, body.databases, k, where, body, n, describe(body.databases)), e)
         summary = {**body.model_dump(exclude_none=True), "query": record}
         job = queue.submit(Job("generate", rows, summary, [describe(body.databases)]))
         return JSONResponse(job_view(job, queue), status_code=202)
@@ -362,12 +434,14 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         n, k = check_sampling(body)
         if not 1 <= len(body.rows) <= config.max_compare_rows:
             raise BadRequest(422, f"compare takes 1 to {config.max_compare_rows} rows, got {len(body.rows)}")
-        query, record = query_of(body.prompt, None, None, engine.dim)
+        e = edit_of(body, body.prompt is not None)
+        query, record = edit_query(body, e, body.prompt) if e is not None else \
+            query_of(body.prompt, None, None, engine.dim)
         where = check_where(body.where)
         rows, labels = [], []
         for choices in body.rows:
             labels.append(describe(choices))
-            rows += rows_for(query, record, choices, k, where, body, n, labels[-1])
+            rows += with_edit(rows_for(query, record, choices, k, where, body, n, labels[-1]), e)
         job = queue.submit(Job("compare", rows, {**body.model_dump(exclude_none=True), "query": record}, labels))
         return JSONResponse(job_view(job, queue), status_code=202)
 

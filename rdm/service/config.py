@@ -39,6 +39,7 @@ class ServeConfig:
     keep_jobs: int = 256  # finished jobs kept in memory (oldest dropped first)
     keep_result_bytes: int = 256 * 1024 * 1024  # PNG bytes kept in memory across finished jobs
     uploads_kept: int = 256  # uploaded query images kept (as embeddings only)
+    upload_images_kept: int = 32  # uploaded images kept as pixels too, to restyle or inpaint (longest side capped)
     thumb_size: int = 160  # thumbnail side in pixels
     torch_threads: int | None = None  # torch intra-op threads for sampling (None: torch's default)
 

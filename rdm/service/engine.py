@@ -40,6 +40,7 @@ class Settings:
     height: int  # one latent shape per call
     width: int
     control: cond.NeighbourControl = field(default_factory=cond.NeighbourControl)  # negatives, window, ...
+    edit: tuple | None = None  # image-to-image: (input sha256, strength, mask sha256, feather) shared by the call
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Row:
     job: Any = None  # the Job it belongs to
     index: int = 0  # position in the job
     step: int = 0  # denoising steps done
+    edit: Any = None  # the prepared rdm.editing.Edit (its image, mask and record) when editing an image
 
 
 @dataclass
@@ -113,6 +115,24 @@ class Engine:
     # -- queries --------------------------------------------------------------------------------------
     def embed_text(self, text: str) -> np.ndarray:
         return self.embedder.encode_text([text])  # (1, D)
+
+    def editable_image(self, data: bytes):
+        """An upload's pixels kept for editing: decoded as queries are, the longest side capped at twice the model's
+        resolution (at least 512), so that a kept upload costs at most a few megabytes."""
+        from PIL import Image
+
+        from ..decode import DecodeOptions, Undecodable, decode_image
+
+        if len(data) > self.config.max_upload_bytes:
+            raise BadRequest(413, f"image is larger than the upload limit of {self.config.max_upload_bytes} bytes")
+        try:
+            image = decode_image(bytes(data), DecodeOptions(max_pixels=self.config.max_pixels))
+        except Undecodable as e:
+            raise BadRequest(400, f"cannot use this image: {e.reason} ({e.detail or 'no detail'})") from None
+        cap = max(512, 2 * self.pipe.rdm_config.resolution)
+        if max(image.size) > cap:
+            image.thumbnail((cap, cap), Image.Resampling.LANCZOS)
+        return image
 
     def embed_image_bytes(self, data: bytes) -> tuple[np.ndarray, tuple]:
         pixels, size = decode_query_image(data, self.embedder.pixel_transform, self.config)
@@ -181,8 +201,11 @@ class Engine:
             [np.ones(s.k, np.float32) if r.weights is None else r.weights for r in rows])
         given = cond.Neighbours(np.stack([r.neighbours for r in rows]).reshape(len(rows), s.k, self.dim),
                                 np.zeros((len(rows), s.k), np.float32), [r.hits for r in rows], weights=weights)
+        e = rows[0].edit
+        editing = {} if e is None else {"init_image": e.image, "strength": e.strength, "mask_image": e.hard_mask,
+                                        "mask_feather": e.feather}
         out = self.pipe(query_embeds=np.stack([r.query for r in rows]),  # (B, D)
-                        neighbor_embeds=given, control=s.control,
+                        neighbor_embeds=given, control=s.control, **editing,
                         seed=[r.seed for r in rows], num_inference_steps=s.steps, guidance_scale=s.guidance,
                         scheduler=s.scheduler, eta=s.eta, guidance_rescale=s.guidance_rescale, height=s.height, width=s.width, output_type="pil",
                         callback=lambda i, _t, _latents: on_step(i + 1))
@@ -191,5 +214,8 @@ class Engine:
             prov = record.to_dict()
             prov.update(query=row.query_record, databases=row.drawn, neighbours=row.hits, where=row.where,
                         k=len(row.hits), index=row.index, warnings=list(row.notes))
+            if row.edit is not None:  # the upload's own digest and settings, not the working copy's
+                prov["edit"] = {**row.edit.record(), "steps_run": prov["edit"]["steps_run"],
+                                "query_from": row.query_record.get("from", "prompt")}
             outputs.append(Output(png_bytes(image), prov, image.width, image.height, row.hits))
         return outputs

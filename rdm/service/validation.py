@@ -60,7 +60,18 @@ class NeighbourFields(Strict):
     neighbour_window: list[float] | None = None  # [start, end] fractions of the steps the neighbours act in
 
 
-class GenerateRequest(NeighbourFields):
+class EditFields(Strict):
+    """Image-to-image, inpainting, outpainting (rdm.editing) of an uploaded image or a database item."""
+
+    init_image: ItemRef | None = None  # the image to restyle or edit; without a prompt or image, also the query
+    strength: float | None = None  # [0, 1]: 0 returns it, 1 ignores it (default 0.8; 1 when outpainting)
+    mask: ItemRef | None = None  # an uploaded mask: white (opaque) = redraw, black = keep
+    mask_feather: float = 0.0  # a soft edge of about this many pixels inside the mask
+    extend: list[int] | None = None  # outpainting: [left, top, right, bottom] pixels added around the image
+    aspect: str | None = None  # outpainting: grow the image to this "W:H"
+
+
+class GenerateRequest(NeighbourFields, EditFields):
     prompt: str | None = None  # text query ...
     image: ItemRef | None = None  # ... or an image query
     databases: list[DatabaseChoice] = Field(default_factory=list)  # empty: the query alone
@@ -76,8 +87,8 @@ class GenerateRequest(NeighbourFields):
     eta: float | None = None  # DDIM eta in [0, 1]
 
 
-class CompareRequest(NeighbourFields):
-    prompt: str
+class CompareRequest(NeighbourFields, EditFields):
+    prompt: str | None = None  # the query; without one, the init image's CLIP embedding
     rows: list[list[DatabaseChoice]]  # one row per entry; [] is a row without retrieval
     k: int | None = None
     where: dict[str, list[str] | str] | None = None
