@@ -143,3 +143,56 @@ def test_a_negative_collection_and_the_diversity_slider(server, browser):
     assert all(n["database"] == "neon" for n in record["control"]["negatives"][0])
     assert not errors, errors
     page.close()
+
+
+def test_a_photo_is_uploaded_a_mask_painted_and_only_the_masked_region_redrawn(server, browser, tmp_path):
+    """Upload a photo, paint its right side with the mouse, run an inpainting job: the unpainted side is the
+    photo's own pixels; the provenance names the upload and the mask; saves docs/serve-page-inpaint.png."""
+    import io
+    import urllib.request
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    page = browser.new_page(viewport={"width": 1360, "height": 900}, accept_downloads=True, bypass_csp=True)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#databases input[type=checkbox]")
+    photo = Image.new("RGB", (64, 64), (245, 245, 240))
+    ImageDraw.Draw(photo).ellipse((8, 14, 40, 46), fill=(30, 60, 220))
+    photo.save(tmp_path / "photo.png")
+    page.set_input_files("#init-file", str(tmp_path / "photo.png"))
+    page.wait_for_selector("#mask-box:not([hidden])")
+    box = page.locator("#mask-canvas").bounding_box()
+    page.fill("#brush", "40")
+    for x in (0.8, 0.92):  # two strokes down the right fifth of the photo
+        page.mouse.move(box["x"] + x * box["width"], box["y"] + 2)
+        page.mouse.down()
+        for y in range(2, int(box["height"]), 8):
+            page.mouse.move(box["x"] + x * box["width"], box["y"] + y)
+        page.mouse.up()
+    assert "inpainting" in page.inner_text("#mask-info")
+    page.fill("#prompt", "a red star")
+    page.locator("#strength").fill("1")
+    page.fill("#num-images", "1")
+    page.fill("#steps", "8")
+    for i in range(3):
+        (page.check if i == 0 else page.uncheck)(f"#db-{i}")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status-text').textContent.startsWith('done')", timeout=120_000)
+    url = page.locator("#results .card img.sample").first.get_attribute("src")
+    with urllib.request.urlopen(url if url.startswith("http") else server.url + url, timeout=30) as r:
+        got = np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+    original = np.asarray(photo)
+    assert got.shape == original.shape
+    assert np.array_equal(got[:, :36], original[:, :36])  # away from the painted side: the photo itself
+    assert np.abs(got[:, 56:].astype(int) - original[:, 56:]).mean() > 3  # the painted side is redrawn
+    with page.expect_download() as info:
+        page.locator("#results a.provenance").first.click()
+    record = json.loads(Path(info.value.path()).read_text())
+    assert record["edit"]["strength"] == 1.0 and 0.1 < record["edit"]["mask"]["coverage"] < 0.5
+    assert record["edit"]["init_image"]["name"].startswith("upload u-")
+    page.screenshot(path=str(SCREENSHOT.with_name("serve-page-inpaint.png")), full_page=True)
+    assert not errors, errors
+    page.close()

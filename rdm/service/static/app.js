@@ -2,7 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, databases: [], upload: null, job: null, source: null, history: [] };
+const state = { info: null, databases: [], upload: null, job: null, source: null, history: [],
+                init: null, photo: null, mask: null, painted: false };
 
 function el(tag, attrs = {}, children = []) {
   const node = document.createElement(tag);
@@ -61,6 +62,92 @@ async function init() {
   $("diversity").addEventListener("input", () => { $("diversity-value").textContent = Number($("diversity").value).toFixed(2); });
   $("image-file").addEventListener("change", uploadImage);
   $("clear-image").addEventListener("click", clearImage);
+  $("init-file").addEventListener("change", uploadPhoto);
+  $("clear-init").addEventListener("click", clearPhoto);
+  $("strength").addEventListener("input", () => { $("strength-value").textContent = Number($("strength").value).toFixed(2); });
+  $("clear-mask").addEventListener("click", clearMask);
+  const canvas = $("mask-canvas");
+  canvas.addEventListener("pointerdown", (ev) => { canvas.setPointerCapture(ev.pointerId); paint(ev); });
+  canvas.addEventListener("pointermove", (ev) => { if (ev.buttons & 1) paint(ev); });
+}
+
+// -- a photo to restyle, and the mask painted over it ------------------------------------------
+async function uploadPhoto() {
+  const file = $("init-file").files[0];
+  if (!file) return;
+  showError("");
+  const form = new FormData();
+  form.append("file", file);
+  try {
+    const res = await api("/api/uploads", { method: "POST", body: form });
+    state.init = { id: res.upload, name: file.name };
+    const photo = new Image();
+    photo.src = URL.createObjectURL(file);
+    await photo.decode();
+    state.photo = photo;
+    const scale = 256 / Math.max(photo.naturalWidth, photo.naturalHeight);
+    const canvas = $("mask-canvas");
+    canvas.width = Math.max(1, Math.round(photo.naturalWidth * scale));
+    canvas.height = Math.max(1, Math.round(photo.naturalHeight * scale));
+    state.mask = document.createElement("canvas");  // white = redraw, on black; uploaded as the mask
+    state.mask.width = canvas.width; state.mask.height = canvas.height;
+    state.overlay = document.createElement("canvas");  // what the person sees of the mask
+    state.overlay.width = canvas.width; state.overlay.height = canvas.height;
+    clearMask();
+    $("mask-box").hidden = false; $("clear-init").hidden = false;
+  } catch (e) {
+    clearPhoto();
+    showError(`cannot use ${file.name}: ${e.message}`);
+  }
+}
+
+function clearPhoto() {
+  state.init = null; state.photo = null; state.mask = null; state.overlay = null; state.painted = false;
+  $("init-file").value = "";
+  $("mask-box").hidden = true; $("clear-init").hidden = true;
+}
+
+function clearMask() {
+  if (!state.mask) return;
+  const m = state.mask.getContext("2d");
+  m.fillStyle = "#000"; m.fillRect(0, 0, state.mask.width, state.mask.height);
+  state.overlay.getContext("2d").clearRect(0, 0, state.overlay.width, state.overlay.height);
+  state.painted = false;
+  $("mask-info").textContent = "paint what to redraw; nothing painted restyles the whole photo";
+  drawPhoto();
+}
+
+function drawPhoto() {
+  const canvas = $("mask-canvas"), c = canvas.getContext("2d");
+  c.globalAlpha = 1;
+  c.drawImage(state.photo, 0, 0, canvas.width, canvas.height);
+  if (state.painted) { c.globalAlpha = 0.45; c.drawImage(state.overlay, 0, 0); c.globalAlpha = 1; }  // painted: red
+}
+
+function paint(ev) {
+  if (!state.mask) return;
+  const canvas = $("mask-canvas"), box = canvas.getBoundingClientRect();
+  const x = (ev.clientX - box.left) * canvas.width / box.width, y = (ev.clientY - box.top) * canvas.height / box.height;
+  const m = state.mask.getContext("2d");
+  const r = Number($("brush").value) / 2;
+  m.fillStyle = "#fff"; m.beginPath(); m.arc(x, y, r, 0, 2 * Math.PI); m.fill();
+  const o = state.overlay.getContext("2d");
+  o.fillStyle = "rgba(255, 40, 40, 1)"; o.beginPath(); o.arc(x, y, r, 0, 2 * Math.PI); o.fill();
+  state.painted = true;
+  $("mask-info").textContent = "inpainting: only the painted region is redrawn";
+  drawPhoto();
+}
+
+async function editFields() {
+  if (!state.init) return {};
+  const fields = { init_image: { upload: state.init.id }, strength: Number($("strength").value) };
+  if (state.painted) {
+    const blob = await new Promise((resolve) => state.mask.toBlob(resolve, "image/png"));
+    const form = new FormData();
+    form.append("file", blob, "mask.png");
+    fields.mask = { upload: (await api("/api/uploads", { method: "POST", body: form })).upload };
+  }
+  return fields;
 }
 
 function renderDatabases() {
@@ -132,22 +219,23 @@ async function submit(kind) {
                    diversity: Number($("diversity").value), negative_databases: negativeDatabases(), num_images: numberOf("num-images") ?? 1 };
   let path, body;
   if (kind === "compare") {
-    if (!prompt) return showError("compare needs a prompt");
+    if (!prompt && !state.init) return showError("compare needs a prompt or a photo to restyle");
     const rows = chosenDatabases().map((d) => [{ name: d.name, weight: 1 }]);
     rows.push([]);  // the control: the query alone
-    path = "/api/compare"; body = { prompt, rows, ...common };
+    path = "/api/compare"; body = { ...(prompt ? { prompt } : {}), rows, ...common };
   } else {
-    if (!prompt && !state.upload) return showError("type a prompt or choose an image");
-    const query = state.upload && !prompt ? { image: { upload: state.upload.id } } : { prompt };
+    if (!prompt && !state.upload && !state.init) return showError("type a prompt or choose an image");
+    const query = prompt ? { prompt } : state.upload ? { image: { upload: state.upload.id } } : {};
     const databases = chosenDatabases();
     path = "/api/generate"; body = { ...query, databases, ...common };
     if (!databases.length) body.k = 0;
   }
   setBusy(true);
   try {
+    Object.assign(body, await editFields());
     const job = await api(path, { method: "POST", headers: { "Content-Type": "application/json" },
                                   body: JSON.stringify(body) });
-    addHistory(job, prompt || (state.upload && state.upload.name));
+    addHistory(job, prompt || (state.upload && state.upload.name) || (state.init && `restyle ${state.init.name}`));
     follow(job);
   } catch (e) {
     setBusy(false);
