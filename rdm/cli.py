@@ -330,10 +330,15 @@ def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid,
 @click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="images per pipeline call")
 @click.option("--device", default=None, help="cpu, cuda ... (default: cuda when present)")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch threads for sampling (default: torch's)")
+@click.option("--sign-key", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="PEM key to sign every served PNG's content credentials (C2PA) [default: $RDM_SIGN_KEY; neither: "
+              "rdm's local identity, which no one trusts]")
+@click.option("--sign-cert", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="PEM certificate chain of --sign-key, leaf first [default: $RDM_SIGN_CERT]")
 @indexes_option
 @click.pass_context
 def serve(ctx, host, port, model, dbs, token_file, allow_network, allow_urls, max_queue, max_batch, device, threads,
-          indexes):
+          sign_key, sign_cert, indexes):
     """Serve the API, clip-retrieval's /knn-service and the web page from one loaded model."""
     from pathlib import Path
 
@@ -348,7 +353,8 @@ def serve(ctx, host, port, model, dbs, token_file, allow_network, allow_urls, ma
                            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     config = ServeConfig(host=host, port=port, model=model, indexes=_home(ctx, indexes), databases=tuple(dbs) or None,
                          token=token, allow_network=allow_network, allow_urls=allow_urls, max_queue=max_queue,
-                         max_batch=max_batch, device=device, torch_threads=threads)
+                         max_batch=max_batch, device=device, torch_threads=threads, sign_key=sign_key,
+                         sign_cert=sign_cert)
     run_server(config)
 
 
@@ -441,6 +447,13 @@ def sampling_options(f):
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)"),
         click.option("--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, float32 "
                      "on CPU)"),
+        click.option("--sign-key", type=click.Path(dir_okay=False), default=None,
+                     help="PEM private key to sign each PNG's content credentials (C2PA) with [default: "
+                     "$RDM_SIGN_KEY; neither: rdm's local identity, which no one trusts]"),
+        click.option("--sign-cert", type=click.Path(dir_okay=False), default=None,
+                     help="PEM certificate chain of --sign-key, leaf first [default: $RDM_SIGN_CERT]"),
+        click.option("--no-credentials", "credentials", flag_value=False, default=None,
+                     help="no C2PA manifest in the PNGs (the JSON provenance is still written)"),
         click.option("--quiet", is_flag=True, help="no progress bar"),
     ]
     for option in reversed(options):
@@ -458,6 +471,19 @@ def _retrieval_warnings(run):
     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RetrievalWarning)):
         click.echo(f"warning: {message}", err=True)
     return result
+
+
+def _credentials_note(options):
+    """Say how the PNGs' content credentials were signed."""
+    import os
+
+    if not options.credentials:
+        click.echo("content credentials: none (--no-credentials)")
+    elif options.sign_key or os.environ.get("RDM_SIGN_KEY"):
+        click.echo("content credentials: C2PA manifest embedded, signed with your key (rdm verify-image IMG)")
+    else:
+        click.echo("content credentials: C2PA manifest embedded, signed with rdm's local identity, which no one "
+                   "else trusts (give --sign-key and --sign-cert to sign as you); rdm verify-image IMG")
 
 
 def _sample_options(quiet, where, max_per, negative_dbs, negative_refs, **given):
@@ -492,6 +518,7 @@ def sample(ctx, prompt, dbs, image, refs, out, model, device, dtype, indexes, **
     for png, record in zip(result.images, result.records):
         click.echo(f"{png}  (seed {record['seed']}, {len(record['neighbours'])} neighbours)")
     click.echo(f"grid: {result.grid}")
+    _credentials_note(options)
 
 
 @main.command()
@@ -512,6 +539,41 @@ def compare(ctx, prompt, dbs, out, model, device, dtype, indexes, **options):
         prompt, list(dbs), model=model, options=options, out=out, indexes=_home(ctx, indexes), device=device,
         dtype=dtype))
     click.echo(f"grid: {grid_path}\nprovenance: {provenance}")
+    _credentials_note(options)
+
+
+@main.command("verify-image")
+@click.argument("image", type=click.Path(dir_okay=False))
+@click.option("--trust", "trust", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="PEM certificate(s) to trust as signers' anchors (your organisation's CA)")
+@click.option("--json", "as_json", is_flag=True, help="print the manifest's findings as JSON")
+def verify_image(image, trust, as_json):
+    """Read and validate IMAGE's content credentials (C2PA): signature, image unchanged, ingredients."""
+    import json as _json
+    from pathlib import Path
+
+    from . import credentials
+
+    found = credentials.read(image, Path(trust).read_bytes() if trust else None)
+    if as_json:
+        click.echo(_json.dumps({"state": found.state, "status": found.status, "signer": found.signer,
+                                "ingredients": found.ingredients, "generation": found.generation}, indent=2))
+    else:
+        signer = found.signer or {}
+        who = ", ".join(str(signer[k]) for k in ("common_name", "issuer") if signer.get(k)) or "unknown signer"
+        verdict = {"Trusted": "valid, signed by a trusted identity", "Valid": "valid (signature and image intact), "
+                   "but the signer is not trusted here"}.get(found.state, "INVALID")
+        click.echo(f"{image}: {verdict}; signed by {who}")
+        for code in found.status:
+            click.echo(f"  status: {code}")
+        query = found.generation.get("query") or {}
+        click.echo(f"  made by rdm from {_json.dumps(query)}, seed {found.generation.get('seed')}, "
+                   f"{len(found.ingredients)} neighbour(s) as ingredients:")
+        for item in found.ingredients:
+            extra = ", ".join(f"{k} {item[k]}" for k in ("score", "weight", "licence", "attribution") if k in item)
+            click.echo(f"    {item.get('collection')}/{item.get('id')}" + (f"  ({extra})" if extra else ""))
+    if not found.unchanged:
+        raise SystemExit(1)
 
 
 @main.command()

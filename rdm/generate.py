@@ -7,6 +7,7 @@ neighbours conditioned which images.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import secrets
@@ -71,6 +72,10 @@ class SampleOptions:
     mask_feather: float = 0.0  # a soft edge of this many pixels inside the mask
     extend: str | None = None  # LEFT,TOP,RIGHT,BOTTOM pixels added around the input (outpainting)
     aspect: str | None = None  # W:H the input is grown to (outpainting)
+    # content credentials (rdm.credentials): a C2PA manifest in every PNG, signed with the operator's identity
+    credentials: bool = True  # embed it (False: the JSON sidecar only)
+    sign_key: str | None = None  # PEM private key (default $RDM_SIGN_KEY; neither: rdm's local, untrusted identity)
+    sign_cert: str | None = None  # PEM certificate chain, leaf first (default $RDM_SIGN_CERT)
     progress: bool = True  # show a progress bar over the denoising steps
 
 
@@ -196,10 +201,27 @@ def free_stem(folder: Path, stem: str, suffixes: Sequence[str] = (".png", ".json
     return candidate
 
 
-def save_png(image: Image.Image, path: Path) -> Path:
-    """Save a PNG atomically and durably (rdm.store.atomic_write)."""
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
+def save_png(image: Image.Image, path: Path, provenance: dict | None = None, identity=None) -> Path:
+    """Save a PNG atomically and durably (rdm.store.atomic_write); with a provenance record and a signing identity,
+    with its content credentials embedded (rdm.credentials)."""
+    if provenance is None or identity is None:
+        atomic_write(path, lambda f: image.save(f, format="PNG"))
+        return path
+    from . import credentials
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write(path, credentials.embed(buf.getvalue(), provenance, identity, title=path.name))
     return path
+
+
+def signing_identity(options: SampleOptions):
+    """The identity to sign content credentials with (None: credentials off)."""
+    if not options.credentials:
+        return None
+    from .credentials import SigningIdentity
+
+    return SigningIdentity.resolve(options.sign_key, options.sign_cert)
 
 
 def neighbour_tiles(hits: Sequence[dict], limit: int | None = None) -> list[tuple[str | None, str]]:
@@ -294,6 +316,7 @@ def sample(prompt: str | None, model: str | None = None, databases: Sequence[str
         raise RDMError("--ref images are the neighbours themselves; leave out --db (or pass --db none)")
     if options.seed is None:
         options = replace(options, seed=secrets.randbelow(2**31 - options.num_images))
+    identity = signing_identity(options)  # bad signing material is refused before any work
 
     # 2. Sample
     pipe = pipe or load_pipeline(resolve_model(model, [name for name, _ in dbs], indexes), device, dtype,
@@ -308,7 +331,7 @@ def sample(prompt: str | None, model: str | None = None, databases: Sequence[str
     pngs, jsons = [], []
     for im, record in zip(images, records):
         stem = free_stem(folder, f"{base}-{record['seed']}")
-        pngs.append(save_png(im, folder / f"{stem}.png"))
+        pngs.append(save_png(im, folder / f"{stem}.png", record, identity))
         jsons.append(write_json(folder / f"{stem}.json", record))
     row = _input_tiles(options) + neighbour_tiles(records[0]["neighbours"]) + \
         [(im, f"seed {r['seed']}") for im, r in zip(images, records)]
@@ -336,6 +359,7 @@ def compare(prompt: str | None, databases: Sequence[str], model: str | None = No
     if out.suffix.lower() != ".png":
         raise RDMError(f"--out must name a .png file, got {out}")
 
+    identity = signing_identity(options)
     every_db = [name for dbs in rows_specs for name, _ in dbs]
     pipe = pipe or load_pipeline(resolve_model(model, every_db, indexes), device, dtype, options.progress)
     neighbours, samples, labels, rows = [], [], [], []
@@ -352,7 +376,10 @@ def compare(prompt: str | None, databases: Sequence[str], model: str | None = No
     tiles = [n + [(None, "")] * (width - len(n)) + s for n, s in zip(neighbours, samples)]
     sheet = grid(tiles, row_labels=labels, title="rdm compare: " + _query_label(prompt, None, options).replace("\n", ", "),
                  size=GRID_TILE)
-    save_png(sheet, out)
+    first = rows[0]["images"][0]  # the grid's credentials: the first image's settings, every row's neighbours
+    every = {**first, "neighbours": [h for r in rows for rec in r["images"] for h in rec["neighbours"]],
+             "databases": [d for r in rows for d in r["images"][0]["databases"]]}
+    save_png(sheet, out, every, identity)
     provenance = write_json(out.with_suffix(".json"), {
         "format": "rdm-compare", "prompt": prompt, "seeds": [options.seed + i for i in range(options.num_images)],
         "model": rows[0]["images"][0]["model"], "rows": rows})

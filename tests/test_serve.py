@@ -132,6 +132,15 @@ def test_generate_job_progress_events_images_and_provenance(server, pipe):
     assert len(first["neighbours"]) == 3 and {n["database"] for n in first["neighbours"]} <= {"A", "B"}
     status, headers, data = call(f"{base}{first['image_url']}")
     assert status == 200 and Image.open(io.BytesIO(data)).size == (16, 16)
+    # the PNG carries its content credentials, read by c2pa-python itself: the neighbours, no server path
+    import c2pa
+
+    with c2pa.Reader("image/png", io.BytesIO(data)) as reader:
+        assert reader.get_validation_state() in ("Valid", "Trusted")
+        manifest = reader.get_active_manifest()
+    assert [i["metadata"]["org.rdm.neighbour"]["id"] for i in manifest["ingredients"]] == \
+        [n["id"] for n in first["neighbours"]]
+    assert str(server.app.state.engine.registry.home) not in json.dumps(manifest)
     status, headers, raw = call(f"{base}{first['provenance_url']}")
     record = json.loads(raw)
     assert status == 200 and "attachment" in headers["content-disposition"]

@@ -42,6 +42,10 @@ class ServeConfig:
     upload_images_kept: int = 32  # uploaded images kept as pixels too, to restyle or inpaint (longest side capped)
     thumb_size: int = 160  # thumbnail side in pixels
     torch_threads: int | None = None  # torch intra-op threads for sampling (None: torch's default)
+    # -- content credentials (rdm.credentials) --------------------------------------------------
+    credentials: bool = True  # a signed C2PA manifest in every PNG served
+    sign_key: str | None = None  # PEM key (default $RDM_SIGN_KEY; neither: rdm's local, untrusted identity)
+    sign_cert: str | None = None  # PEM certificate chain, leaf first (default $RDM_SIGN_CERT)
 
     def binds_loopback(self) -> bool:
         return is_loopback_host(self.host)

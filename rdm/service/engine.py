@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import conditioning as cond
+from .. import credentials
 from ..errors import DatabaseError, RDMError
 from ..pipeline import RDMPipeline, make_scheduler
 from ..selection import Selection
@@ -84,6 +85,8 @@ class Engine:
         self.config = config
         self._embedder_lock = threading.Lock()
         self.embedder  # load the CLIP now, not on the first request
+        self.identity = (credentials.SigningIdentity.resolve(config.sign_key, config.sign_cert)
+                         if config.credentials else None)  # refused at start, not at the first image
 
     @property
     def embedder(self):
@@ -217,5 +220,8 @@ class Engine:
             if row.edit is not None:  # the upload's own digest and settings, not the working copy's
                 prov["edit"] = {**row.edit.record(), "steps_run": prov["edit"]["steps_run"],
                                 "query_from": row.query_record.get("from", "prompt")}
-            outputs.append(Output(png_bytes(image), prov, image.width, image.height, row.hits))
+            png = png_bytes(image)
+            if self.identity is not None:
+                png = credentials.embed(png, prov, self.identity, title=f"rdm-seed{prov.get('seed')}.png")
+            outputs.append(Output(png, prov, image.width, image.height, row.hits))
         return outputs
