@@ -8,7 +8,8 @@
 #   IDX=runs/eval/idx JUDGE=runs/eval/judge OUT=runs/eval/neighbour-control bash scripts/eval_neighbour_control.sh
 #
 # IDX holds per-style databases of unseen toy art (python scripts/eval_style_swap.py databases ... --template
-# 'large-{style}' and 'small-{style}') and mix-neon-outline (neon and outline toy art in one folder, rdm build-index);
+# 'large-{style}' and 'small-{style}'; 'mono-{style}' with --n-per-style 64 --start 74000000 --shapes circle
+# --colours red) and mix-neon-outline (neon and outline toy art in one folder, rdm build-index);
 # JUDGE is the toy-art judge (python scripts/eval_style_swap.py classifier --out JUDGE).
 set -euo pipefail
 MODEL=${MODEL:-$(python -c 'from rdm.demo.run import DEMO_MODEL; print(DEMO_MODEL)')}
@@ -39,11 +40,15 @@ for mode in off on; do
     rdm --indexes "$IDX" score "$OUT/negative-$mode" "${small[@]}" --json > "$OUT/negative-$mode.json"
 done
 
-# 3. content kept out of the style: the judge's content accuracy and style swap
-for l in 0 0.5 1; do
-    python scripts/eval_style_swap.py evaluate --model "$MODEL" --databases 'large-{style}' --classifier "$JUDGE" \
-        --indexes "$IDX" --contents 16 --content-offset 8 --seeds 51 --content-subtract "$l" --no-score --no-control \
-        --out "$OUT/content-$l.json" > /dev/null
+# 3. content kept out of the style: the judge's content accuracy and style swap, with databases whose items show
+#    every content (large-{style}) and with one-content collections (mono-{style}: only red circles, where the
+#    neighbours' content differs from almost every prompt's)
+for db in large mono; do
+    for l in 0 0.5 1; do
+        python scripts/eval_style_swap.py evaluate --model "$MODEL" --databases "$db-{style}" --classifier "$JUDGE" \
+            --indexes "$IDX" --contents 16 --content-offset 32 --seeds 77 --content-subtract "$l" --no-score \
+            --no-control --out "$OUT/content-$db-$l.json" > /dev/null
+    done
 done
 
 python - "$OUT" <<'EOF'
@@ -66,10 +71,11 @@ for mode, label in (("off", "as retrieved"), ("on", "--negative-db small-neon"))
     print(f"| {label} | {r['summary']['probe']['small-neon']:.3f} | {r['summary']['probe']['small-outline']:.3f} | "
           f"{100 * picks:.1f}% |")
 print()
-print("| --content-subtract | judge: content (shape and colour) | judge: style-swap | nearest centroid |")
-print("|---:|---:|---:|---:|")
-for l in ("0", "0.5", "1"):
-    o = json.loads((out / f"content-{l}.json").read_text())["summary"]
-    print(f"| {l} | {100 * o['content_accuracy']:.1f}% | {100 * o['style_swap_accuracy']:.1f}% | "
-          f"{100 * o.get('centroid_accuracy', float('nan')):.1f}% |")
+print("| databases | --content-subtract | judge: content (shape and colour) | judge: style-swap | nearest centroid |")
+print("|---|---:|---:|---:|---:|")
+for db in ("large", "mono"):
+    for l in ("0", "0.5", "1"):
+        o = json.loads((out / f"content-{db}-{l}.json").read_text())["summary"]
+        print(f"| {db}-{{style}} | {l} | {100 * o['content_accuracy']:.1f}% | {100 * o['style_swap_accuracy']:.1f}% | "
+              f"{100 * o.get('centroid_accuracy', float('nan')):.1f}% |")
 EOF

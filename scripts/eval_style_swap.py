@@ -30,7 +30,7 @@ from rdm.demo.evaluate import (SAMPLER_GRID, StyleSwapConfig, build_style_databa
                                database_borders, database_scorer, grid_markdown, grid_sampler, open_style_databases,
                                pipeline_sampler, run_sampler_grid, run_style_swap)
 from rdm.conditioning import NeighbourControl
-from rdm.demo.toyart import STYLES
+from rdm.demo.toyart import COLOURS, SHAPES, STYLES, ToyArtSpec
 from rdm.selection import Selection
 
 
@@ -50,7 +50,9 @@ def cmd_classifier(a: argparse.Namespace) -> None:
 
 
 def cmd_databases(a: argparse.Namespace) -> None:
-    names = build_style_databases(a.clip, a.root, a.n_per_style, a.template, a.styles, a.indexes, start=a.start)
+    spec = ToyArtSpec(**{k: tuple(v) for k, v in (("shapes", a.shapes), ("colours", a.colours)) if v})
+    names = build_style_databases(a.clip, a.root, a.n_per_style, a.template, a.styles, a.indexes, start=a.start,
+                                  spec=spec)
     say("built " + ", ".join(names.values()))
 
 
@@ -163,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--template", default="toyart-{style}", help="database name, with {style}")
     d.add_argument("--styles", nargs="+", default=list(STYLES), choices=STYLES)
     d.add_argument("--start", type=int, default=0, help="first toy-art index")
+    d.add_argument("--shapes", nargs="+", default=None, choices=SHAPES,
+                   help="only these shapes (a one-content collection, e.g. --shapes circle --colours red)")
+    d.add_argument("--colours", nargs="+", default=None, choices=list(COLOURS), help="only these colours")
     d.add_argument("--indexes", default=None, help="databases home (default $RDM_INDEXES or ./indexes)")
     d.set_defaults(run=cmd_databases)
 

@@ -48,9 +48,10 @@ def test_style_comparison_runs_with_the_bundled_demo_model(tmp_path):
     for style in STYLES:
         assert (out / "indexes" / style / "manifest.json").is_file()
     for name in ("demo-grid.png", "demo-grid.json", "neighbours.png", "style_swap_chart.png",
-                 "style_scale_sweep.png"):
+                 "style_scale_sweep.png", "restyle_strip.png", "restyle_sweep.png"):
         assert (out / name).is_file(), name
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "style-swap accuracy" in printed and "judge held-out accuracy" in printed
+    assert "restyled 'a " in printed and "restyle sweep (measured): S=0.3" in printed
     sweep = printed[printed.index("style scale sweep"):].splitlines()[2:7]  # one row per s_nn of the sweep
     assert [float(row.split()[0]) for row in sweep] == [0.0, 0.5, 1.0, 2.0, 4.0]

@@ -1,0 +1,84 @@
+"""Image-to-image at strength S skips the first (1 - S) of the steps: does it cost about S of a text-to-image run?
+
+    python scripts/bench_img2img.py                     # the bundled demo model, 50 DDIM steps, CPU
+    python scripts/bench_img2img.py --steps 25 --repeats 5 --device cuda
+
+Each row is a full pipeline call (query embedding, neighbours, denoising, decoding) on a loaded pipeline with the
+same seed, query and neighbours (eight toy-art --ref images); text-to-image is the baseline, measured in the same
+run. U-Net calls are counted with a forward hook; seconds are the median of --repeats calls after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from rdm.demo.run import DEMO_MODEL
+from rdm.demo.toyart import ToyArtSpec, sample_item
+from rdm.pipeline import RDMPipeline
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(DEMO_MODEL))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    pipe = RDMPipeline.from_pretrained(a.model).to(a.device)
+    pipe.set_progress_bar_config(disable=True)
+    spec = ToyArtSpec(styles=("striped",))
+    refs = [sample_item(spec, 78_000_000 + i)[0] for i in range(8)]
+    photo = sample_item(ToyArtSpec(styles=("flat",)), 78_100_000)[0]
+    calls = []
+    pipe.unet.register_forward_hook(lambda *_: calls.append(1))
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
+
+    def run(strength):
+        kwargs = {} if strength is None else {"init_image": photo, "strength": strength}
+        calls.clear()
+        sync()
+        t = time.perf_counter()
+        pipe(prompt="a red star", refs=refs, num_inference_steps=a.steps, seed=0, **kwargs)
+        sync()
+        return time.perf_counter() - t, len(calls)
+
+    rows = []
+    for strength in [None] + a.strengths:
+        run(strength)  # warm-up
+        times = []
+        for _ in range(a.repeats):
+            seconds, n_calls = run(strength)
+            times.append(seconds)
+        rows.append((strength, n_calls, statistics.median(times)))
+    base = rows[0][2]
+    device = torch.cuda.get_device_name() if a.device.startswith("cuda") else cpu_name()
+    print(f"{a.model} | {a.steps} DDIM steps | {device} | {torch.get_num_threads()} threads | median of {a.repeats}")
+    print("| run | U-Net calls | seconds | vs text-to-image | strength |")
+    print("|---|---:|---:|---:|---:|")
+    for strength, n_calls, seconds in rows:
+        label = "text-to-image" if strength is None else f"image-to-image, strength {strength:g}"
+        print(f"| {label} | {n_calls} | {seconds:.3f} | {seconds / base:.2f}x | "
+              f"{'' if strength is None else f'{strength:g}'} |")
+
+
+if __name__ == "__main__":
+    main()
