@@ -46,6 +46,29 @@ def open_database(db: str | Path, indexes: str | None = None) -> "Database":
     return Database.open(db, indexes)
 
 
+def set_licence(db: str | Path, column: str | None = None, allow: Sequence[str] | str = (),
+                attribution: str | None = None, clear: bool = False, indexes: str | None = None):
+    """`rdm licence`: set (or clear, or with no arguments read) a database's licence rule (rdm.licence)."""
+    from .licence import LicenceRule, parse_allow, read_rule, write_rule
+
+    database = open_database(db, indexes)
+    if clear:
+        write_rule(database.path, None)
+        return None
+    if column is None and not allow and attribution is None:
+        return read_rule(database.path, database.name)
+    before = read_rule(database.path, database.name)
+    if attribution is None and before is not None:  # a new list of licences keeps the credits' column
+        attribution = before.attribution
+    rule = LicenceRule(column or (before.column if before else ""), parse_allow(allow), attribution)
+    columns = database.column_names()
+    for col in filter(None, (rule.column, rule.attribution)):
+        if col not in columns:
+            raise RDMError(f"database {database.name} has no column '{col}'; columns: {', '.join(columns)}")
+    write_rule(database.path, rule)
+    return rule
+
+
 def default_name(source: str) -> str:
     """Database name from a source spec: folder or file name, or the dataset's name."""
     name = Path(source.removeprefix("hf:").rstrip("/")).name

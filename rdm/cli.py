@@ -76,12 +76,21 @@ def main(ctx: click.Context, indexes: str | None) -> None:
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process and its decoding workers; ray: a Ray Data pipeline (pip install 'rdm[ray]')")
 @click.option("--ray-address", default=None, help="Ray cluster to run on (e.g. auto, HEAD:6379); default: a local one")
+@click.option("--licence-column", default=None, help="metadata column holding each item's licence (with "
+              "--allow-licence: only those items condition generation; see rdm licence)")
+@click.option("--allow-licence", "allow_licence", multiple=True, help="licences that may condition generation, "
+              "e.g. cc0,cc-by (repeatable)")
+@click.option("--attribution-column", default=None, help="metadata column holding the credit each item asks for")
 @indexes_option
 @click.pass_context
 def build_index(ctx, source, name, clip, batch_size, workers, device, dtype, index_factory, vector_dtype, resume, append,
                 overwrite, limit, checkpoint_every, split, image_column, caption_column, streaming, engine, ray_address,
-                indexes):
+                licence_column, allow_licence, attribution_column, indexes):
     """Embed SOURCE (a folder, a dataset or an embeddings file) into a named database."""
+    if bool(licence_column) != bool(allow_licence):
+        raise RDMError("a licence rule needs both --licence-column and --allow-licence")
+    if attribution_column and not licence_column:
+        raise RDMError("--attribution-column belongs to a licence rule: give --licence-column and --allow-licence")
     report = api.build_index(source, name=name, clip=clip, indexes=_home(ctx, indexes), batch_size=batch_size,
                              workers=workers, device=device, dtype=dtype, index_factory=index_factory,
                              vector_dtype=vector_dtype, resume=resume, append=append, overwrite=overwrite, limit=limit,
@@ -89,6 +98,30 @@ def build_index(ctx, source, name, clip, batch_size, workers, device, dtype, ind
                              image_column=image_column, caption_column=caption_column, streaming=streaming,
                              engine=engine, ray_address=ray_address)
     click.echo(api.format_report(report))
+    if licence_column:
+        rule = api.set_licence(report.path, licence_column, allow_licence, attribution_column)
+        click.echo(_describe_rule(report.name, rule))
+
+
+def _describe_rule(name, rule):
+    if rule is None:
+        return f"{name}: no licence rule (every item may condition generation)"
+    credit = f"; credits from column {rule.attribution}" if rule.attribution else ""
+    return f"{name}: only items whose {rule.column} is {', '.join(rule.allow)} condition generation{credit}"
+
+
+@main.command("licence")
+@click.argument("db")
+@click.option("--column", default=None, help="metadata column holding each item's licence")
+@click.option("--allow", "allow", multiple=True, help="licences that may condition generation, e.g. cc0,cc-by")
+@click.option("--attribution-column", default=None, help="metadata column holding the credit each item asks for")
+@click.option("--clear", is_flag=True, help="remove the rule: every item may condition generation")
+@indexes_option
+@click.pass_context
+def licence_cmd(ctx, db, column, allow, attribution_column, clear, indexes):
+    """Show or set which of DB's items may condition generation, by their licence (search still shows all)."""
+    rule = api.set_licence(db, column, allow, attribution_column, clear, _home(ctx, indexes))
+    click.echo(_describe_rule(db, rule))
 
 
 @main.command("list")

@@ -28,6 +28,7 @@ import torch
 from .database import parse_where
 from .errors import DatabaseError, RDMError
 from .identity import EmbedderIdentity
+from .licence import generation_where
 from .retrieval import Retriever
 from .selection import Selection, select
 from .sources import json_safe
@@ -140,21 +141,24 @@ def retrieve(queries: np.ndarray, sources: Sequence[tuple[Retriever, float]], k:
                          f"using {count}")
             share = count
         got = 0
+        rule = getattr(retriever, "licence_rule", None)
         if share > 0:
-            result, valid = _draw(retriever, queries, share, count, where, selection)
+            result, valid = _draw(retriever, queries, share, count, generation_where(rule, where), selection)
             got = min(min(len(v) for v in valid), share)
             if got < share:
-                notes.append(f"only {got} item(s) of database {name} "
-                             f"{f'match the filters {where}' if where else 'were found'}; "
+                limits = " and ".join(filter(None, (f"the filters {where}" if where else "", f"its licence rule "
+                                                    f"({rule.column}: {', '.join(rule.allow)})" if rule else "")))
+                notes.append(f"only {got} item(s) of database {name} {f'match {limits}' if limits else 'were found'}; "
                              f"using {got} instead of {share} neighbours")
             cols = np.array([v[:got] for v in valid], np.int64).reshape(len(queries), got)  # (Q, got)
             scores = np.take_along_axis(result.scores, cols, 1).astype(np.float32)
             embeddings = np.take_along_axis(result.embeddings(), cols[..., None], 1)  # (Q, got, D)
-            hits = [[{"database": name, **{key: json_safe(v) for key, v in h.items()}}
+            hits = [[{"database": name, **{key: json_safe(v) for key, v in h.items()}, **credit(h, rule)}
                      for h in _hits_at(result, q, rows)] for q, rows in enumerate(cols)]
             parts.append((embeddings, scores, hits))
         drawn.append({"name": name, "fingerprint": getattr(retriever, "fingerprint", None), "weight": weight,
-                      "count": count, "k_asked": asked, "k_drawn": got})
+                      "count": count, "k_asked": asked, "k_drawn": got,
+                      **({"licence_rule": rule.to_dict()} if rule is not None else {})})
     for note in notes:
         warnings.warn(note, RetrievalWarning, stacklevel=2)
     if k > 0 and sum(d["k_drawn"] for d in drawn) == 0:
@@ -184,6 +188,16 @@ def _draw(retriever: Retriever, queries: np.ndarray, share: int, count: int | No
         if not short or count is None or fetch >= count:
             return result, chosen
         fetch = min(fetch * 4, count)
+
+
+def credit(hit: dict, rule) -> dict:
+    """The licence and attribution a collection's rule names for an item, under those two keys."""
+    if rule is None:
+        return {}
+    out = {"licence": json_safe(hit.get(rule.column))}
+    if rule.attribution:
+        out["attribution"] = json_safe(hit.get(rule.attribution))
+    return out
 
 
 def _hits_at(result, q: int, positions: np.ndarray) -> list[dict]:

@@ -30,6 +30,7 @@ from . import index as faiss_index
 from . import store
 from .identity import EmbedderIdentity
 from .errors import DatabaseError, RDMError
+from .licence import read_rule
 from .segment import Segment, write_segment, write_segment_index
 
 FILTER_EXACT_MAX = 20_000  # filters matching at most this many rows: exact search over those rows;
@@ -163,6 +164,7 @@ class Database:
         self.segments = [Segment(path, self.name, s, self._verify_reads) for s in manifest["segments"]]
         self.starts = np.array([s.start for s in self.segments], np.int64)
         self.tombstones = self._load_tombstones()
+        self.licence_rule = read_rule(path, self.name)  # which items may condition generation (rdm.licence)
         self._stacked = None
         self._trained = None
         self._selector = None
@@ -378,6 +380,9 @@ class Database:
         recs: list = []
         if records:
             flat = self.records(rows[rows >= 0])
+            if self.licence_rule is not None:  # search shows every item; generation retrieves allowed ones only
+                for r in flat:
+                    r["licence_allowed"] = self.licence_rule.allows(r)
             it = iter(flat)
             recs = [[next(it) for r in row if r >= 0] for row in rows]
         return SearchResult(scores=scores, rows=rows, vectors=self.vectors_at(rows), records=recs, database=self.name)

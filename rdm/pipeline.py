@@ -46,6 +46,7 @@ from .embedder import Embedder
 from .errors import RDMError
 from .modelformat import (NULL_CONTEXT_NAME, RDMConfig, SamplingDefaults, model_fingerprint, read_rdm_config,
                           resolve_embedder_id, save_model_folder)
+from .licence import attributions
 from .provenance import Provenance, scheduler_record
 from .retrieval import Retriever, registry_for
 
@@ -641,7 +642,7 @@ class RDMPipeline(DiffusionPipeline):
             databases=neighbours.drawn, neighbours=per_image.hits[b], scheduler=settings,
             size={"height": height, "width": width}, runtime={"device": str(device), "dtype": str(dtype)},
             where=cond.parse_where(where) if sources else {}, k=None if neighbor_embeds is not None else per_image.k,
-            index=b, warnings=list(neighbours.notes),
+            index=b, warnings=list(neighbours.notes), attributions=attributions(per_image.hits[b]),
             control=control_record(control, negatives),
             edit={} if edit is None else {**edit.record(), "steps_run": len(timesteps), "query_from": query_from})
             for b in range(batch)]

@@ -39,6 +39,7 @@ class Provenance:
     warnings: list[str] = field(default_factory=list)  # e.g. k clamped to a database's size
     control: dict = field(default_factory=dict)  # neighbour control: diversity, weights, negatives ... ({}: none)
     edit: dict = field(default_factory=dict)  # image-to-image / inpainting: input digest, strength, mask ({}: none)
+    attributions: list[str] = field(default_factory=list)  # credits the neighbours' collections ask for, once each
     versions: dict = field(default_factory=lambda: package_versions())  # package -> version
     format: str = FORMAT  # always "rdm-provenance"
     format_version: int = FORMAT_VERSION  # bumped on incompatible changes

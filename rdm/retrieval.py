@@ -85,6 +85,13 @@ class DatabaseRetriever:
         self.dim = database.dim
         self._lock = threading.Lock()  # a Database reads its files lazily and does not promise thread safety
 
+    @property
+    def licence_rule(self):
+        """The collection's licence rule as it is now (`rdm licence` changes it while the service runs)."""
+        from .licence import read_rule
+
+        return read_rule(self.database.path, self.name)
+
     def search(self, queries: np.ndarray, k: int, where: Where = None) -> Retrieved:
         with self._lock:
             result = self.database.search(np.asarray(queries, np.float32), k=k, where=where)
