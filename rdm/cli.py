@@ -485,6 +485,13 @@ def sampling_options(f):
                      "$RDM_SIGN_KEY; neither: rdm's local identity, which no one trusts]"),
         click.option("--sign-cert", type=click.Path(dir_okay=False), default=None,
                      help="PEM certificate chain of --sign-key, leaf first [default: $RDM_SIGN_CERT]"),
+        click.option("--copy-threshold", type=click.FloatRange(-1, 1), default=None,
+                     help="CLIP cosine to the nearest neighbour or collection item at which an output is flagged a "
+                     "near-copy [default: %g, calibrated on the demo]" % _copy_default()),
+        click.option("--no-copies", is_flag=True, default=None, help="refuse (do not write) outputs the copy guard "
+                     "flags, and exit 1"),
+        click.option("--no-copy-guard", "copy_guard", flag_value=False, default=None,
+                     help="skip the copy guard (nothing compared or recorded)"),
         click.option("--no-credentials", "credentials", flag_value=False, default=None,
                      help="no C2PA manifest in the PNGs (the JSON provenance is still written)"),
         click.option("--quiet", is_flag=True, help="no progress bar"),
@@ -504,6 +511,12 @@ def _retrieval_warnings(run):
     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RetrievalWarning)):
         click.echo(f"warning: {message}", err=True)
     return result
+
+
+def _copy_default():
+    from .copyguard import DEFAULT_THRESHOLD
+
+    return DEFAULT_THRESHOLD
 
 
 def _credentials_note(options):
@@ -551,6 +564,8 @@ def sample(ctx, prompt, dbs, image, refs, out, model, device, dtype, indexes, **
     for png, record in zip(result.images, result.records):
         click.echo(f"{png}  (seed {record['seed']}, {len(record['neighbours'])} neighbours)")
     click.echo(f"grid: {result.grid}")
+    for line in result.near_copies:
+        click.echo(f"warning: copy guard: {line}", err=True)
     _credentials_note(options)
 
 

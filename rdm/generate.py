@@ -28,6 +28,7 @@ from .modelformat import RDMConfig, read_rdm_config
 from .conditioning import NeighbourControl, parse_weighted, parse_window
 from .pipeline import RDMPipeline
 from .selection import Selection, parse_max_per
+from .copyguard import DEFAULT_THRESHOLD, CopyGuard
 from .provenance import write_json
 from .registry import installed_models, model_asset_for, models_home
 from .sheets import grid
@@ -76,6 +77,10 @@ class SampleOptions:
     credentials: bool = True  # embed it (False: the JSON sidecar only)
     sign_key: str | None = None  # PEM private key (default $RDM_SIGN_KEY; neither: rdm's local, untrusted identity)
     sign_cert: str | None = None  # PEM certificate chain, leaf first (default $RDM_SIGN_CERT)
+    # the copy guard (rdm.copyguard): each output compared with its neighbours and its collections' nearest items
+    copy_guard: bool = True  # run it (False: no check, nothing recorded)
+    copy_threshold: float = DEFAULT_THRESHOLD  # CLIP cosine at or above which an output is flagged a near-copy
+    no_copies: bool = False  # refuse (do not write) flagged outputs, and fail
     progress: bool = True  # show a progress bar over the denoising steps
 
 
@@ -87,6 +92,7 @@ class SampleResult:
     provenance: list[Path]  # one JSON per image, same stem
     grid: Path  # neighbours beside the samples
     records: list[dict] = field(default_factory=list)  # the provenance records themselves
+    near_copies: list[str] = field(default_factory=list)  # what the copy guard flagged, one line each
 
 
 @dataclass
@@ -292,8 +298,23 @@ def _run(pipe: RDMPipeline, prompt: str | None, databases: list[tuple[str, float
                scheduler=options.scheduler, eta=options.eta, guidance_rescale=options.guidance_rescale,
                seed=options.seed, height=options.height, width=options.width, output_type="pil", indexes=indexes,
                control=neighbour_control(options), init_image=options.init_image, strength=options.strength,
-               mask_image=options.mask, mask_feather=options.mask_feather, extend=options.extend, aspect=options.aspect)
+               mask_image=options.mask, mask_feather=options.mask_feather, extend=options.extend, aspect=options.aspect,
+               copy_guard=CopyGuard(options.copy_threshold, refuse=options.no_copies) if options.copy_guard else None)
     return out.images, [p.to_dict() for p in out.provenance]
+
+
+def near_copies(records: Sequence[dict]) -> list[str]:
+    """One line per image the copy guard flagged."""
+    lines = []
+    for r in records:
+        g = r.get("copy_guard") or {}
+        if g.get("flagged"):
+            near = g.get("nearest") or {}
+            item = "/".join(str(near[k]) for k in ("database", "id", "ref") if k in near)
+            pixels = "" if g.get("pixel_distance") is None else f", pixel distance {g['pixel_distance']:.3f}"
+            lines.append(f"seed {r['seed']}: a near-copy of {item} (similarity {g['similarity']:.3f}{pixels}; "
+                         f"threshold {g['threshold']:g})")
+    return lines
 
 
 # --- Commands --------------------------------------------------------------------------------------
@@ -323,7 +344,12 @@ def sample(prompt: str | None, model: str | None = None, databases: Sequence[str
                                  options.progress)
     images, records = _run(pipe, prompt, dbs, options, image, refs, indexes)
 
-    # 3. Write each image with its provenance, then the grid
+    # 3. Write each image with its provenance (not the refused near-copies), then the grid
+    flagged = near_copies(records)
+    if options.no_copies and flagged:
+        keep = [not (r.get("copy_guard") or {}).get("flagged") for r in records]
+        images = [im for im, k in zip(images, keep) if k]
+        records = [r for r, k in zip(records, keep) if k]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     base = slug(prompt) if prompt else slug(Path(image).stem) if image else \
@@ -333,13 +359,18 @@ def sample(prompt: str | None, model: str | None = None, databases: Sequence[str
         stem = free_stem(folder, f"{base}-{record['seed']}")
         pngs.append(save_png(im, folder / f"{stem}.png", record, identity))
         jsons.append(write_json(folder / f"{stem}.json", record))
-    row = _input_tiles(options) + neighbour_tiles(records[0]["neighbours"]) + \
-        [(im, f"seed {r['seed']}") for im, r in zip(images, records)]
-    label = f"{_query_label(prompt, image, options)}\n{_describe_databases(dbs, refs)}"
-    sheet = grid([row], row_labels=[label], title="rdm sample: " + _query_label(prompt, image, options).replace("\n", ", "),
-                 size=GRID_TILE)
-    grid_path = save_png(sheet, folder / f"{free_stem(folder, f'{base}-{options.seed}-grid', ('.png',))}.png")
-    return SampleResult(pngs, jsons, grid_path, records)
+    grid_path = None
+    if images:
+        row = _input_tiles(options) + neighbour_tiles(records[0]["neighbours"]) + \
+            [(im, f"seed {r['seed']}") for im, r in zip(images, records)]
+        label = f"{_query_label(prompt, image, options)}\n{_describe_databases(dbs, refs)}"
+        sheet = grid([row], row_labels=[label], title="rdm sample: " +
+                     _query_label(prompt, image, options).replace("\n", ", "), size=GRID_TILE)
+        grid_path = save_png(sheet, folder / f"{free_stem(folder, f'{base}-{options.seed}-grid', ('.png',))}.png")
+    if options.no_copies and flagged:
+        raise RDMError(f"refused {len(flagged)} near-copy output(s) (--no-copies); "
+                       f"{len(pngs)} other image(s) written to {folder}:\n  " + "\n  ".join(flagged))
+    return SampleResult(pngs, jsons, grid_path, records, flagged)
 
 
 def compare(prompt: str | None, databases: Sequence[str], model: str | None = None,

@@ -46,6 +46,8 @@ from .embedder import Embedder
 from .errors import RDMError
 from .modelformat import (NULL_CONTEXT_NAME, RDMConfig, SamplingDefaults, model_fingerprint, read_rdm_config,
                           resolve_embedder_id, save_model_folder)
+from . import copyguard
+from .copyguard import CopyGuard
 from .licence import attributions
 from .provenance import Provenance, scheduler_record
 from .retrieval import Retriever, registry_for
@@ -398,6 +400,8 @@ class RDMPipeline(DiffusionPipeline):
         mask_image: ImageInput | np.ndarray | None = None,
         mask_feather: float = 0.0,
         extend: tuple[int, int, int, int] | str | None = None,
+        copy_guard: CopyGuard | None = CopyGuard(),
+        copy_sources: Sequence[tuple[Any, float]] | None = None,
         aspect: float | str | None = None,
     ) -> RDMPipelineOutput | tuple:
         """Generate images conditioned on a query and its neighbours.
@@ -622,7 +626,8 @@ class RDMPipeline(DiffusionPipeline):
                     callback(i, int(t), latents)
                 bar.update()
 
-        # 8. Decode (inpainting: the input's own pixels pasted back outside the mask) and convert
+        # 8. Decode (inpainting: the input's own pixels pasted back outside the mask), guard against copies, convert
+        verdicts = [{} for _ in range(batch)]
         if output_type == "latent":
             images = latents
         else:
@@ -632,6 +637,12 @@ class RDMPipeline(DiffusionPipeline):
                 m = torch.from_numpy(edit.mask)[None, None]
                 decoded = m.to(decoded) * decoded + (1 - m.to(decoded)) * original.to(decoded)
             images = to_output(decoded, output_type)
+            if copy_guard is not None and self._embedder is None:  # embeddings given: no CLIP to compare with
+                verdicts = [{"skipped": "no CLIP loaded (query and neighbours were given as embeddings)"}] * batch
+            elif copy_guard is not None:
+                pil = images if output_type == "pil" else to_output(decoded, "pil")
+                verdicts = copyguard.check(pil, self.embedder, per_image.embeddings, per_image.hits,
+                                           sources if copy_sources is None else copy_sources, copy_guard)
 
         # 9. Provenance, one record per image
         model = {"name_or_path": self.name_or_path, "fingerprint": self.fingerprint,
@@ -643,6 +654,7 @@ class RDMPipeline(DiffusionPipeline):
             size={"height": height, "width": width}, runtime={"device": str(device), "dtype": str(dtype)},
             where=cond.parse_where(where) if sources else {}, k=None if neighbor_embeds is not None else per_image.k,
             index=b, warnings=list(neighbours.notes), attributions=attributions(per_image.hits[b]),
+            copy_guard=verdicts[b],
             control=control_record(control, negatives),
             edit={} if edit is None else {**edit.record(), "steps_run": len(timesteps), "query_from": query_from})
             for b in range(batch)]

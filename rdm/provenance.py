@@ -40,6 +40,7 @@ class Provenance:
     control: dict = field(default_factory=dict)  # neighbour control: diversity, weights, negatives ... ({}: none)
     edit: dict = field(default_factory=dict)  # image-to-image / inpainting: input digest, strength, mask ({}: none)
     attributions: list[str] = field(default_factory=list)  # credits the neighbours' collections ask for, once each
+    copy_guard: dict = field(default_factory=dict)  # near-copy check: nearest item, similarity, flagged ({}: off)
     versions: dict = field(default_factory=lambda: package_versions())  # package -> version
     format: str = FORMAT  # always "rdm-provenance"
     format_version: int = FORMAT_VERSION  # bumped on incompatible changes

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from ..copyguard import DEFAULT_THRESHOLD
+
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
@@ -42,6 +44,7 @@ class ServeConfig:
     upload_images_kept: int = 32  # uploaded images kept as pixels too, to restyle or inpaint (longest side capped)
     thumb_size: int = 160  # thumbnail side in pixels
     torch_threads: int | None = None  # torch intra-op threads for sampling (None: torch's default)
+    copy_threshold: float = DEFAULT_THRESHOLD  # the copy guard's CLIP cosine (rdm.copyguard)
     # -- content credentials (rdm.credentials) --------------------------------------------------
     credentials: bool = True  # a signed C2PA manifest in every PNG served
     sign_key: str | None = None  # PEM key (default $RDM_SIGN_KEY; neither: rdm's local, untrusted identity)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import conditioning as cond
-from .. import credentials
+from .. import copyguard, credentials
 from ..errors import DatabaseError, RDMError
 from ..pipeline import RDMPipeline, make_scheduler
 from ..selection import Selection
@@ -168,6 +168,14 @@ class Engine:
         except RDMError as e:
             raise BadRequest(422, str(e)) from None
 
+    def copy_check(self, row: Row, image) -> dict:
+        """The copy guard's verdict on one output: its neighbours and the nearest item of each database it drew
+        from (rdm.copyguard)."""
+        sources = [(self.database(d["name"]), 1.0) for d in row.drawn if d.get("k_drawn")]
+        neighbours = np.asarray(row.neighbours, np.float32).reshape(1, -1, self.dim)
+        return copyguard.check([image], self.embedder, neighbours, [row.hits], sources,
+                               copyguard.CopyGuard(self.config.copy_threshold))[0]
+
     # -- settings -------------------------------------------------------------------------------------
     def settings(self, k: int, steps: int | None, guidance: float | None, scheduler: str | None,
                  eta: float | None, guidance_rescale: float | None = None,
@@ -211,7 +219,8 @@ class Engine:
                         neighbor_embeds=given, control=s.control, **editing,
                         seed=[r.seed for r in rows], num_inference_steps=s.steps, guidance_scale=s.guidance,
                         scheduler=s.scheduler, eta=s.eta, guidance_rescale=s.guidance_rescale, height=s.height, width=s.width, output_type="pil",
-                        callback=lambda i, _t, _latents: on_step(i + 1))
+                        callback=lambda i, _t, _latents: on_step(i + 1),
+                        copy_guard=None)  # checked per row below, against that row's own collections
         outputs = []
         for row, image, record in zip(rows, out.images, out.provenance):
             prov = record.to_dict()
@@ -220,6 +229,7 @@ class Engine:
             if row.edit is not None:  # the upload's own digest and settings, not the working copy's
                 prov["edit"] = {**row.edit.record(), "steps_run": prov["edit"]["steps_run"],
                                 "query_from": row.query_record.get("from", "prompt")}
+            prov["copy_guard"] = self.copy_check(row, image)
             png = png_bytes(image)
             if self.identity is not None:
                 png = credentials.embed(png, prov, self.identity, title=f"rdm-seed{prov.get('seed')}.png")

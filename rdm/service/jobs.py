@@ -278,12 +278,21 @@ def job_view(job: Job, queue: JobQueue, base: str = "") -> dict[str, Any]:
             "image_url": f"{base}/api/jobs/{job.id}/images/{i}.png",
             "provenance_url": f"{base}/api/jobs/{job.id}/provenance/{i}.json",
             "neighbours": [neighbour_view(h) for h in out.hits], "warnings": out.provenance.get("warnings", []),
+            "near_copy": near_copy_view(out.provenance.get("copy_guard") or {}),
         })
     return {"id": job.id, "kind": job.kind, "state": job.state, "error": job.error,
             "progress": round(job.progress, 4), "position": queue.position(job) if job.state == QUEUED else 0,
             "rows": len(job.rows), "labels": job.labels, "request": job.summary, "created": job.created,
             "finished": job.finished, "images": images,
             "events_url": f"{base}/api/jobs/{job.id}/events", "status_url": f"{base}/api/jobs/{job.id}"}
+
+
+def near_copy_view(verdict: dict) -> dict | None:
+    """The copy guard's flag for the page: the item it nearly copies and how close it came (None: not flagged)."""
+    if not verdict.get("flagged"):
+        return None
+    return {"item": verdict.get("nearest"), "similarity": verdict.get("similarity"),
+            "pixel_distance": verdict.get("pixel_distance"), "threshold": verdict.get("threshold")}
 
 
 def neighbour_view(hit: dict) -> dict:

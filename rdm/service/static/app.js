@@ -313,7 +313,16 @@ function render(view) {
                                   el("span", {}, [el("a", { href: im.image_url, download: "", text: "PNG" }), " · ",
                                                   provenanceLink(im)])]),
     neighbourStrip(im.neighbours),
+    ...nearCopy(im),
     ...im.warnings.map((w) => el("div", { class: "warn", text: w }))])));
+}
+
+function nearCopy(image) {
+  const c = image.near_copy;
+  if (!c) return [];
+  const item = [c.item?.database, c.item?.id ?? c.item?.ref].filter((x) => x != null).join("/");
+  return [el("div", { class: "warn near-copy", text: `near-copy of ${item} (similarity ${c.similarity.toFixed(3)}, ` +
+                                                      `threshold ${c.threshold})` })];
 }
 
 function renderCompare(view) {
@@ -328,7 +337,7 @@ function renderCompare(view) {
       el("td", {}, [first ? neighbourStrip(first.neighbours) : el("span", { class: "muted", text: "…" })]),
       ...images.map((im) => el("td", {}, [el("img", { class: "sample", src: im.image_url, alt: `${label} seed ${im.seed}` }),
                                           el("div", { class: "meta" }, [el("span", { text: `seed ${im.seed}` }),
-                                                                       provenanceLink(im)])]))]));
+                                                                       provenanceLink(im)]), ...nearCopy(im)]))]));
   });
   const all = el("a", { href: `/api/jobs/${view.id}/provenance.json`, download: "", text: "all provenance (JSON)" });
   box.replaceChildren(el("h2", { text: `compare: ${view.request.prompt}` }), table, all);
