@@ -20,7 +20,7 @@ from PIL import Image
 
 from .errors import RDMError
 
-DEFAULT_THRESHOLD = 0.99  # cosine in the model's CLIP space; scripts/calibrate_copy_guard.py
+DEFAULT_THRESHOLD = 0.995  # cosine in the model's CLIP space; scripts/calibrate_copy_guard.py
 PIXEL_THRESHOLD = 0.03  # mean absolute difference at PIXEL_SIDE^2, in [0, 1]
 PIXEL_SIDE = 32
 

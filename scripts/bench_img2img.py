@@ -5,7 +5,7 @@
 
 Each row is a full pipeline call (query embedding, neighbours, denoising, decoding) on a loaded pipeline with the
 same seed, query and neighbours (eight toy-art --ref images); text-to-image is the baseline, measured in the same
-run. U-Net calls are counted with a forward hook; seconds are the median of --repeats calls after a warm-up.
+run. U-Net calls are counted with a forward hook; seconds are the median of --repeats calls after a warm-up, taken round-robin.
 """
 
 from __future__ import annotations
@@ -61,14 +61,16 @@ def main(argv: list[str] | None = None) -> None:
         sync()
         return time.perf_counter() - t, len(calls)
 
-    rows = []
-    for strength in [None] + a.strengths:
+    settings = [None] + a.strengths
+    for strength in settings:
         run(strength)  # warm-up
-        times = []
-        for _ in range(a.repeats):
-            seconds, n_calls = run(strength)
-            times.append(seconds)
-        rows.append((strength, n_calls, statistics.median(times)))
+    times = {i: [] for i in range(len(settings))}
+    calls_of = {}
+    for _ in range(a.repeats):  # round-robin, so that drift in the machine's speed hits every row alike
+        for i, strength in enumerate(settings):
+            seconds, calls_of[i] = run(strength)
+            times[i].append(seconds)
+    rows = [(strength, calls_of[i], statistics.median(times[i])) for i, strength in enumerate(settings)]
     base = rows[0][2]
     device = torch.cuda.get_device_name() if a.device.startswith("cuda") else cpu_name()
     print(f"{a.model} | {a.steps} DDIM steps | {device} | {torch.get_num_threads()} threads | median of {a.repeats}")
