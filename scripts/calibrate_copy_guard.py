@@ -7,7 +7,7 @@ database item, how close do deliberate copies and item-to-item duplicates come, 
 - ordinary: content-only prompts sampled with each style's database at the model's own settings (fresh prompts
   and seeds), the guard's similarity to the nearest item (neighbours and the database's nearest) and pixel distance;
 - copies: a database item given as the only reference with weight 8 and its own caption as the prompt, and the item
-  restyled from itself (--init-image ITEM --strength 0.3): outputs made to copy it;
+  restyled from itself (--init-image ITEM --strength 0.15 and 0.3): outputs made to copy it;
 - duplicates: each item against a resized, a JPEG re-encoded (quality 70) and a 5%-cropped copy of itself, the
   pairs a deduplicator calls the same picture.
 Prints percentiles of each distribution and the share each threshold flags (false positives on ordinary samples).
@@ -49,6 +49,7 @@ def main(argv=None):
     p.add_argument("--content-offset", type=int, default=40, help="first of the 64 (shape, colour) pairs")
     p.add_argument("--seeds", type=int, nargs="+", default=[61, 62])
     p.add_argument("--items", type=int, default=4, help="items per database copied on purpose")
+    p.add_argument("--item-offset", type=int, default=0, help="the first of them (their row in the database)")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.97, 0.98, 0.985, 0.99, 0.995])
     p.add_argument("--out", default=None, help="also write the measurements as JSON")
     a = p.parse_args(argv)
@@ -61,20 +62,22 @@ def main(argv=None):
     databases = open_style_databases(a.databases, a.styles, a.indexes)
     contents = content_grid(64)[a.content_offset:a.content_offset + a.contents]
     prompts = [make_caption(s, c) for s, c in contents]
-    found = {"ordinary": [], "copy (ref x8)": [], "copy (init 0.3)": [], "duplicates": []}
+    found = {"ordinary": [], "copy (ref x8)": [], "copy (init 0.15)": [], "copy (init 0.3)": [], "duplicates": []}
     for style, db in databases.items():
         for seed in a.seeds:
             out = pipe(prompt=prompts, databases=db, seed=[seed * 1000 + i for i in range(len(prompts))],
                        copy_guard=guard)
             found["ordinary"] += [r.copy_guard for r in out.provenance]
-        paths = [pth for pth in db.metadata.column("path").to_pylist()[:a.items] if pth]
-        captions = db.metadata.column("caption").to_pylist()[:a.items]
+        chosen = slice(a.item_offset, a.item_offset + a.items)
+        paths = [pth for pth in db.metadata.column("path").to_pylist()[chosen] if pth]
+        captions = db.metadata.column("caption").to_pylist()[chosen]
         for i, (path, caption) in enumerate(zip(paths, captions)):
             ref = pipe(prompt=caption or "a picture", refs=[(path, 8.0)], seed=i, copy_guard=guard,
                        copy_sources=[(db, 1.0)])
             found["copy (ref x8)"].append(ref.provenance[0].copy_guard)
-            init = pipe(init_image=path, strength=0.3, databases=db, seed=i, copy_guard=guard)
-            found["copy (init 0.3)"].append(init.provenance[0].copy_guard)
+            for strength in (0.15, 0.3):
+                init = pipe(init_image=path, strength=strength, databases=db, seed=i, copy_guard=guard)
+                found[f"copy (init {strength:g})"].append(init.provenance[0].copy_guard)
             item = Image.open(path).convert("RGB")
             copies = duplicates(item)
             v = pipe.embedder.encode_images([item] + copies)
