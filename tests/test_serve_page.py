@@ -27,6 +27,7 @@ def server(tmp_path_factory):
     build_style_databases(f"local-dir:{DEMO_CLIP}", root / "toyart", 12, "{style}", STYLES, str(root / "indexes"),
                           start=DEMO_START)
     running = start(ServeConfig(port=0, model=str(DEMO_MODEL), indexes=str(root / "indexes")))
+    running.root = root
     yield running
     running.stop()
 
@@ -194,5 +195,27 @@ def test_a_photo_is_uploaded_a_mask_painted_and_only_the_masked_region_redrawn(s
     assert record["edit"]["strength"] == 1.0 and 0.1 < record["edit"]["mask"]["coverage"] < 0.5
     assert record["edit"]["init_image"]["name"].startswith("upload u-")
     page.screenshot(path=str(SCREENSHOT.with_name("serve-page-inpaint.png")), full_page=True)
+    assert not errors, errors
+    page.close()
+
+
+def test_a_near_copy_of_a_collection_item_is_flagged_on_its_card(server, browser):
+    """A collection's own picture uploaded and returned unchanged (strength 0): the copy guard names the item."""
+    item = sorted((server.root / "toyart" / "neon").rglob("*.png"))[0]
+    page = browser.new_page(viewport={"width": 1360, "height": 900}, bypass_csp=True)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#databases input[type=checkbox]")
+    page.set_input_files("#init-file", str(item))
+    page.wait_for_selector("#mask-box:not([hidden])")
+    page.locator("#strength").fill("0")
+    page.fill("#num-images", "1")
+    for box in page.locator("#databases input[type=checkbox]").all():
+        (box.check if box.get_attribute("data-name") == "neon" else box.uncheck)()
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status-text').textContent.startsWith('done')", timeout=120_000)
+    flag = page.locator("#results .card .near-copy")
+    assert flag.count() == 1 and "near-copy of neon/" in flag.inner_text() and item.name in flag.inner_text()
     assert not errors, errors
     page.close()
