@@ -415,9 +415,12 @@ class RDMPipeline(DiffusionPipeline):
             where: metadata filters applied inside each search ({"style": "neon"} or ["style=neon"]).
             k: neighbours per query from the databases (default: the model's rdm_config.k); refs are all used.
             num_images_per_prompt: images per query, each with its own seed.
-            num_inference_steps, guidance_scale, eta, scheduler, style_scale, guidance_rescale: the sampler's
-                settings; each None takes the model's (`self.sampling_defaults`, rdm_config.json "sampling"; a model
-                that records none: DDIM, 50, 5.0, 0.0 as CompVis knn2img.py, no style scale, no rescale).
+            num_inference_steps: denoising steps. This and the other sampler settings (guidance_scale, eta,
+                scheduler, style_scale, guidance_rescale) take the model's when None (`self.sampling_defaults`,
+                rdm_config.json "sampling"; a model that records none: DDIM, 50, 5.0, 0.0 as CompVis knn2img.py, no
+                style scale, no rescale).
+            guidance_scale: classifier-free guidance scale.
+            eta: DDIM's eta (0 deterministic, 1 ancestral).
             guidance_rescale: diffusers' guidance_rescale (Lin et al. 2024, section 3.4): the guided prediction's
                 per-image standard deviation brought back towards the conditional one's, by this fraction; 0: off.
             style_scale: None (the model's; plain classifier-free guidance, one unconditional and one full context), or the
@@ -426,10 +429,12 @@ class RDMPipeline(DiffusionPipeline):
                 neighbours against the query alone; 0 ignores the neighbours, guidance_scale equals plain guidance.
             scheduler: None (the model's: its recorded sampler, else its scheduler folder, CompVis DDIM once
                 converted), "dpm++", an alias in SCHEDULER_ALIASES or a compatible diffusers scheduler class name.
-            generator / seed: noise source; seed s gives image i the seed s + i. Without either a seed is drawn
-                from torch's global RNG and recorded.
+            generator: noise source (a torch.Generator, or one per image).
+            seed: seed s gives image i the seed s + i. Without a seed or a generator one is drawn from torch's
+                global RNG and recorded.
             latents: initial noise (B, C, h, w) instead of drawing it.
-            height, width: pixels, multiples of the autoencoder factor (default: the model's resolution).
+            height: pixels, a multiple of the autoencoder factor (default: the model's resolution).
+            width: pixels, likewise.
             output_type: "pil", "np" (B, H, W, 3), "pt" (B, 3, H, W), all in [0, 1], or "latent".
             query_embeds: (P, D) query embeddings instead of a prompt or image.
             neighbor_embeds: (P, k, D) neighbour embeddings instead of retrieval, or an rdm.conditioning.Neighbours
@@ -450,8 +455,13 @@ class RDMPipeline(DiffusionPipeline):
             mask_image: inpainting: white (or opaque) = redraw, resized to the image if it differs; the rest is
                 kept by blending the noised input in at every step and pasting its pixels back at the end.
             mask_feather: a soft edge of about this many pixels, inside the mask (outside it nothing changes).
-            extend / aspect: outpainting: (left, top, right, bottom) pixels or "L,T,R,B" added around the input,
-                or a "W:H" aspect to grow it to; the new border is inpainted.
+            extend: outpainting: (left, top, right, bottom) pixels or "L,T,R,B" added around the input; the new
+                border is inpainted.
+            aspect: outpainting: a "W:H" aspect to grow the input to.
+            copy_guard: the copy guard's thresholds (rdm.copyguard.CopyGuard); None skips it.
+            copy_sources: the databases each output's nearest item is looked for in (default: those it retrieved
+                from).
+            return_dict: False returns (images, provenance) instead of an RDMPipelineOutput.
         """
         # 1. Check inputs; settings not given are the model's
         model_defaults = self.sampling_defaults
