@@ -148,6 +148,9 @@ def test_generate_job_progress_events_images_and_provenance(server, pipe):
     assert record["seed"] == 7 and record["k"] == 3 and record["scheduler"]["num_inference_steps"] == 4
     assert [(d["name"], d["k_drawn"]) for d in record["databases"]] == [("A", 2), ("B", 1)]
     assert [h["id"] for h in record["neighbours"]] == [n["id"] for n in first["neighbours"]]
+    home = str(server.app.state.engine.registry.home)
+    assert home not in raw.decode() and all("path" not in h for h in record["neighbours"])  # ids, never paths
+    assert "name_or_path" not in record["model"] and record["model"]["fingerprint"]
     # the service's image is the pipeline's own, called directly with the same prompt, databases and seed
     direct = pipe("a red circle", databases=["A", "B:0.5"], indexes=server.app.state.engine.registry, k=3, seed=7,
                   num_inference_steps=4, output_type="np").images[0]

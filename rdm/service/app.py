@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..credentials import public_provenance  # what leaves the server: ids, never paths
 from .. import editing
 from ..errors import DatabaseBusy, RDMError
 from ..conditioning import NeighbourControl, parse_window
@@ -495,13 +496,13 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @app.get("/api/jobs/{job_id}/provenance/{index}.json", tags=["jobs"])
     def job_provenance(job_id: str, index: int):
         job, out = output(job_id, index)
-        return JSONResponse(out.provenance, headers={
+        return JSONResponse(public_provenance(out.provenance), headers={
             "Content-Disposition": f'attachment; filename="{job.id}-{index}-seed{out.provenance["seed"]}.json"'})
 
     @app.get("/api/jobs/{job_id}/provenance.json", tags=["jobs"], summary="every image's provenance, by row")
     def job_provenance_all(job_id: str):
         job = queue.get(job_id)
-        rows = [{"row": r.label, "index": i, "provenance": o.provenance if o else None}
+        rows = [{"row": r.label, "index": i, "provenance": public_provenance(o.provenance) if o else None}
                 for i, (r, o) in enumerate(zip(job.rows, job.outputs))]
         data = {"format": "rdm-serve-job", "job": job.id, "kind": job.kind, "state": job.state,
                 "request": job.summary, "images": rows}
