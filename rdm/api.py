@@ -69,6 +69,33 @@ def set_licence(db: str | Path, column: str | None = None, allow: Sequence[str] 
     return rule
 
 
+def curate(db: str | Path, options=None, apply: Sequence[str] = (), dry_run: bool = False, out: str | None = None,
+           indexes: str | None = None, progress: bool = False):
+    """`rdm curate`: (report, {id: reason} removed or, with dry_run, to be removed, written files)."""
+    from . import curate as curation
+    from .curate_report import write_report
+
+    database = open_database(db, indexes)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=database.count, desc=f"curate {database.name}", unit="item", leave=False)
+    report = curation.curate(database, options or curation.CurateOptions(),
+                             progress=(lambda done, total: bar.update(done - bar.n)) if bar else None)
+    if bar:
+        bar.close()
+    files = {}
+    if out:
+        shown = {g["keep"] for g in report.duplicate_groups} | report.flagged().keys() | set(report.representatives)
+        shown |= {n for o in report.outliers for n in o["nearest"]}
+        rows = database.rows_of(sorted(shown))
+        paths = {r["id"]: r.get("path") for r in database.records(sorted(rows.values()))}
+        files = write_report(report, paths, out)
+    removed = curation.apply(database, report, curation.parse_kinds(apply), dry_run) if apply else {}
+    return report, removed, files
+
+
 def default_name(source: str) -> str:
     """Database name from a source spec: folder or file name, or the dataset's name."""
     name = Path(source.removeprefix("hf:").rstrip("/")).name

@@ -110,6 +110,64 @@ def _describe_rule(name, rule):
     return f"{name}: only items whose {rule.column} is {', '.join(rule.allow)} condition generation{credit}"
 
 
+def _curate_default(name):
+    from .curate import CurateOptions
+
+    return getattr(CurateOptions(), name)
+
+
+@main.command("curate")
+@click.argument("db")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="write OUT/report.html (thumbnails, offline), OUT/flags.parquet and OUT/curate.json")
+@click.option("--apply", "apply_kinds", default=None, help="remove what is flagged: duplicates, outliers or both "
+              "(comma-separated), through the takedown path, recorded in the manifest's history")
+@click.option("--dry-run", is_flag=True, help="with --apply: say what would be removed, remove nothing")
+@click.option("--where", "where", multiple=True, help="COLUMN=VALUE: curate only these items")
+@click.option("-k", "k", type=click.IntRange(1), default=None, help="neighbours per item [default: %d]" % _curate_default("k"))
+@click.option("--dup-threshold", type=click.FloatRange(-1, 1), default=None,
+              help="cosine of near-duplicates [default: %g]" % _curate_default("dup_threshold"))
+@click.option("--outlier-threshold", type=float, default=None,
+              help="outlier score (a robust z-score) threshold [default: %g]" % _curate_default("mad_factor"))
+@click.option("--representatives", "n_representatives", type=click.IntRange(0), default=None,
+              help="size of the style card [default: %d]" % _curate_default("n_representatives"))
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+@indexes_option
+@click.pass_context
+def curate_cmd(ctx, db, out, apply_kinds, dry_run, where, k, dup_threshold, outlier_threshold, n_representatives,
+               as_json, quiet, indexes):
+    """Find DB's near-duplicates, outliers and representatives from its stored vectors; report, or --apply."""
+    from .curate import CurateOptions
+
+    if dry_run and not apply_kinds:
+        raise RDMError("--dry-run goes with --apply KINDS")
+    given = {"k": k, "dup_threshold": dup_threshold, "outlier_threshold": outlier_threshold,
+             "n_representatives": n_representatives}
+    options = CurateOptions(where=tuple(where), **{key: v for key, v in given.items() if v is not None})
+    report, removed, files = api.curate(db, options, apply_kinds.split(",") if apply_kinds else (), dry_run, out,
+                                        _home(ctx, indexes), progress=not quiet and sys.stderr.isatty())
+    if as_json:
+        click.echo(json.dumps({**report.to_dict(), "removed": removed, "dry_run": dry_run}, indent=1))
+        return
+    dropped = sum(len(g["drop"]) for g in report.duplicate_groups)
+    click.echo(f"{report.database}: {report.count} items; {len(report.duplicate_groups)} near-duplicate groups "
+               f"({dropped} items beyond the first of each), {len(report.outliers)} outliers, "
+               f"{len(report.representatives)} representatives")
+    click.echo(f"  coherence: mean similarity to the {report.options['k']} nearest "
+               f"{report.coherence['knn_similarity']}, to the centroid {report.coherence['centroid_similarity']}")
+    click.echo(f"  outliers: {report.outlier_rule}")
+    for o in report.outliers[:10]:
+        click.echo(f"    {o['id']}  score {o['score']:.3f}  nearest {', '.join(o['nearest'])}")
+    for name, path in files.items():
+        click.echo(f"  {name}: {path}")
+    if apply_kinds:
+        verb = "would remove" if dry_run else "removed"
+        click.echo(f"{verb} {len(removed)} item(s)" + ("" if removed else " (nothing flagged)"))
+        for item, why in list(removed.items())[:20]:
+            click.echo(f"  {item}: {why}")
+
+
 @main.command("licence")
 @click.argument("db")
 @click.option("--column", default=None, help="metadata column holding each item's licence")

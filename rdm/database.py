@@ -147,6 +147,10 @@ def finish_manifest(m: dict, tombstone_count: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+HISTORY_IDS = 1000  # removed ids recorded per history entry (the count is always recorded)
+HISTORY_KEEP = 100  # history entries kept in the manifest
+
+
 class Database:
     """An opened database: segments memory-mapped, tombstones loaded, the index stacked on first search."""
 
@@ -507,8 +511,11 @@ class Database:
         self._reload()
         return len(keep)
 
-    def remove(self, ids: Sequence[str] = (), where=None) -> list[str]:
-        """Remove items by id and/or metadata filter (takedowns): a new tombstone set; return removed ids."""
+    def remove(self, ids: Sequence[str] = (), where=None, reason: dict | None = None) -> list[str]:
+        """Remove items by id and/or metadata filter (takedowns): a new tombstone set; return removed ids.
+
+        reason: recorded with the removed ids (the first HISTORY_IDS of them, and their count) in the manifest's
+        `history`, in the same commit (rdm curate --apply says what it removed and why)."""
         if not ids and not where:
             raise RDMError("nothing to remove: give ids or a --where filter")
         with store.writer_lock(self.path, self.name):
@@ -528,6 +535,10 @@ class Database:
             path = self.path / f"tombstones.{store.new_generation()}.npy"
             written = store.atomic_write(path, lambda f: np.save(f, dead, allow_pickle=False))
             m = dict(db.manifest, tombstones=dict(store.file_entry(self.path, path, written), count=int(len(dead))))
+            if reason is not None:
+                entry = {"at": store.now(), "removed": len(removed), "ids": removed[:HISTORY_IDS],
+                         **reason}
+                m["history"] = list(db.manifest.get("history", []))[-(HISTORY_KEEP - 1):] + [entry]
             fault("remove:before-commit")
             store.commit(self.path, finish_manifest(m, len(dead)), fault=lambda p: fault(f"remove:{p}"))
         self._reload()

@@ -1,0 +1,138 @@
+"""rdm curate on a collection with planted problems: copies (resized, JPEG re-encoded, slightly cropped) are found
+as near-duplicate groups, off-style items and a photo rank as outliers, nothing is removed without --apply, and
+--apply removes exactly what was flagged through the takedown path, recorded in the manifest's history."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from rdm import api
+from rdm.cli import main
+from rdm.curate import CurateOptions, curate, k_center
+from rdm.demo.run import DEMO_CLIP
+from rdm.demo.toyart import COLOURS, SHAPES, render
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """48 flat toy-art pictures, each a different shape and colour; planted: 12 copies of 12 of them (4 resized, 4
+    JPEG-70, 4 cropped 3%), 4 pictures of other styles and one photograph-like noise picture."""
+    root = tmp_path_factory.mktemp("curate")
+    folder = root / "flat"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    pairs = [(s, c) for s in SHAPES for c in COLOURS][:48]
+    for i, (shape, colour) in enumerate(pairs):
+        render(shape, colour, "flat", 64, x=0.3 + 0.4 * rng.random(), y=0.3 + 0.4 * rng.random(),
+               scale=0.25 + 0.1 * rng.random(), rng=np.random.default_rng(i)).save(folder / f"a{i:03d}.png")
+    copies = {}
+    for j, i in enumerate(range(0, 48, 4)):
+        original = Image.open(folder / f"a{i:03d}.png").convert("RGB")
+        name = f"z-copy{j:02d}.png"
+        if j % 3 == 0:
+            original.resize((96, 96), Image.BICUBIC).save(folder / name)
+        elif j % 3 == 1:
+            buf = io.BytesIO()
+            original.save(buf, format="JPEG", quality=70)
+            Image.open(buf).save(folder / name)
+        else:
+            original.crop((2, 2, 62, 62)).resize((64, 64), Image.BICUBIC).save(folder / name)
+        copies[name] = f"a{i:03d}.png"
+    off = {}
+    for j, style in enumerate(("neon", "neon", "mosaic", "striped")):
+        name = f"m-off{j}.png"
+        render(SHAPES[j], list(COLOURS)[j], style, 64, rng=np.random.default_rng(100 + j)).save(folder / name)
+        off[name] = style
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "m-photo.png")
+    off["m-photo.png"] = "photo"
+    home = root / "indexes"
+    api.build_index(str(folder), name="flat", clip=f"local-dir:{DEMO_CLIP}", indexes=str(home), workers=0,
+                    progress=False)
+    return {"root": root, "home": home, "copies": copies, "off": off}
+
+
+def test_planted_duplicates_and_outliers_are_found(planted):
+    db = api.open_database("flat", planted["home"])
+    report = curate(db, CurateOptions(k=5))
+    pairs_found = {frozenset((g["keep"], d)) for g in report.duplicate_groups for d in g["drop"]}
+    planted_pairs = {frozenset((c, o)) for c, o in planted["copies"].items()}
+    tp = len(pairs_found & planted_pairs)
+    assert tp / len(planted_pairs) >= 0.9, (pairs_found, planted_pairs)  # recall
+    assert tp / max(len(pairs_found), 1) >= 0.9, pairs_found - planted_pairs  # precision
+    for g in report.duplicate_groups:  # the original (built first) is kept, the copy flagged
+        assert g["keep"].startswith("a") and all(d.startswith("z-copy") for d in g["drop"])
+    flagged = {o["id"] for o in report.outliers}
+    planted_off = set(planted["off"])
+    assert len(flagged & planted_off) / len(planted_off) >= 0.9, (report.outliers, report.outlier_rule)
+    assert len(flagged & planted_off) / max(len(flagged), 1) >= 0.8, flagged - planted_off
+    assert [o["score"] for o in report.outliers] == sorted((o["score"] for o in report.outliers), reverse=True)
+    assert len(report.representatives) == 16 and len(set(report.representatives)) == 16
+    assert 0 < report.coherence["centroid_similarity"] < report.coherence["knn_similarity"] <= 1
+
+
+def test_nothing_is_removed_without_apply_and_apply_removes_exactly_the_flagged(planted, tmp_path):
+    home, runner = planted["home"], CliRunner()
+    before = api.open_database("flat", home).count
+    out = runner.invoke(main, ["--indexes", str(home), "curate", "flat", "-k", "5", "--out", str(tmp_path / "r")])
+    assert out.exit_code == 0, out.output
+    assert api.open_database("flat", home).count == before  # a report removes nothing
+    flags = pq.read_table(tmp_path / "r" / "flags.parquet").to_pylist()
+    assert len(flags) == before and {f["id"] for f in flags if f["duplicate_of"]} <= set(planted["copies"]) | set()
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 16 and "Near-duplicate groups" in page
+    dry = runner.invoke(main, ["--indexes", str(home), "curate", "flat", "-k", "5", "--apply", "duplicates",
+                               "--dry-run"])
+    assert dry.exit_code == 0 and "would remove" in dry.output
+    assert api.open_database("flat", home).count == before
+    report = json.loads((tmp_path / "r" / "curate.json").read_text())
+    wanted = {d for g in report["duplicate_groups"] for d in g["drop"]}
+    done = runner.invoke(main, ["--indexes", str(home), "curate", "flat", "-k", "5", "--apply", "duplicates"])
+    assert done.exit_code == 0 and f"removed {len(wanted)} item(s)" in done.output
+    db = api.open_database("flat", home)
+    assert db.count == before - len(wanted) and not set(db.ids) & wanted
+    entry = db.manifest["history"][-1]
+    assert entry["action"] == "curate" and entry["kinds"] == ["duplicates"] and set(entry["ids"]) == wanted
+    assert all(why.startswith("near-duplicate of a") for why in entry["reasons"].values())
+    bad = runner.invoke(main, ["--indexes", str(home), "curate", "flat", "--apply", "everything"])
+    assert bad.exit_code != 0 and "--apply takes duplicates, outliers" in bad.output
+
+
+def test_k_center_covers_the_collection_first_near_the_centroid():
+    v = np.array([[1, 0], [0.99, 0.14], [0, 1], [-1, 0]], np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    chosen = k_center(v, 3)
+    assert len(set(chosen)) == 3 and 3 in chosen and 2 in chosen  # the far ones are picked
+
+
+def test_the_html_report_opens_offline_in_chromium_with_every_thumbnail(planted, tmp_path):
+    """The report of the planted collection in headless Chromium: groups, outliers and the style card shown, every
+    thumbnail decoded (saves docs/curate-report.png)."""
+    from pathlib import Path
+
+    from test_serve_page import ARGS, CHROMIUM, SCREENSHOT
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    api.build_index(str(planted["root"] / "flat"), name="flat2", clip=f"local-dir:{DEMO_CLIP}",
+                    indexes=str(planted["home"]), workers=0, progress=False)
+    report, _, files = api.curate("flat2", CurateOptions(k=5), out=str(tmp_path / "r"), indexes=str(planted["home"]))
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(Path(files["html"]).resolve().as_uri())
+        sizes = page.eval_on_selector_all("img", "els => els.map(e => [e.complete, e.naturalWidth])")
+        assert len(sizes) >= 16 and all(done and width == 96 for done, width in sizes)
+        groups = page.locator("#duplicates ~ .row").count()
+        assert page.inner_text("#duplicates").startswith(f"Near-duplicate groups ({len(report.duplicate_groups)}")
+        assert groups >= len(report.duplicate_groups) >= 10
+        assert "m-photo.png" in page.inner_text("body")
+        page.screenshot(path=str(SCREENSHOT.with_name("curate-report.png")))
+        browser.close()
