@@ -57,7 +57,9 @@ def test_an_in_memory_retriever_conditions_the_pipeline(world):
     finally:
         hook.remove()
     record = out.provenance[0]
-    assert memory.calls == 1 and record.databases[0]["name"] == "memory"
+    # one search for the neighbours, one by the copy guard for the output's nearest item (rdm.copyguard)
+    assert memory.calls == 2 and record.databases[0]["name"] == "memory"
+    assert record.copy_guard["nearest"]["database"] == "memory"
     assert record.databases[0]["fingerprint"] == "mem-6"
     query = torch.from_numpy(embedder.encode_text(["a red circle"]))[0]
     order = np.argsort(-(vectors @ query.numpy()))[:3]
