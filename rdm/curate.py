@@ -40,7 +40,7 @@ class CurateOptions:
     outlier_threshold: float | None = None  # or this score
     n_representatives: int = 16  # the style card's size
     where: tuple[str, ...] = ()  # COLUMN=VALUE: curate only these items
-    batch_size: int = 4096  # items searched per index call
+    batch_size: int = 1024  # items searched per index call (an exact search holds batch x N scores)
 
     def __post_init__(self):
         if self.k < 1:
