@@ -366,7 +366,9 @@ def sample(prompt: str | None, model: str | None = None, databases: Sequence[str
         label = f"{_query_label(prompt, image, options)}\n{_describe_databases(dbs, refs)}"
         sheet = grid([row], row_labels=[label], title="rdm sample: " +
                      _query_label(prompt, image, options).replace("\n", ", "), size=GRID_TILE)
-        grid_path = save_png(sheet, folder / f"{free_stem(folder, f'{base}-{options.seed}-grid', ('.png',))}.png")
+        every = {**records[0], "neighbours": [h for r in records for h in r["neighbours"]]}  # the grid's credentials
+        grid_path = save_png(sheet, folder / f"{free_stem(folder, f'{base}-{options.seed}-grid', ('.png',))}.png",
+                             every, identity)
     if options.no_copies and flagged:
         raise RDMError(f"refused {len(flagged)} near-copy output(s) (--no-copies); "
                        f"{len(pngs)} other image(s) written to {folder}:\n  " + "\n  ".join(flagged))

@@ -116,6 +116,9 @@ def test_a_signed_png_names_its_neighbours_as_ingredients_and_a_changed_pixel_in
     assert state == "Invalid" and "assertion.dataHash.mismatch" in codes
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(Image.open(io.BytesIO(data))))
 
+    grid_state, _, grid_manifest = c2pa_read((tmp_path / "signed" / "a-red-circle-0-grid.png").read_bytes(),
+                                             (root / "ca.pem").read_bytes())
+    assert grid_state == "Trusted" and len(grid_manifest["ingredients"]) == 3  # the grid is signed too
     verified = rdm("verify-image", png, "--trust", root / "ca.pem")
     assert "valid, signed by a trusted identity" in verified.output and "styles/" in verified.output
     tampered = tmp_path / "tampered.png"
