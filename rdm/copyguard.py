@@ -75,18 +75,17 @@ def check(images: Sequence[Image.Image], embedder, neighbours: np.ndarray, hits:
     if not len(images):
         return []
     vectors = embedder.encode_images(list(images))  # (B, D) unit vectors
+    nearest_in = [(getattr(source, "name", ""), source.search(vectors, k=1)) for source, _ in sources]  # one per db
     verdicts = []
     for b, image in enumerate(images):
         candidates = []  # (similarity, record)
         if neighbours is not None and neighbours.shape[1]:
             sims = neighbours[b] @ vectors[b]
             candidates += [(float(s), h) for s, h in zip(sims, hits[b]) if np.isfinite(s)]
-        for source, _weight in sources:
-            result = source.search(vectors[b:b + 1], k=1)
-            found = result.hits(0)
+        for name, result in nearest_in:
+            found = result.hits(b)
             if found:
-                name = getattr(source, "name", "")
-                candidates.append((float(result.scores[0, 0]), {"database": name, **found[0]}))
+                candidates.append((float(result.scores[b, 0]), {"database": name, **found[0]}))
         if not candidates:
             verdicts.append({"flagged": False, "similarity": None, "nearest": None, "pixel_distance": None,
                              "threshold": guard.threshold, "pixel_threshold": guard.pixel_threshold})

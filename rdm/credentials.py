@@ -172,17 +172,12 @@ def public_provenance(provenance: dict) -> dict:
 _PATH = re.compile(r"(?:^|(?<=[\s=:(\[,]))((?:~|\.{1,2})?/(?!/)[^\s'\",;)\]]+)")
 
 
-def ingredient(hit: dict, position: int, licence_column: str | None = None,
-               attribution_column: str | None = None) -> dict:
-    """One neighbour as a file-less C2PA ingredient (its collection, id, score, weight, licence, attribution)."""
+def ingredient(hit: dict, position: int) -> dict:
+    """One neighbour as a file-less C2PA ingredient: its collection, id, score, weight, caption, and the licence and
+    attribution its collection's rule names (rdm.conditioning.credit puts them on the hit)."""
     collection = hit.get("database") or "refs"
     item = hit.get("id", hit.get("ref", position))
-    meta = {k: hit[k] for k in ("score", "weight", "caption") if hit.get(k) is not None}
-    for key, column in (("licence", licence_column or "licence"), ("attribution", attribution_column or "attribution")):
-        for name in (column, "license" if key == "licence" else column):
-            if hit.get(name) is not None:
-                meta[key] = hit[name]
-                break
+    meta = {k: hit[k] for k in ("score", "weight", "caption", "licence", "attribution") if hit.get(k) is not None}
     return {"title": f"{collection}/{item}", "format": "image/png", "relationship": "inputTo",
             "instance_id": f"rdm:{collection}:{item}:{position}",
             "description": f"neighbour {position + 1} retrieved from {collection}",

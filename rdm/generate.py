@@ -221,6 +221,14 @@ def save_png(image: Image.Image, path: Path, provenance: dict | None = None, ide
     return path
 
 
+def grid_record(records: Sequence[dict]) -> dict:
+    """A grid's provenance for its credentials: the first image's settings, every image's neighbours and
+    databases."""
+    databases = {(d.get("name"), d.get("fingerprint")): d for r in records for d in r["databases"]}
+    return {**records[0], "neighbours": [h for r in records for h in r["neighbours"]],
+            "databases": list(databases.values())}
+
+
 def signing_identity(options: SampleOptions):
     """The identity to sign content credentials with (None: credentials off)."""
     if not options.credentials:
@@ -366,9 +374,8 @@ def sample(prompt: str | None, model: str | None = None, databases: Sequence[str
         label = f"{_query_label(prompt, image, options)}\n{_describe_databases(dbs, refs)}"
         sheet = grid([row], row_labels=[label], title="rdm sample: " +
                      _query_label(prompt, image, options).replace("\n", ", "), size=GRID_TILE)
-        every = {**records[0], "neighbours": [h for r in records for h in r["neighbours"]]}  # the grid's credentials
         grid_path = save_png(sheet, folder / f"{free_stem(folder, f'{base}-{options.seed}-grid', ('.png',))}.png",
-                             every, identity)
+                             grid_record(records), identity)
     if options.no_copies and flagged:
         raise RDMError(f"refused {len(flagged)} near-copy output(s) (--no-copies); "
                        f"{len(pngs)} other image(s) written to {folder}:\n  " + "\n  ".join(flagged))
@@ -409,10 +416,7 @@ def compare(prompt: str | None, databases: Sequence[str], model: str | None = No
     tiles = [n + [(None, "")] * (width - len(n)) + s for n, s in zip(neighbours, samples)]
     sheet = grid(tiles, row_labels=labels, title="rdm compare: " + _query_label(prompt, None, options).replace("\n", ", "),
                  size=GRID_TILE)
-    first = rows[0]["images"][0]  # the grid's credentials: the first image's settings, every row's neighbours
-    every = {**first, "neighbours": [h for r in rows for rec in r["images"] for h in rec["neighbours"]],
-             "databases": [d for r in rows for d in r["images"][0]["databases"]]}
-    save_png(sheet, out, every, identity)
+    save_png(sheet, out, grid_record([rec for r in rows for rec in r["images"]]), identity)
     provenance = write_json(out.with_suffix(".json"), {
         "format": "rdm-compare", "prompt": prompt, "seeds": [options.seed + i for i in range(options.num_images)],
         "model": rows[0]["images"][0]["model"], "rows": rows})

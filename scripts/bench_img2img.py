@@ -11,9 +11,10 @@ run. U-Net calls are counted with a forward hook; seconds are the median of --re
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,15 +22,8 @@ from rdm.demo.run import DEMO_MODEL
 from rdm.demo.toyart import ToyArtSpec, sample_item
 from rdm.pipeline import RDMPipeline
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_scale import cpu_name  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

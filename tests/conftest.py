@@ -81,3 +81,27 @@ def cli_env(**extra) -> dict:
     env = dict(os.environ)
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def run_cli(*args, ok: bool = True, env: dict | None = None):
+    """`rdm ARGS...` in-process (click's runner); asserts exit 0 unless ok=False."""
+    from click.testing import CliRunner
+
+    from rdm.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, env=env)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def tiny_collection(root: Path, tiny_clip: str, n: int, seed: int, name: str) -> tuple[Path, Path]:
+    """n pictures in root/pics as database `name` in root/indexes, and a tiny RDM for the same CLIP (k=3):
+    (databases home, model folder)."""
+    from rdm import api
+    from rdm.tiny import make_tiny_rdm
+
+    make_folder(root / "pics", n, seed=seed)
+    home = root / "indexes"
+    api.build_index(str(root / "pics"), name=name, clip=tiny_clip, indexes=str(home), workers=0, progress=False)
+    return home, make_tiny_rdm(root / "model", api.load_embedder(tiny_clip).identity.to_dict(), k=3)

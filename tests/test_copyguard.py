@@ -7,16 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import make_folder
+from conftest import run_cli, tiny_collection
 from PIL import Image
 
-from rdm import api
-from rdm.cli import main
 from rdm.copyguard import CopyGuard, pixel_distance
 from rdm.errors import RDMError
 from rdm.pipeline import RDMPipeline
-from rdm.tiny import make_tiny_rdm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,11 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_clip):
     root = tmp_path_factory.mktemp("copy")
-    make_folder(root / "pics", 10, seed=900)
-    home = root / "indexes"
-    api.build_index(str(root / "pics"), name="art", clip=tiny_clip, indexes=str(home), workers=0, progress=False)
-    identity = api.load_embedder(tiny_clip).identity.to_dict()
-    model = make_tiny_rdm(root / "model", identity, k=3)
+    home, model = tiny_collection(root, tiny_clip, 10, 900, "art")
     pipe = RDMPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
     return {"root": root, "home": home, "model": model, "pipe": pipe}
@@ -60,11 +52,11 @@ def test_rdm_sample_warns_of_a_near_copy_or_refuses_it_with_no_copies(world, tmp
     item = world["root"] / "pics" / "img004.png"
     base = ["--indexes", world["home"], "sample", "--db", "art", "--model", world["model"], "--init-image", item,
             "--strength", "0", "--quiet"]
-    warned = CliRunner().invoke(main, [str(a) for a in base + ["--out", tmp_path / "w"]])
+    warned = run_cli(*base, "--out", tmp_path / "w")
     assert warned.exit_code == 0 and "copy guard: seed 0: a near-copy of art/img004.png" in warned.output
     record = json.loads(next((tmp_path / "w").glob("img004-0.json")).read_text())
     assert record["copy_guard"]["flagged"] is True
-    refused = CliRunner().invoke(main, [str(a) for a in base + ["--out", tmp_path / "r", "--no-copies"]])
+    refused = run_cli(*base, "--out", tmp_path / "r", "--no-copies", ok=False)
     assert refused.exit_code == 1 and "refused 1 near-copy output(s)" in refused.output
     assert not list((tmp_path / "r").glob("*.png"))  # nothing written for it, not even a grid
 

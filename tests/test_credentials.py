@@ -12,34 +12,20 @@ from pathlib import Path
 import c2pa
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import make_folder
+from conftest import run_cli as rdm
+from conftest import tiny_collection
 from PIL import Image
 
-from rdm import api
-from rdm.cli import main
 from rdm.credentials import make_identity, read
 from rdm.errors import RDMError
-from rdm.tiny import make_tiny_rdm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def rdm(*args, ok: bool = True, env: dict | None = None):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, env=env)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_clip):
     root = tmp_path_factory.mktemp("cred")
-    make_folder(root / "pics", 10, seed=300)
-    home = root / "indexes"
-    api.build_index(str(root / "pics"), name="styles", clip=tiny_clip, indexes=str(home), workers=0, progress=False)
-    identity = api.load_embedder(tiny_clip).identity.to_dict()
-    model = make_tiny_rdm(root / "model", identity, k=3)
+    home, model = tiny_collection(root, tiny_clip, 10, 300, "styles")
     chain, key, ca = make_identity("rdm test signer")  # a CA and an end-entity certificate, made here
     for name, data in (("chain.pem", chain), ("key.pem", key), ("ca.pem", ca)):
         (root / name).write_bytes(data)

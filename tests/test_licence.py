@@ -7,11 +7,10 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from conftest import make_folder
+from conftest import run_cli as rdm
 
 from rdm import api
-from rdm.cli import main
 from rdm.credentials import read
 from rdm.errors import RDMError
 from rdm.licence import LicenceRule, generation_where, read_rule
@@ -19,13 +18,6 @@ from rdm.pipeline import RDMPipeline
 from rdm.tiny import make_tiny_rdm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def rdm(*args, ok: bool = True):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

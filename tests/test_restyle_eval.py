@@ -11,8 +11,7 @@ def test_inputs_are_unseen_toy_art_whose_content_differs_between_source_styles()
     assert [i["style"] for i in items] == ["flat", "flat", "neon", "neon"]
     assert len({i["index"] for i in items}) == 4 and min(i["index"] for i in items) >= 76_000_000
     # the same index would draw the same shape and colour in any style: each style gets its own indices
-    assert {(i["shape"], i["colour"], i["index"] % 1000) for i in items[:2]} != \
-           {(i["shape"], i["colour"], i["index"] % 1000) for i in items[2:]}
+    assert [(i["shape"], i["colour"]) for i in items[:2]] != [(i["shape"], i["colour"]) for i in items[2:]]
     assert all(i["caption"] == f"a{'n' if i['colour'][0] in 'aeiou' else ''} {i['colour']} {i['shape']}"
                for i in items)
     assert restyle_inputs(["flat"], 1)[0]["image"].tobytes() == items[0]["image"].tobytes()  # deterministic

@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from conftest import GOLDEN, make_folder, need
+from conftest import run_cli as rdm
 from PIL import Image
 
-from rdm.cli import main
 from rdm.sheets import LABEL_H, PAD
 
 FAST = ["--seed", "1", "--steps", "5", "--quiet"]
@@ -19,13 +18,6 @@ FASTER = ["--seed", "1", "--steps", "2", "--height", "64", "--width", "64", "--q
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def rdm(*args: str, ok: bool = True):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ Used by scripts/eval_restyle.py (the README's figures) and notebooks/style_compa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -92,7 +92,7 @@ def run_restyle(pipe, databases: Mapping[str, Any], judge, centroids, config: Re
             f"both {row['both']:.1%} ({row['n']} restyles)")
         samples += batch
     rows = [strength_row([s for s in samples if s["strength"] == st], st) for st in config.strengths]
-    report = {"config": {**{k: v for k, v in vars(config).items()}, "strengths": list(config.strengths)},
+    report = {"config": asdict(config),
               "styles": styles, "inputs": [{k: v for k, v in it.items() if k != "image"} for it in inputs],
               "rows": rows, "samples": [{k: v for k, v in s.items() if k != "image"} for s in samples]}
     best = [r for r in rows if r["style_swap"] >= 0.85 and r["content"] >= 0.80]
