@@ -182,6 +182,28 @@ def licence_cmd(ctx, db, column, allow, attribution_column, clear, indexes):
     click.echo(_describe_rule(db, rule))
 
 
+@main.command("adapters")
+@click.option("--json", "as_json", is_flag=True, help="print them as JSON")
+def adapters_cmd(as_json):
+    """List the LoRA adapters in $RDM_ADAPTERS (default $RDM_HOME/adapters): what each was trained on and for."""
+    from .adapters import adapters_home, list_adapters
+
+    found = list_adapters()
+    if as_json:
+        click.echo(json.dumps([a if isinstance(a, dict) else a.to_dict() for a in found], indent=2))
+        return
+    if not found:
+        click.echo(f"no adapters in {adapters_home()} (train one: rdm train --adapter NAME --data DIR --db DB --out RUN)")
+        return
+    for a in found:
+        if isinstance(a, dict):
+            click.echo(f"{a['name']}: unusable: {a['error']}")
+        else:
+            click.echo(f"{a.name}: rank {a.rank}, {a.targets}, {a.steps} steps on {a.database} "
+                       f"({a.database_fingerprint[:8]}); base model {a.base_model} ({a.base_fingerprint[:12]}); "
+                       f"{a.bytes / 2**20:.1f} MB")
+
+
 @main.command("list")
 @indexes_option
 @click.pass_context
@@ -273,6 +295,12 @@ def verify(ctx, db, indexes):
 MODELS_OWN = "[default: the model's]"
 
 
+def adapter_option():
+    return click.option("--adapter", "adapters", multiple=True,
+                        help="LoRA adapter NAME[:WEIGHT] (rdm adapters; a name or a folder), repeatable: mixed by "
+                        "weight; weight 0 is the base model")
+
+
 def sampler_options(f=None):
     """The sampler settings of rdm sample / compare / demo / score. None everywhere: the model's own settings
     (rdm.modelformat.SamplingDefaults, recorded in its rdm_config.json) apply; no default is written here."""
@@ -350,13 +378,14 @@ def neighbour_options(f=None):
 @neighbour_options
 @click.option("--neighbours", "neighbours_k", type=click.IntRange(0), default=None,
               help="with --model: neighbours per sample [default: the model's k]")
+@adapter_option()
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @click.option("--device", default=None, help="the CLIP's device (default: cuda when present)")
 @indexes_option
 @click.pass_context
 def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid, steps, guidance, guidance_rescale,
-          style_scale, scheduler, eta, neighbours_k, as_json, device, indexes, max_per, negative_dbs, negative_refs,
-          **control_options):
+          style_scale, scheduler, eta, neighbours_k, adapters, as_json, device, indexes, max_per, negative_dbs,
+          negative_refs, **control_options):
     """Style adherence of IMAGES (files or folders) to each --db: neighbours, a linear probe, prompt similarity; or,
     with --model, the model's style swap over the --db databases."""
     from .score import ScoreOptions
@@ -369,8 +398,8 @@ def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid,
         if not images:
             raise click.UsageError("give IMAGES to score, or --model MODEL to sample and score its style swap")
         if grid or any(v is not None for v in [*sampling.values(), *control_options.values(), neighbours_k]) \
-                or max_per or negative_dbs or negative_refs:
-            raise click.UsageError("--grid, sampler settings and neighbour control apply with --model only")
+                or max_per or negative_dbs or negative_refs or adapters:
+            raise click.UsageError("--grid, sampler settings, neighbour control and adapters apply with --model only")
         if len(prompts) > 1:
             raise click.UsageError("give one --prompt for IMAGES (several are for --model)")
         report = run_score(list(images), list(dbs), replace(options, prompt=prompts[0] if prompts else None),
@@ -394,7 +423,10 @@ def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid,
                                 else "model's defaults", **sampling)])
     from .generate import load_pipeline
 
+    from .generate import use_adapters
+
     pipe = load_pipeline(model, device, None, False)
+    used = use_adapters(pipe, adapters)
     home = _home(ctx, indexes)
     opened = [api.open_database(name, home) for name in dbs]
     from .generate import neighbour_control
@@ -403,7 +435,8 @@ def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid,
     rows = style_swap(pipe, opened, list(prompts), seeds, cells, options, log=None if as_json else click.echo,
                       control=control, k=neighbours_k)
     if as_json:
-        click.echo(json.dumps({"format": "rdm-style-swap", "model": str(model), "databases": [d.name for d in opened],
+        click.echo(json.dumps({"format": "rdm-style-swap", "model": str(model), "adapters": used,
+                               "databases": [d.name for d in opened],
                                "prompts": list(prompts), "seeds": seeds, "cells": rows}, indent=2))
 
 
@@ -452,7 +485,8 @@ def serve(ctx, host, port, model, dbs, token_file, allow_network, allow_urls, ma
 @main.command("toyart")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("-n", "count", default=240, show_default=True, type=click.IntRange(1), help="images to draw")
-@click.option("--styles", default=None, help="comma-separated subset of: " + ", ".join(toyart.STYLES))
+@click.option("--styles", default=None, help="comma-separated subset of: " + ", ".join(toyart.STYLES) +
+              " [default: all of those]; " + ", ".join(toyart.NEW_STYLES) + ": styles the demo model never saw")
 @click.option("--size", default=64, show_default=True, type=click.IntRange(16, 1024), help="image side in pixels")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--start", default=0, show_default=True, type=click.IntRange(0), help="index of the first item")
@@ -482,14 +516,16 @@ def toyart_cmd(out, count, styles, size, seed, start, style_caption_prob):
 @click.option("-k", "k", default=None, type=click.IntRange(1), help="neighbours per query [default: the model's]")
 @click.option("--n-per-style", default=48, show_default=True, type=click.IntRange(1),
               help="toy-art images in each style's database")
-@click.option("--styles", default=None, help="comma-separated subset of: " + ", ".join(toyart.STYLES))
+@click.option("--styles", default=None, help="comma-separated subset of: " + ", ".join(toyart.STYLES) +
+              " [default: all of those]; " + ", ".join(toyart.NEW_STYLES) + " (never seen by the demo model)")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="torch CPU threads [default: the idle cores, at most 4]; the demo's small batches gain little from "
               "more, and a busy CPU makes more much slower")
+@adapter_option()
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def demo(out, model, clip, prompts, seeds, seed, steps, guidance, guidance_rescale, style_scale, scheduler, eta, k,
-         n_per_style, styles, device, threads, quiet):
+         n_per_style, styles, device, threads, adapters, quiet):
     """Swap the style by swapping the database: one grid of the same prompts and seeds, a row per toy-art style."""
     from .demo.run import DemoConfig, run_demo
 
@@ -497,7 +533,7 @@ def demo(out, model, clip, prompts, seeds, seed, steps, guidance, guidance_resca
     chosen.update({"prompts": tuple(prompts)} if prompts else {})
     run_demo(DemoConfig(out=out, model=model, clip=clip, seeds=seeds, seed=seed, steps=steps, guidance=guidance,
                         guidance_rescale=guidance_rescale, scheduler=scheduler, style_scale=style_scale, eta=eta, k=k, n_per_style=n_per_style, device=device, threads=threads,
-                        progress=not quiet, **chosen),
+                        progress=not quiet, adapters=tuple(adapters), **chosen),
              log=click.echo)
 
 
@@ -521,6 +557,7 @@ def sampling_options(f):
                      help="seed of the first image (deterministic by default)"),
         click.option("--where", "where", multiple=True, help="COLUMN=VALUE filter applied inside the search"),
         *neighbour_options(),
+        adapter_option(),
         click.option("--init-image", type=click.Path(dir_okay=False), default=None,
                      help="restyle or edit this image (image-to-image); without PROMPT its CLIP embedding is the query"),
         click.option("--strength", type=click.FloatRange(0, 1), default=None,
@@ -799,13 +836,23 @@ def _preset(preset: str | None, config: str | None, default: str = "small") -> s
 @click.option("--cpu", is_flag=True, help="train on the CPU even when a GPU is present")
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads (1 is fastest on a busy, "
               "shared CPU) [default: torch's]")
+@click.option("--adapter", default=None, help="train a LoRA adapter NAME on top of the --init model (default: the "
+              "installed model for the database's CLIP) instead of every weight; it lands in $RDM_ADAPTERS/NAME "
+              "(rdm adapters) and is used with rdm sample --adapter NAME[:WEIGHT] [default lr: 1e-3]")
+@click.option("--rank", type=click.IntRange(1, 1024), default=None, help="the adapter's LoRA rank [default: 4]")
+@click.option("--lora-alpha", type=click.FloatRange(0, min_open=True), default=None,
+              help="the adapter's LoRA alpha; its update is scaled by alpha / rank [default: = --rank]")
+@click.option("--targets", type=click.Choice(["cross-attention", "attention", "all"]), default=None,
+              help="the layers the adapter changes: the cross-attention that reads the neighbours, all attention, or "
+              "attention, feed-forward and the residual blocks' convolutions [default: cross-attention]")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @indexes_option
 @click.pass_context
 def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, query, steps, batch_size, grad_accum,
           lr, lr_schedule, warmup_steps, mixed_precision, ema_decay, cond_drop, fixed_k, dedup_threshold,
           prediction_type, noise_schedule, zero_snr, timestep_spacing, neighbour_drop, checkpoint_every, sample_every,
-          resume, seed, limit, split, image_column, caption_column, cache_dir, cpu, threads, quiet, indexes):
+          resume, seed, limit, split, image_column, caption_column, cache_dir, cpu, threads, adapter, rank, lora_alpha,
+          targets, quiet, indexes):
     """Train (or fine-tune, or resume) a retrieval-augmented diffusion model.
 
     On several GPUs: accelerate launch -m rdm.cli train ... (--batch-size is per GPU).
@@ -822,11 +869,15 @@ def train(ctx, data, db, out, preset, config, init, vae, clip, resolution, k, qu
         zero_snr=zero_snr, timestep_spacing=timestep_spacing, neighbour_drop=neighbour_drop,
         checkpoint_every=checkpoint_every,
         sample_every=sample_every, resume=resume, seed=seed, limit=limit, split=split, image_column=image_column,
-        caption_column=caption_column, cache_dir=cache_dir, cpu=cpu, threads=threads or None, progress=not quiet)
+        caption_column=caption_column, cache_dir=cache_dir, cpu=cpu, threads=threads or None, progress=not quiet,
+        adapter=adapter, **{k: v for k, v in dict(rank=rank, lora_alpha=lora_alpha, targets=targets).items()
+                            if v is not None})
     result = run_training(cfg)
     tail = result.losses[-10:]
     d = result.data
-    click.echo(f"model      {result.model_dir}\n"
+    made = f"adapter    {result.adapter_dir} (rdm sample --adapter {adapter})" if adapter else \
+        f"model      {result.model_dir}"
+    click.echo(f"{made}\n"
                f"steps      {result.start_step} -> {result.step}"
                + (f", loss {sum(tail) / len(tail):.4f} (mean of the last {len(tail)})" if tail else "") + "\n"
                f"speed      {result.images_per_second:.1f} images/s "

@@ -81,6 +81,8 @@ class SampleOptions:
     copy_guard: bool = True  # run it (False: no check, nothing recorded)
     copy_threshold: float = DEFAULT_THRESHOLD  # CLIP cosine at or above which an output is flagged a near-copy
     no_copies: bool = False  # refuse (do not write) flagged outputs, and fail
+    # LoRA adapters (rdm.adapters): NAME[:WEIGHT] each, mixed by weight; () the base model
+    adapters: tuple[str, ...] = ()
     progress: bool = True  # show a progress bar over the denoising steps
 
 
@@ -300,6 +302,7 @@ def _existing(path: str, option: str) -> str:
 def _run(pipe: RDMPipeline, prompt: str | None, databases: list[tuple[str, float]], options: SampleOptions,
          image: str | None, refs: Sequence[str], indexes: str | None):
     """One pipeline call with the options; returns the PIL images and their provenance dicts."""
+    use_adapters(pipe, options.adapters)
     out = pipe(prompt=prompt, image=image, refs=[parse_ref(r) for r in refs] or None, databases=databases or None,
                where=list(options.where) or None, k=options.k, num_images_per_prompt=options.num_images,
                num_inference_steps=options.steps, guidance_scale=options.guidance, style_scale=options.style_scale,
@@ -309,6 +312,13 @@ def _run(pipe: RDMPipeline, prompt: str | None, databases: list[tuple[str, float
                mask_image=options.mask, mask_feather=options.mask_feather, extend=options.extend, aspect=options.aspect,
                copy_guard=CopyGuard(options.copy_threshold, refuse=options.no_copies) if options.copy_guard else None)
     return out.images, [p.to_dict() for p in out.provenance]
+
+
+def use_adapters(pipe: RDMPipeline, specs: Sequence[str]) -> list[dict]:
+    """Make the pipeline sample with these NAME[:WEIGHT] adapters (none: the base model)."""
+    from .adapters import parse_adapter_spec
+
+    return pipe.set_adapters([parse_adapter_spec(spec) for spec in specs])
 
 
 def near_copies(records: Sequence[dict]) -> list[str]:

@@ -159,6 +159,7 @@ class RDMPipeline(DiffusionPipeline):
         self._folder: Path | None = None
         self._fingerprint: str | None = None
         self._databases: dict[str, tuple[tuple, Database]] = {}  # resolved path -> (manifest stamp, Database)
+        self._adapters = None  # rdm.adapters.AdapterSet, made on the first set_adapters
 
     # -- loading and saving ---------------------------------------------------------------------------
     @classmethod
@@ -206,6 +207,23 @@ class RDMPipeline(DiffusionPipeline):
         if self._fingerprint is None and self._folder is not None:
             self._fingerprint = model_fingerprint(self._folder)
         return self._fingerprint
+
+    def set_adapters(self, adapters=()) -> list[dict]:
+        """Sample with these LoRA adapters, [(name or folder, weight)], mixed by weight (rdm.adapters); () or all
+        weights 0: the base model, bit for bit. Each is loaded into the U-Net once and kept: switching between
+        requests reloads nothing. An adapter made for other base weights is refused. Returns their records."""
+        if self._adapters is None:
+            if not adapters:
+                return []
+            from .adapters import AdapterSet
+
+            self._adapters = AdapterSet(self.unet, self.fingerprint, self.name_or_path)
+        return self._adapters.use(list(adapters))
+
+    @property
+    def active_adapters(self) -> list[dict]:
+        """The adapters in use and their weights, as provenance records them ([] for the base model)."""
+        return self._adapters.records() if self._adapters is not None else []
 
     @property
     def sampling_defaults(self) -> SamplingDefaults:
@@ -656,7 +674,8 @@ class RDMPipeline(DiffusionPipeline):
 
         # 9. Provenance, one record per image
         model = {"name_or_path": self.name_or_path, "fingerprint": self.fingerprint,
-                 "embedder": self.rdm_config.embedder, "source": self.rdm_config.source}
+                 "embedder": self.rdm_config.embedder, "source": self.rdm_config.source,
+                 **({"adapters": self.active_adapters} if self.active_adapters else {})}
         settings = scheduler_record(sampler, num_inference_steps, guidance_scale, eta, style_scale, guidance_rescale)
         records = [Provenance(
             query=queries[b // n], seed=None if seeds is None else seeds[b], model=model,

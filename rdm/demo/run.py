@@ -34,7 +34,7 @@ from ..modelformat import read_rdm_config, resolve_embedder_id
 from ..provenance import write_json
 from ..sheets import grid
 from .evaluate import build_style_databases
-from .toyart import STYLES, ToyArtSpec, read_metadata
+from .toyart import ALL_STYLES, STYLES, ToyArtSpec, read_metadata
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"  # shipped with the package (package-data)
 DEMO_MODEL = ASSETS / "rdm"  # rdm model folder (rdm.modelformat), safetensors only
@@ -71,6 +71,7 @@ class DemoConfig:
     thumbs: int = 3  # neighbour thumbnails at the start of each database row
     device: str | None = None  # cpu, cuda ... (default: cuda when present)
     threads: int | None = None  # torch CPU threads while the demo runs (None: auto_threads(), for this machine)
+    adapters: tuple[str, ...] = ()  # LoRA adapters NAME[:WEIGHT] in every row (rdm.adapters); () the base model
     progress: bool = True  # progress bars over the denoising steps (on a terminal only)
 
     def __post_init__(self):
@@ -78,9 +79,9 @@ class DemoConfig:
         object.__setattr__(self, "styles", tuple(self.styles))
         if not self.prompts or any(not p.strip() for p in self.prompts):
             raise RDMError(f"the demo needs non-empty prompts, got {list(self.prompts)}")
-        unknown = [s for s in self.styles if s not in STYLES]
+        unknown = [s for s in self.styles if s not in ALL_STYLES]
         if unknown or not self.styles:
-            raise RDMError(f"unknown toy-art styles {unknown or '(none given)'}; choose from {', '.join(STYLES)}")
+            raise RDMError(f"unknown toy-art styles {unknown or '(none given)'}; choose from {', '.join(ALL_STYLES)}")
         for name in ("seeds", "steps", "n_per_style", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise RDMError(f"demo {name} must be at least 1, got {getattr(self, name)}")
@@ -146,7 +147,7 @@ def sample_rows(pipe, databases: dict[str, str], config: DemoConfig, indexes: Pa
     """One pipeline call per row ({label: database name}, then none): every prompt x seed, same seeds throughout."""
     options = SampleOptions(k=config.k, num_images=config.seeds, steps=config.steps, guidance=config.guidance,
                             guidance_rescale=config.guidance_rescale, style_scale=config.style_scale,
-                            scheduler=config.scheduler, eta=config.eta,
+                            scheduler=config.scheduler, eta=config.eta, adapters=tuple(config.adapters),
                             seed=config.seed, progress=config.progress and sys.stderr.isatty())
     rows = []
     for label, db in [*databases.items(), (CONTROL, None)]:

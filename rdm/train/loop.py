@@ -76,14 +76,16 @@ from .presets import Preset, load_preset
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "cosine")
-CHECKPOINTS, SAMPLES, MODEL = "checkpoints", "samples", "model"
+CHECKPOINTS, SAMPLES, MODEL, ADAPTER = "checkpoints", "samples", "model", "adapter"
+ADAPTER_LR = 1e-3  # adapters' default learning rate (LoRA trains well at about 10x a full fine-tune's)
 CONFIG_FILE, METRICS_FILE, STATE_FILE = "train_config.json", "metrics.jsonl", "train_state.json"
 # Fields a resumed run may change; every other field must equal the checkpointed run's.
 RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "keep_checkpoints", "resume", "progress",
                      "cache_dir", "indexes", "num_val", "sample_steps", "guidance_scale", "cpu", "threads"}
 # Values of fields added since, for checkpoints written before they existed (those runs trained this way).
 FIELDS_BEFORE_THEY_EXISTED = {"query": "image", "caption_column": None, "noise_schedule": "ldm", "zero_snr": False,
-                              "timestep_spacing": "leading", "neighbour_drop": 0.0}
+                              "timestep_spacing": "leading", "neighbour_drop": 0.0, "adapter": None, "rank": 4,
+                              "lora_alpha": None, "targets": "cross-attention"}
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # diffusers' timestep_spacing; trailing starts at t = T
 LDM_SCHEDULE = {"linear_start": 0.0015, "linear_end": 0.015, "timesteps": 1000}  # CompVis RDM configs
 # Noise schedules by name, as DDIMScheduler settings. "ldm" is the CompVis latent schedule (scaled_linear
@@ -154,6 +156,12 @@ class TrainConfig:
     cpu: bool = False  # train on the CPU even when a GPU is present
     threads: int | None = None  # torch CPU threads (None: torch's default); 1 is fastest on a busy shared CPU
     progress: bool = True  # tqdm progress bars
+    # LoRA adapter (rdm.adapters): train low-rank updates of the --init model (default: the installed model for the
+    # database's CLIP) instead of every weight; the adapter lands in $RDM_ADAPTERS/NAME (OUT/adapter while training)
+    adapter: str | None = None  # the adapter's name; None trains the whole U-Net
+    rank: int = 4  # LoRA rank r
+    lora_alpha: float | None = None  # LoRA alpha (the update is scaled by alpha / r); None: = rank
+    targets: str = "cross-attention"  # rdm.adapters.TARGETS: cross-attention, attention, or all
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -172,6 +180,7 @@ class TrainResult:
     data_seconds: float = 0.0  # of which assembling batches
     images_per_second: float = 0.0  # training images per second (all processes), first step excluded
     data: dict = field(default_factory=dict)  # training-data summary: images, excluded neighbours, cache
+    adapter_dir: Path | None = None  # with --adapter: the published adapter folder ($RDM_ADAPTERS/NAME)
 
 
 # --- configuration ----------------------------------------------------------------------------------
@@ -184,6 +193,19 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, Preset, RDMConfig | N
     """Fill the None fields from the preset (and the --init model); check every value."""
     preset = load_preset(cfg.preset)
     init_config = None
+    if cfg.adapter is not None:
+        from ..adapters import check_name, lora_config
+
+        check_name(cfg.adapter)
+        if not cfg.init:  # the model users sample with for this database's CLIP
+            from ..generate import choose_model
+
+            cfg = dataclasses.replace(cfg, init=str(choose_model([cfg.db], cfg.indexes)))
+        if cfg.lora_alpha is None:
+            cfg = dataclasses.replace(cfg, lora_alpha=float(cfg.rank))
+        if cfg.lr is None:
+            cfg = dataclasses.replace(cfg, lr=ADAPTER_LR)
+        lora_config(cfg.rank, cfg.lora_alpha, cfg.targets)  # checks rank, alpha and targets
     if cfg.init:
         init_config = read_rdm_config(cfg.init)
     filled = {}
@@ -234,6 +256,16 @@ def _check(cfg: TrainConfig, init_config: RDMConfig | None) -> None:
         raise RDMError(f"noise_schedule must be one of {', '.join(NOISE_SCHEDULES)}, got {cfg.noise_schedule!r}")
     if cfg.timestep_spacing is not None and cfg.timestep_spacing not in TIMESTEP_SPACINGS:
         raise RDMError(f"timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {cfg.timestep_spacing!r}")
+    if cfg.adapter is not None:
+        changed = [f"--{n.replace('_', '-')}" for n in ("noise_schedule", "zero_snr", "timestep_spacing", "vae")
+                   if getattr(cfg, n) is not None]
+        if cfg.prediction_type != init_config.prediction_type:
+            changed.append("--prediction-type")
+        if cfg.resolution != init_config.resolution:
+            changed.append("--resolution")
+        if changed:
+            raise RDMError(f"an adapter trains on top of the base model as it is: {', '.join(changed)} would change "
+                           "what the base model predicts or sees; leave them out")
     if init_config is not None:
         if cfg.vae is not None:
             raise RDMError("--vae cannot be combined with --init: the model's U-Net was trained on its own "
@@ -464,6 +496,17 @@ def rdm_config_for(cfg: TrainConfig, model: Model, embedder: Embedder, scale: fl
                              **model.source})
 
 
+def save_adapter_of_run(folder: Path, unet, cfg: TrainConfig, model: Model, db: Database, step: int):
+    """The run's adapter folder (rdm.adapters), with what it was made for."""
+    from ..adapters import save_adapter
+
+    meta = {"rank": cfg.rank, "alpha": cfg.lora_alpha, "targets": cfg.targets,
+            "base_fingerprint": model.source["init_fingerprint"], "base_model": Path(cfg.init).name,
+            "database": db.name, "database_fingerprint": db.fingerprint, "steps": step, "seed": cfg.seed,
+            "lr": cfg.lr, "query": cfg.query}
+    return save_adapter(folder, unet, meta)
+
+
 def sample_grid(unet, vae, scheduler, config: RDMConfig, query: np.ndarray, neighbours: np.ndarray,
                 references: np.ndarray | None, path: Path, steps: int, guidance_scale: float, seed: int,
                 per_query: int = 3, device=None) -> Path:
@@ -559,6 +602,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     model = build_model(cfg, preset, embedder.dim)
     if model.vae is not None:
         model.vae.to(device)
+    if cfg.adapter is not None:  # LoRA: the base weights frozen, a fresh low-rank update (seeded) trained
+        from ..adapters import attach
+
+        torch.manual_seed(cfg.seed)
+        trainable = attach(model.unet, cfg.rank, cfg.lora_alpha, cfg.targets)
+    else:
+        trainable = list(model.unet.parameters())
 
     # 3. Training data, computed once per (source, database, CLIP, VAE, resolution) and cached
     with accelerator.main_process_first():
@@ -580,16 +630,20 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 4. Optimizer, schedule, EMA; accelerate wraps the U-Net for mixed precision and DDP
     unet = model.unet
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     unet, optimizer = accelerator.prepare(unet, optimizer)
-    ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.ema_decay)
-    ema.to(device)
-    accelerator.register_for_checkpointing(ema, lr_scheduler)
+    ema = None  # an adapter is exported as trained (as diffusers' LoRA scripts do): no EMA
+    if cfg.adapter is None:
+        ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.ema_decay)
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+    accelerator.register_for_checkpointing(lr_scheduler)
     start = 0
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        ema.to(device)
+        if ema is not None:
+            ema.to(device)
         start = json.loads((resume_from / STATE_FILE).read_text())["step"]
     if start >= cfg.steps:
         raise RDMError(f"{out} is already trained to step {start}; pass a larger --steps to continue")
@@ -612,13 +666,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         """Export the EMA weights to OUT/model (main process), and a sample grid when asked."""
         if not main:
             return
-        weights = ema_unet(accelerator.unwrap_model(unet), ema)
         config = rdm_config_for(cfg, model, embedder, scale, db, data, step)
-        save_model_folder(out / MODEL, weights, model.vae, model.scheduler, config, overwrite=True)
+        if cfg.adapter is not None:
+            weights = accelerator.unwrap_model(unet).eval()
+            save_adapter_of_run(out / ADAPTER, weights, cfg, model, db, step)
+        else:
+            weights = ema_unet(accelerator.unwrap_model(unet), ema)
+            save_model_folder(out / MODEL, weights, model.vae, model.scheduler, config, overwrite=True)
         if samples:
             sample_grid(weights, model.vae, model.scheduler, dataclasses.replace(config, k=val_k), val_query,
                         data.neighbour_vectors[val, :val_k], refs, out / SAMPLES / f"{checkpoint_name(step)}.png",
                         cfg.sample_steps, cfg.guidance_scale, cfg.seed, device=device)
+        weights.train(cfg.adapter is not None)  # the adapter's U-Net is the one being trained
 
     try:
         for step in range(start, cfg.steps):
@@ -641,7 +700,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            ema.step(accelerator.unwrap_model(unet).parameters())
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(unet).parameters())
             loss_value = accelerator.gather(loss_sum[None] / cfg.grad_accum).mean().item()
             if not math.isfinite(loss_value):
                 raise RDMError(f"the loss became {loss_value} at step {step + 1}; lower --lr or use "
@@ -680,6 +740,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     # 6. Final checkpoint and model
     save_checkpoint(accelerator, out, result.step, cfg, cfg.keep_checkpoints)
     write_model(result.step, samples=cfg.sample_every >= 0)
+    if cfg.adapter is not None and main:
+        from ..adapters import publish
+
+        result.adapter_dir = publish(out / ADAPTER, cfg.adapter)
     accelerator.wait_for_everyone()
     result.images_per_second = timed_images / timed_seconds if timed_seconds else 0.0
     accelerator.end_training()
