@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -261,6 +262,7 @@ class AdapterSet:
         self.base_name = base_name
         self.loaded: dict[str, AdapterInfo] = {}  # peft adapter name -> info
         self.active: list[tuple[AdapterInfo, float]] = []
+        self.loads = 0  # adapter files read and added to the U-Net (switching reads none)
 
     def _peft_name(self, info: AdapterInfo) -> str:
         return f"rdm_{info.sha256[:16]}"
@@ -290,7 +292,9 @@ class AdapterSet:
                            f"{info.targets}): unexpected {extra}, missing {missing}, wrong shape {wrong}")
         from peft.utils import set_peft_model_state_dict
 
-        self.unet.add_adapter(lora_config(info.rank, float(info.alpha), info.targets), adapter_name=key)
+        with warnings.catch_warnings():  # peft warns on every adapter after the first: several are the point here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self.unet.add_adapter(lora_config(info.rank, float(info.alpha), info.targets), adapter_name=key)
         try:
             set_peft_model_state_dict(self.unet, {k: v.to(self._dtype()) for k, v in state.items()},
                                       adapter_name=key)
@@ -299,6 +303,7 @@ class AdapterSet:
             raise
         self.unet.requires_grad_(False)
         self.loaded[key] = info
+        self.loads += 1
         self._apply()  # a freshly added adapter is active in peft: restore the chosen set
         return info
 
@@ -326,15 +331,17 @@ class AdapterSet:
             shapes[f"{name}.lora_A.weight"], shapes[f"{name}.lora_B.weight"] = a, b
         return shapes
 
-    def use(self, specs: Sequence[tuple[str | Path, float]] = ()) -> list[dict]:
-        """Make exactly these adapters active at these weights (loading any not loaded yet); () or all weights 0:
-        the base model, bit for bit. Returns their provenance records."""
+    def use(self, specs: Sequence[tuple[str | Path | AdapterInfo, float]] = ()) -> list[dict]:
+        """Make exactly these adapters active at these weights (loading any not loaded yet; an AdapterInfo this set
+        loaded is used as loaded, its folder not read again); () or all weights 0: the base model, bit for bit.
+        Returns their provenance records."""
         chosen = []
         for spec, weight in specs:
             weight = float(weight)
             if not math.isfinite(weight):
                 raise RDMError(f"adapter {spec}: the weight must be a finite number, got {weight}")
-            chosen.append((self.load(spec), weight))
+            loaded = isinstance(spec, AdapterInfo) and self._peft_name(spec) in self.loaded
+            chosen.append((spec if loaded else self.load(spec), weight))  # a loaded AdapterInfo: no file read
         names = [self._peft_name(i) for i, _ in chosen]
         if len(set(names)) != len(names):
             raise RDMError("an adapter is named twice; give each once with its weight")

@@ -459,10 +459,12 @@ def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid,
               "rdm's local identity, which no one trusts]")
 @click.option("--sign-cert", type=click.Path(dir_okay=False, exists=True), default=None,
               help="PEM certificate chain of --sign-key, leaf first [default: $RDM_SIGN_CERT]")
+@click.option("--adapter", "adapters", multiple=True,
+              help="LoRA adapter (name in `rdm adapters`, or folder) requests may use; repeatable; loaded once")
 @indexes_option
 @click.pass_context
 def serve(ctx, host, port, model, dbs, token_file, allow_network, allow_urls, max_queue, max_batch, device, threads,
-          sign_key, sign_cert, indexes):
+          sign_key, sign_cert, adapters, indexes):
     """Serve the API, clip-retrieval's /knn-service and the web page from one loaded model."""
     from pathlib import Path
 
@@ -478,7 +480,7 @@ def serve(ctx, host, port, model, dbs, token_file, allow_network, allow_urls, ma
     config = ServeConfig(host=host, port=port, model=model, indexes=_home(ctx, indexes), databases=tuple(dbs) or None,
                          token=token, allow_network=allow_network, allow_urls=allow_urls, max_queue=max_queue,
                          max_batch=max_batch, device=device, torch_threads=threads, sign_key=sign_key,
-                         sign_cert=sign_cert)
+                         sign_cert=sign_cert, adapters=tuple(adapters))
     run_server(config)
 
 

@@ -212,13 +212,21 @@ class RDMPipeline(DiffusionPipeline):
         """Sample with these LoRA adapters, [(name or folder, weight)], mixed by weight (rdm.adapters); () or all
         weights 0: the base model, bit for bit. Each is loaded into the U-Net once and kept: switching between
         requests reloads nothing. An adapter made for other base weights is refused. Returns their records."""
+        if self._adapters is None and not adapters:
+            return []
+        return self._adapter_set().use(list(adapters))
+
+    def load_adapter(self, spec):
+        """Load a LoRA adapter (name or folder) into the U-Net without using it yet (rdm serve loads its adapters
+        once at start); returns its rdm.adapters.AdapterInfo. Refused when made for other base weights."""
+        return self._adapter_set().load(spec)
+
+    def _adapter_set(self):
         if self._adapters is None:
-            if not adapters:
-                return []
             from .adapters import AdapterSet
 
             self._adapters = AdapterSet(self.unet, self.fingerprint, self.name_or_path)
-        return self._adapters.use(list(adapters))
+        return self._adapters
 
     @property
     def active_adapters(self) -> list[dict]:

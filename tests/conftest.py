@@ -105,3 +105,20 @@ def tiny_collection(root: Path, tiny_clip: str, n: int, seed: int, name: str) ->
     home = root / "indexes"
     api.build_index(str(root / "pics"), name=name, clip=tiny_clip, indexes=str(home), workers=0, progress=False)
     return home, make_tiny_rdm(root / "model", api.load_embedder(tiny_clip).identity.to_dict(), k=3)
+
+
+def make_adapter(out: Path, model: Path, seed: int, base_fingerprint: str, rank: int = 2) -> Path:
+    """A LoRA adapter with random (non-zero) weights on `model`'s U-Net, saved as rdm train saves one."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from rdm.adapters import attach, save_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model) / "unet")
+    torch.manual_seed(seed)
+    for p in attach(unet, rank, float(rank), "cross-attention"):
+        p.data.normal_(0, 0.2)
+    meta = {"rank": rank, "alpha": float(rank), "targets": "cross-attention", "base_fingerprint": base_fingerprint,
+            "base_model": Path(model).name, "database": "test", "database_fingerprint": "0" * 16, "steps": 1,
+            "seed": seed}
+    return save_adapter(out, unet, meta).path

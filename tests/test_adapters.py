@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from rdm.adapters import AdapterSet, attach, save_adapter
+import conftest
 from rdm.errors import RDMError
 from rdm.pipeline import RDMPipeline
 from rdm.registry import DEMO_MODEL
@@ -21,16 +21,7 @@ def pipe():
 
 
 def make_adapter(tmp, pipe, name, seed, base=None):
-    """An adapter with random (non-zero) weights on the demo U-Net, saved as rdm train saves one."""
-    from diffusers import UNet2DConditionModel
-
-    unet = UNet2DConditionModel.from_pretrained(DEMO / "unet")
-    torch.manual_seed(seed)
-    for p in attach(unet, 2, 2.0, "cross-attention"):
-        p.data.normal_(0, 0.2)
-    meta = {"rank": 2, "alpha": 2.0, "targets": "cross-attention", "base_fingerprint": base or pipe.fingerprint,
-            "base_model": "demo", "database": "test", "database_fingerprint": "0" * 16, "steps": 1, "seed": seed}
-    return save_adapter(tmp / name, unet, meta).path
+    return conftest.make_adapter(tmp / name, DEMO, seed, base or pipe.fingerprint)
 
 
 def sample(pipe, adapters):

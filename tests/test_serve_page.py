@@ -6,9 +6,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import make_adapter
 
 from rdm.demo.evaluate import build_style_databases
 from rdm.demo.run import DEMO_CLIP, DEMO_MODEL, DEMO_START
+from rdm.modelformat import model_fingerprint
 from rdm.service.config import ServeConfig
 from rdm.service.server import start
 
@@ -26,7 +28,9 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("page")
     build_style_databases(f"local-dir:{DEMO_CLIP}", root / "toyart", 12, "{style}", STYLES, str(root / "indexes"),
                           start=DEMO_START)
-    running = start(ServeConfig(port=0, model=str(DEMO_MODEL), indexes=str(root / "indexes")))
+    adapter = make_adapter(root / "adapters" / "bold", DEMO_MODEL, 5, model_fingerprint(DEMO_MODEL))
+    running = start(ServeConfig(port=0, model=str(DEMO_MODEL), indexes=str(root / "indexes"),
+                                adapters=(str(adapter),)))
     running.root = root
     yield running
     running.stop()
@@ -142,6 +146,28 @@ def test_a_negative_collection_and_the_diversity_slider(server, browser):
     assert {d["name"] for d in record["databases"]} == {"outline"}
     assert record["control"]["negative_databases"] == ["neon"] and record["control"]["diversity"] == 0.6
     assert all(n["database"] == "neon" for n in record["control"]["negatives"][0])
+    assert not errors, errors
+    page.close()
+
+
+def test_an_adapter_is_chosen_with_its_weight(server, browser):
+    """The page lists the served adapters; a checked one is sent with its slider's weight, and provenance says so."""
+    page = browser.new_page(viewport={"width": 1360, "height": 900}, accept_downloads=True, bypass_csp=True)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#adapters input[type=checkbox]")
+    assert page.is_visible("#adapters-box") and page.get_attribute("#ad-0", "data-name") == "bold"
+    page.fill("#prompt", "a blue star")
+    page.fill("#num-images", "1")
+    page.check("#ad-0")
+    page.locator("#adw-0").fill("0.5")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('status-text').textContent.startsWith('done')", timeout=120_000)
+    with page.expect_download() as info:
+        page.locator("#results a.provenance").first.click()
+    record = json.loads(Path(info.value.path()).read_text())
+    assert [(a["name"], a["weight"]) for a in record["model"]["adapters"]] == [("bold", 0.5)]
     assert not errors, errors
     page.close()
 

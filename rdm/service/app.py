@@ -181,12 +181,14 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                            "max_images": config.max_images, "max_compare_rows": config.max_compare_rows,
                            "max_upload_bytes": config.max_upload_bytes, "max_queue": config.max_queue,
                            "max_batch": config.max_batch},
+                "adapters": [{"name": a.name, "rank": a.rank, "targets": a.targets, "database": a.database,
+                              "steps": a.steps, "bytes": a.bytes, "sha256": a.sha256} for a in engine.adapters.values()],
                 "schedulers": list(SCHEDULER_ALIASES), "writes_enabled": config.token is not None,
                 "url_fetching": config.allow_urls}
 
     @app.get("/api/stats", tags=["service"])
     def stats():
-        return queue.stats()
+        return {**queue.stats(), "adapter_loads": engine.adapter_loads}
 
     # -- databases ------------------------------------------------------------------------------------
     def public_info(db) -> dict:
@@ -347,8 +349,9 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         control = neighbour_control(body)
         neighbours = engine.neighbours(query, choices, k if choices else 0, where, control.selection,
                                        control.weighting)
-        settings = engine.settings(neighbours.k, body.steps, body.guidance, body.scheduler, body.eta,
-                                   body.guidance_rescale, control)
+        settings = replace(engine.settings(neighbours.k, body.steps, body.guidance, body.scheduler, body.eta,
+                                           body.guidance_rescale, control),
+                           adapters=engine.adapter_choice(body.adapters))
         weights = None if neighbours.weights is None else neighbours.weights[0]
         return [Row(query[0], neighbours.embeddings[0], neighbours.hits[0], neighbours.drawn, neighbours.notes,
                     weights, where or {}, body.seed + i, record, settings, label) for i in range(n)]

@@ -19,6 +19,7 @@ class ServeConfig:
     model: str | None = None  # rdm model folder (default $RDM_MODEL)
     indexes: str | None = None  # databases' home (default $RDM_INDEXES or ./indexes)
     databases: tuple[str, ...] | None = None  # serve only these (names or folders); None: all in the home
+    adapters: tuple[str, ...] = ()  # LoRA adapters (names or folders) requests may use; loaded once at start
     token: str | None = field(default=None, repr=False)  # bearer token for writes (remove); None disables them
     allow_network: bool = False  # accept generation and search from non-loopback clients
     allow_urls: bool = False  # fetch image_url queries (never from local or private addresses)

@@ -10,6 +10,7 @@ query, the databases and hits of that row, its filters and warnings.
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from .config import ServeConfig
 from .images import decode_query_image, png_bytes
 from .validation import BadRequest, DatabaseChoice
 
+MAX_ADAPTER_WEIGHT = 4.0  # |weight| of an adapter in a request
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -42,6 +45,7 @@ class Settings:
     width: int
     control: cond.NeighbourControl = field(default_factory=cond.NeighbourControl)  # negatives, window, ...
     edit: tuple | None = None  # image-to-image: (input sha256, strength, mask sha256, feather) shared by the call
+    adapters: tuple = ()  # ((served adapter name, weight), ...): one U-Net state per call
 
 
 @dataclass
@@ -87,6 +91,37 @@ class Engine:
         self.embedder  # load the CLIP now, not on the first request
         self.identity = (credentials.SigningIdentity.resolve(config.sign_key, config.sign_cert)
                          if config.credentials else None)  # refused at start, not at the first image
+        self.adapters = self._load_adapters(config.adapters)  # served name -> rdm.adapters.AdapterInfo
+
+    def _load_adapters(self, specs) -> dict:
+        """Every adapter the service offers, loaded into the U-Net once, at start (a wrong one stops the start)."""
+        served = {}
+        for spec in specs:
+            info = self.pipe.load_adapter(spec)
+            if info.name in served:
+                raise RDMError(f"two adapters are named {info.name}: serve each name once")
+            served[info.name] = info
+        return served
+
+    @property
+    def adapter_loads(self) -> int:
+        """Adapter files read into the U-Net since start (requests switch between them without reading any)."""
+        return self.pipe._adapters.loads if self.pipe._adapters is not None else 0
+
+    def adapter_choice(self, choices) -> tuple:
+        """A request's adapters [{name, weight}] as Settings.adapters; 404 for one not served, 422 for a bad weight."""
+        out = []
+        for c in choices or []:
+            if c.name not in self.adapters:
+                served = ", ".join(sorted(self.adapters)) or "none"
+                raise BadRequest(404, f"no adapter {c.name!r} is served here (served: {served})")
+            if not math.isfinite(c.weight) or abs(c.weight) > MAX_ADAPTER_WEIGHT:
+                raise BadRequest(422, f"the weight of adapter {c.name} must be in [-{MAX_ADAPTER_WEIGHT:g}, "
+                                      f"{MAX_ADAPTER_WEIGHT:g}]")
+            out.append((c.name, float(c.weight)))
+        if len({n for n, _ in out}) != len(out):
+            raise BadRequest(422, "an adapter is listed twice: give each once with its weight")
+        return tuple((n, w) for n, w in out if w != 0.0)  # weight 0 is the base model: batched with it
 
     @property
     def embedder(self):
@@ -215,6 +250,7 @@ class Engine:
         e = rows[0].edit
         editing = {} if e is None else {"init_image": e.image, "strength": e.strength, "mask_image": e.hard_mask,
                                         "mask_feather": e.feather}
+        self.pipe.set_adapters([(self.adapters[name], weight) for name, weight in s.adapters])  # no file read
         out = self.pipe(query_embeds=np.stack([r.query for r in rows]),  # (B, D)
                         neighbor_embeds=given, control=s.control, **editing,
                         seed=[r.seed for r in rows], num_inference_steps=s.steps, guidance_scale=s.guidance,

@@ -47,6 +47,11 @@ class DatabaseChoice(Strict):
     weight: float = 1.0  # share of the k neighbours, relative to the others
 
 
+class AdapterChoice(Strict):
+    name: str  # a served adapter (GET /api/info "adapters")
+    weight: float = 1.0  # its LoRA scale; 0 is the base model
+
+
 class NeighbourFields(Strict):
     """Control over the neighbours (rdm.conditioning.NeighbourControl); the defaults are plain retrieval."""
 
@@ -60,6 +65,12 @@ class NeighbourFields(Strict):
     neighbour_window: list[float] | None = None  # [start, end] fractions of the steps the neighbours act in
 
 
+class AdapterFields(Strict):
+    """LoRA adapters the service serves, mixed by weight (rdm.adapters); none: the base model."""
+
+    adapters: list[AdapterChoice] = Field(default_factory=list)
+
+
 class EditFields(Strict):
     """Image-to-image, inpainting, outpainting (rdm.editing) of an uploaded image or a database item."""
 
@@ -71,7 +82,7 @@ class EditFields(Strict):
     aspect: str | None = None  # outpainting: grow the image to this "W:H"
 
 
-class GenerateRequest(NeighbourFields, EditFields):
+class GenerateRequest(NeighbourFields, EditFields, AdapterFields):
     prompt: str | None = None  # text query ...
     image: ItemRef | None = None  # ... or an image query
     databases: list[DatabaseChoice] = Field(default_factory=list)  # empty: the query alone
@@ -87,7 +98,7 @@ class GenerateRequest(NeighbourFields, EditFields):
     eta: float | None = None  # DDIM eta in [0, 1]
 
 
-class CompareRequest(NeighbourFields, EditFields):
+class CompareRequest(NeighbourFields, EditFields, AdapterFields):
     prompt: str | None = None  # the query; without one, the init image's CLIP embedding
     rows: list[list[DatabaseChoice]]  # one row per entry; [] is a row without retrieval
     k: int | None = None

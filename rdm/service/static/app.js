@@ -53,6 +53,7 @@ async function init() {
     $("num-images").max = state.info.limits.max_images;
     state.databases = (await api("/api/databases")).filter((d) => d.compatible);
     renderDatabases();
+    renderAdapters();
   } catch (e) {
     showError(e.message);
   }
@@ -172,6 +173,26 @@ function renderDatabases() {
   });
 }
 
+function renderAdapters() {
+  const adapters = state.info.adapters || [];
+  $("adapters-box").hidden = !adapters.length;
+  $("adapters").replaceChildren(...adapters.map((a, i) => {
+    const check = el("input", { type: "checkbox", id: `ad-${i}`, "data-name": a.name });
+    const slider = el("input", { type: "range", min: "0", max: "1.5", step: "0.05", value: "1", id: `adw-${i}`,
+                                 "aria-label": `weight of adapter ${a.name}` });
+    const out = el("output", { text: "1.00" });
+    slider.addEventListener("input", () => { out.textContent = Number(slider.value).toFixed(2); });
+    const label = el("label", { for: `ad-${i}`, title: `rank ${a.rank} · ${a.targets} · trained on ${a.database}` },
+                     [check, ` ${a.name} `, el("span", { class: "muted", text: `(${a.database})` })]);
+    return el("div", { class: "db" }, [label, slider, out]);
+  }));
+}
+
+function chosenAdapters() {
+  return (state.info.adapters || []).map((a, i) => ({ name: a.name, check: $(`ad-${i}`), weight: Number($(`adw-${i}`).value) }))
+    .filter((a) => a.check.checked && a.weight !== 0).map(({ name, weight }) => ({ name, weight }));
+}
+
 function chosenDatabases() {
   return state.databases.map((d, i) => ({ name: d.name, check: $(`db-${i}`), weight: Number($(`w-${i}`).value) }))
     .filter((d) => d.check.checked && d.weight > 0).map(({ name, weight }) => ({ name, weight }));
@@ -216,7 +237,8 @@ async function submit(kind) {
   const prompt = $("prompt").value.trim();
   const common = { k: numberOf("k"), seed: numberOf("seed") ?? 0, steps: numberOf("steps"),
                    guidance: numberOf("guidance"), guidance_rescale: numberOf("guidance-rescale"),
-                   diversity: Number($("diversity").value), negative_databases: negativeDatabases(), num_images: numberOf("num-images") ?? 1 };
+                   diversity: Number($("diversity").value), negative_databases: negativeDatabases(), adapters: chosenAdapters(),
+                   num_images: numberOf("num-images") ?? 1 };
   let path, body;
   if (kind === "compare") {
     if (!prompt && !state.init) return showError("compare needs a prompt or a photo to restyle");
