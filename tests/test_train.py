@@ -387,6 +387,31 @@ def test_resume_reaches_the_same_state_as_an_uninterrupted_run(toy, captioned, t
     assert not torch.equal(a["weights"][next(iter(a["weights"]))], a["exported"][next(iter(a["weights"]))])
 
 
+def test_a_resumed_adapter_run_makes_the_same_adapter_as_an_uninterrupted_one(toy, tmp_path, monkeypatch):
+    """LoRA training (--adapter) stopped after 3 of 6 steps and resumed gives the adapter a straight run gives; the
+    run's adapter lands in $RDM_ADAPTERS only when a run completes, and loads onto its base model."""
+    from rdm.adapters import read_adapter
+
+    monkeypatch.setenv("RDM_ADAPTERS", str(tmp_path / "adapters"))
+    base = train(config(toy, tmp_path / "base", steps=2))
+    settings = dict(init=str(base.model_dir), rank=2, targets="attention", batch_size=4, grad_accum=2, steps=6,
+                    checkpoint_every=3, warmup_steps=0)
+    straight = train(config(toy, tmp_path / "straight", adapter="straight", **settings))
+    first = train(config(toy, tmp_path / "resumed", adapter="resumed", **dict(settings, steps=3)))
+    second = train(config(toy, tmp_path / "resumed", adapter="resumed", resume=True, **settings))
+    assert (first.step, second.start_step, second.step) == (3, 3, 6)
+    np.testing.assert_allclose(straight.losses[3:], second.losses, rtol=1e-6, atol=1e-7)
+    a, b = read_adapter("straight"), read_adapter("resumed")
+    assert a.steps == b.steps == 6 and a.path.parent == b.path.parent == tmp_path / "adapters"
+    wa, wb = load_file(str(a.path / "adapter_model.safetensors")), load_file(str(b.path / "adapter_model.safetensors"))
+    assert set(wa) == set(wb) and any(".lora_B." in k and wa[k].abs().max() > 0 for k in wa)  # it learned
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-7)
+    pipe = RDMPipeline.from_pretrained(base.model_dir)
+    assert pipe.set_adapters([("resumed", 1.0)])[0]["steps"] == 6
+    assert not any(p.name.startswith(".") for p in (tmp_path / "adapters").iterdir())  # no half-written folder left
+
+
 def test_cli_train(toy, tmp_path, monkeypatch):
     monkeypatch.setenv("RDM_CACHE", toy["cache"])
     out = tmp_path / "cli-run"
