@@ -82,6 +82,9 @@ def adapters_home() -> Path:
     return rdm_home() / "adapters"
 
 
+BUNDLED = Path(__file__).resolve().parent / "assets" / "demo" / "adapters"  # shipped with rdm (the demo's)
+
+
 def check_name(name: str) -> str:
     """An adapter name: letters, digits, '.', '_', '-' (a folder name, never a path)."""
     if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
@@ -173,9 +176,10 @@ def locate(spec: str | Path) -> Path:
         if not path.is_dir():
             raise RDMError(f"adapter folder not found: {path}")
         return path
-    found = adapters_home() / check_name(spec)
-    if found.is_dir():
-        return found
+    for root in (adapters_home(), BUNDLED):  # the user's adapters first, then those shipped with rdm
+        found = root / check_name(spec)
+        if found.is_dir():
+            return found
     if path.is_dir():
         return path
     known = ", ".join(a.name for a in list_adapters()) or "none"
@@ -214,15 +218,20 @@ def read_adapter(spec: str | Path) -> AdapterInfo:
 
 
 def list_adapters(home: str | Path | None = None) -> list[AdapterInfo | dict]:
-    """The adapters in `home` (default adapters_home()), by name; a damaged folder is listed with its error."""
-    root = Path(home) if home else adapters_home()
-    out = []
-    for folder in sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")) if root.is_dir() \
-            else []:
-        try:
-            out.append(read_adapter(folder))
-        except RDMError as e:
-            out.append({"name": folder.name, "error": str(e)})
+    """The adapters in `home` (default adapters_home(), then those shipped with rdm that it does not shadow), by
+    name; a damaged folder is listed with its error."""
+    roots = [Path(home)] if home else [adapters_home(), BUNDLED]
+    out, seen = [], set()
+    for root in roots:
+        for folder in sorted(p for p in root.glob("*") if p.is_dir() and not p.name.startswith(".")) \
+                if root.is_dir() else []:
+            if folder.name in seen:
+                continue
+            seen.add(folder.name)
+            try:
+                out.append(read_adapter(folder))
+            except RDMError as e:
+                out.append({"name": folder.name, "error": str(e)})
     return out
 
 

@@ -185,7 +185,8 @@ def licence_cmd(ctx, db, column, allow, attribution_column, clear, indexes):
 @main.command("adapters")
 @click.option("--json", "as_json", is_flag=True, help="print them as JSON")
 def adapters_cmd(as_json):
-    """List the LoRA adapters in $RDM_ADAPTERS (default $RDM_HOME/adapters): what each was trained on and for."""
+    """List the LoRA adapters in $RDM_ADAPTERS (default $RDM_HOME/adapters) and those shipped with rdm: what each was
+    trained on and for."""
     from .adapters import adapters_home, list_adapters
 
     found = list_adapters()

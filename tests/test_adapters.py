@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 import conftest
 from rdm.errors import RDMError
@@ -63,4 +62,16 @@ def test_refusals(tmp_path, pipe):
     (bad / "rdm_adapter.json").write_text(json.dumps({**meta, "rank": "x"}))
     with pytest.raises(RDMError, match="rank"):
         pipe.set_adapters([(bad, 1.0)])
+    pipe.set_adapters([])
+
+
+def test_the_shipped_cutout_adapter_fits_the_demo_model(tmp_path, pipe, monkeypatch):
+    """rdm ships the demo's adapter: found by name when $RDM_ADAPTERS has none of that name, listed, loadable."""
+    monkeypatch.setenv("RDM_ADAPTERS", str(tmp_path / "empty"))
+    listed = conftest.run_cli("adapters", "--json", env=conftest.cli_env(RDM_ADAPTERS=str(tmp_path / "empty")))
+    assert [a["name"] for a in json.loads(listed.output)] == ["cutout"]
+    base, _ = sample(pipe, [])
+    with_cutout, record = sample(pipe, [("cutout", 1.0)])
+    assert record["adapters"][0]["name"] == "cutout" and record["adapters"][0]["targets"] == "all"
+    assert not np.array_equal(with_cutout, base)
     pipe.set_adapters([])
