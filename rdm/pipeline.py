@@ -100,7 +100,11 @@ def make_scheduler(name: str | None, base: SchedulerMixin) -> SchedulerMixin:
     if base.config.get("clip_sample") and "clip_sample" not in takes and "thresholding" in takes:
         # x0 clipped to the image range, as the model's sampler does: thresholding with a ceiling of 1 clips
         overrides = {"thresholding": True, "sample_max_value": base.config.get("clip_sample_range", 1.0), **overrides}
-    sampler = compatible[class_name].from_config(base.config, **overrides)
+    try:
+        sampler = compatible[class_name].from_config(base.config, **overrides)
+    except ImportError as e:  # diffusers' placeholder for a scheduler whose backend (LMS: scipy) is missing
+        raise RDMError(f"scheduler '{name}' ({class_name}) needs a package that is not installed: "
+                       f"{str(e).strip().splitlines()[0]} (pip install scipy for lms)") from None
     kept = trained_schedule(sampler)
     lost = [f"{key}={value!r}" for key, value in trained_schedule(base).items()
             if kept[key] != value and (key != "timestep_spacing" or value == "trailing")]  # trailing: zero SNR
@@ -108,6 +112,23 @@ def make_scheduler(name: str | None, base: SchedulerMixin) -> SchedulerMixin:
         raise RDMError(f"scheduler '{name}' ({class_name}) cannot sample with the model's {', '.join(lost)}; use one "
                        f"that supports them, e.g. ddim, dpm++, euler, unipc or ddpm")
     return sampler
+
+
+def check_sampler(sampler: SchedulerMixin, steps: int) -> None:
+    """Refuse (RDMError) a sampler that cannot run `steps` steps, found by running a fresh copy of it over a tiny
+    tensor (PNDM below its minimum of steps, LMS without scipy ...), so that a service says so before queueing."""
+    import torch
+
+    fresh = type(sampler).from_config(sampler.config)
+    try:
+        fresh.set_timesteps(steps)
+        x = torch.zeros(1, 1, 2, 2)
+        for t in fresh.timesteps:
+            x = fresh.scale_model_input(x, t)
+            x = fresh.step(torch.zeros_like(x), t, x).prev_sample
+    except Exception as e:  # noqa: BLE001 - any failure of the sampler's own code is a refusal of this setting
+        raise RDMError(f"scheduler {type(sampler).__name__} cannot sample {steps} steps: {type(e).__name__}: {e}") \
+            from None
 
 
 def trained_schedule(scheduler: SchedulerMixin) -> dict:

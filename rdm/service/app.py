@@ -10,6 +10,7 @@ with a one-line message, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -30,7 +31,7 @@ from ..credentials import public_provenance  # what leaves the server: ids, neve
 from .. import editing
 from ..errors import DatabaseBusy, RDMError
 from ..conditioning import NeighbourControl, parse_window
-from ..pipeline import SCHEDULER_ALIASES
+from ..pipeline import SCHEDULER_ALIASES, check_sampler, make_scheduler
 from ..selection import Selection
 from .clip_retrieval_compat import HIDDEN_COLUMNS
 from .clip_retrieval_compat import router as clip_router
@@ -40,7 +41,7 @@ from .images import ImageCache, render_file
 from .jobs import FINAL, Job, JobQueue, job_view, neighbour_view
 from .validation import (BadRequest, CompareRequest, GenerateRequest, ItemRef, RemoveRequest, SearchRequest,
                          check_embedding, check_float, check_id, check_int, check_text, check_where,
-                         describe_validation)
+                         describe_validation, lone_surrogate)
 
 log = logging.getLogger("rdm.serve")
 STATIC = resources.files("rdm.service") / "static"
@@ -81,8 +82,33 @@ class Guard:
                 message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
             await send(message)
 
+        headers = dict(scope.get("headers") or [])
+        app_receive = limited_receive
+        if scope.get("method") in ("POST", "PUT", "PATCH") and \
+                not headers.get(b"content-type", b"").lower().startswith(b"multipart/"):
+            try:  # a JSON body (bounded by max_body) read here once, checked, then handed on as it came
+                body, more = b"", True
+                while more:
+                    message = await limited_receive()
+                    if message["type"] != "http.request":
+                        break
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+            except _TooLarge:
+                return await _send_json(send, 413, f"request body larger than {self.max_body} bytes")
+            if lone_surrogate(body):
+                return await _send_json(send, 400, "malformed JSON: a string holds a lone UTF-16 surrogate "
+                                                   "(\\ud800-\\udfff unpaired), which is not text")
+            replayed = False
+
+            async def app_receive():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()  # after the body: disconnects
         try:
-            await self.app(scope, limited_receive, secure_send)
+            await self.app(scope, app_receive, secure_send)
         except _TooLarge:
             await _send_json(send, 413, f"request body larger than {self.max_body} bytes")
 
@@ -168,6 +194,19 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     def health():
         return {"ok": True}
 
+    @functools.cache
+    def usable_schedulers() -> list[str]:
+        """The scheduler names this model can sample with here (its schedule kept, their packages installed)."""
+        usable = []
+        for name in SCHEDULER_ALIASES:
+            try:
+                check_sampler(make_scheduler(name, engine.pipe.scheduler), max(4, engine.pipe.sampling_defaults
+                                                                               .num_inference_steps))
+                usable.append(name)
+            except RDMError:
+                pass
+        return usable
+
     @app.get("/api/info", tags=["service"])
     def info():
         rc, own = engine.pipe.rdm_config, engine.pipe.sampling_defaults  # the model's own sampler settings
@@ -183,7 +222,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                            "max_batch": config.max_batch},
                 "adapters": [{"name": a.name, "rank": a.rank, "targets": a.targets, "database": a.database,
                               "steps": a.steps, "bytes": a.bytes, "sha256": a.sha256} for a in engine.adapters.values()],
-                "schedulers": list(SCHEDULER_ALIASES), "writes_enabled": config.token is not None,
+                "schedulers": usable_schedulers(), "writes_enabled": config.token is not None,
                 "url_fetching": config.allow_urls}
 
     @app.get("/api/stats", tags=["service"])

@@ -21,7 +21,7 @@ import numpy as np
 from .. import conditioning as cond
 from .. import copyguard, credentials
 from ..errors import DatabaseError, RDMError
-from ..pipeline import RDMPipeline, make_scheduler
+from ..pipeline import RDMPipeline, check_sampler, make_scheduler
 from ..selection import Selection
 from ..retrieval import DatabaseRegistry, DatabaseRetriever
 from .config import ServeConfig
@@ -224,7 +224,7 @@ class Engine:
         eta = own.eta if eta is None else eta
         guidance_rescale = own.guidance_rescale if guidance_rescale is None else guidance_rescale
         try:
-            make_scheduler(scheduler, self.pipe.scheduler)
+            check_sampler(make_scheduler(scheduler, self.pipe.scheduler), steps)
         except RDMError as e:
             raise BadRequest(422, str(e)) from None
         if not config.query_token and k == 0:

@@ -130,16 +130,45 @@ def _refuse_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+MAX_INT_DIGITS = 19  # an integer in a request fits in 64 bits
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def lone_surrogate(body: bytes) -> bool:
+    """True when a JSON body escapes a UTF-16 surrogate that is not half of a pair ("\\ud800" alone), which no
+    UTF-8 text can hold. Only bodies with such an escape are parsed here."""
+    if b"\\ud" not in body.lower():
+        return False
+    try:
+        json.dumps(json.loads(body), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (ValueError, RecursionError):
+        return False  # malformed: the endpoint's own parser says so
+    return False
+
+
 def parse_json(body: bytes) -> Any:
-    """Parse a request body as JSON whatever its Content-Type (clip-retrieval's client sends none); NaN refused."""
+    """Parse a request body as JSON whatever its Content-Type (clip-retrieval's client sends none); NaN, integers
+    beyond 64 bits, lone surrogates and nesting deeper than Python's recursion refused (400)."""
     if not body:
         raise BadRequest(400, "empty request body: send a JSON object")
     try:
-        return json.loads(body, parse_constant=_refuse_constant)
+        data = json.loads(body, parse_constant=_refuse_constant, parse_int=_parse_int)
     except UnicodeDecodeError:
         raise BadRequest(400, "request body is not UTF-8 JSON") from None
+    except RecursionError:
+        raise BadRequest(400, "malformed JSON: nested too deeply") from None
     except ValueError as e:
         raise BadRequest(400, f"malformed JSON: {e}") from None
+    if lone_surrogate(body):
+        raise BadRequest(400, "malformed JSON: a string holds a lone UTF-16 surrogate, which is not text")
+    return data
 
 
 def model_from(cls: type[Strict], data: Any) -> Strict:
