@@ -121,11 +121,13 @@ def check_sampler(sampler: SchedulerMixin, steps: int) -> None:
 
     fresh = type(sampler).from_config(sampler.config)
     try:
-        fresh.set_timesteps(steps)
-        x = torch.zeros(1, 1, 2, 2)
-        for t in fresh.timesteps:
-            x = fresh.scale_model_input(x, t)
-            x = fresh.step(torch.zeros_like(x), t, x).prev_sample
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the samplers' own deprecation notes, repeated on every check
+            fresh.set_timesteps(steps)
+            x = torch.zeros(1, 1, 2, 2)
+            for t in fresh.timesteps:
+                x = fresh.scale_model_input(x, t)
+                x = fresh.step(torch.zeros_like(x), t, x).prev_sample
     except Exception as e:  # noqa: BLE001 - any failure of the sampler's own code is a refusal of this setting
         raise RDMError(f"scheduler {type(sampler).__name__} cannot sample {steps} steps: {type(e).__name__}: {e}") \
             from None
