@@ -252,6 +252,11 @@ class RDMPipeline(DiffusionPipeline):
         return self._adapters
 
     @property
+    def adapter_loads(self) -> int:
+        """Adapter files read into the U-Net so far (switching between loaded adapters reads none)."""
+        return self._adapters.loads if self._adapters is not None else 0
+
+    @property
     def active_adapters(self) -> list[dict]:
         """The adapters in use and their weights, as provenance records them ([] for the base model)."""
         return self._adapters.records() if self._adapters is not None else []

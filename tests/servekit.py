@@ -54,3 +54,16 @@ def wait_job(base: str, job: dict, timeout: float = 120) -> dict:
             return view
         time.sleep(0.05)
     raise AssertionError(f"job {job['id']} did not finish")
+
+
+def serve_world(world: dict, **config):
+    """The real server on 127.0.0.1 (any free port) around the world's tiny model and databases; stop() it."""
+    from rdm import RDMPipeline
+    from rdm.service.config import ServeConfig
+    from rdm.service.server import start
+
+    pipe = RDMPipeline.from_pretrained(world["model"])
+    pipe.set_progress_bar_config(disable=True)
+    running = start(ServeConfig(port=0, model=str(world["model"]), indexes=str(world["home"]), **config), pipe=pipe)
+    running.pipe = pipe
+    return running

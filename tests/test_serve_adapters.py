@@ -7,7 +7,7 @@ import json
 
 import pytest
 from conftest import make_adapter
-from servekit import build_world, call, jcall, wait_job
+from servekit import build_world, call, jcall, serve_world, wait_job
 
 from rdm import RDMPipeline
 from rdm.errors import RDMError
@@ -29,11 +29,8 @@ def world(tmp_path_factory, tiny_clip):
 
 @pytest.fixture(scope="module")
 def served(world):
-    pipe = RDMPipeline.from_pretrained(world["model"])
-    pipe.set_progress_bar_config(disable=True)
-    running = start(ServeConfig(port=0, model=str(world["model"]), indexes=str(world["home"]),
-                                adapters=tuple(str(a) for a in world["adapters"])), pipe=pipe)
-    yield running, pipe
+    running = serve_world(world, adapters=tuple(str(a) for a in world["adapters"]))
+    yield running, running.pipe
     running.stop()
 
 

@@ -7,21 +7,14 @@ import json
 import sys
 
 import pytest
-from servekit import build_world, call, jcall
-
-from rdm import RDMPipeline
-from rdm.service.config import ServeConfig
-from rdm.service.server import start
+from servekit import build_world, call, jcall, serve_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_clip):
-    world = build_world(tmp_path_factory.mktemp("serve-inputs"), tiny_clip)
-    pipe = RDMPipeline.from_pretrained(world["model"])
-    pipe.set_progress_bar_config(disable=True)
-    running = start(ServeConfig(port=0, model=str(world["model"]), indexes=str(world["home"])), pipe=pipe)
+    running = serve_world(build_world(tmp_path_factory.mktemp("serve-inputs"), tiny_clip))
     yield running
     running.stop()
 

@@ -47,6 +47,15 @@ def browser():
         b.close()
 
 
+def open_page(server, browser):
+    """(page, list its script errors collect in) on the service's page."""
+    page = browser.new_page(viewport={"width": 1360, "height": 900}, accept_downloads=True, bypass_csp=True)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/")
+    return page, errors
+
+
 def test_prompt_progress_neighbours_compare_and_provenance(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1360, "height": 900}, accept_downloads=True,
                             bypass_csp=True)  # wait_for_function evaluates strings; the page itself needs no eval
@@ -124,10 +133,7 @@ def test_prompt_progress_neighbours_compare_and_provenance(server, browser, tmp_
 
 def test_a_negative_collection_and_the_diversity_slider(server, browser):
     """The page sends the avoided collections and the diversity slider's value; the job's provenance says so."""
-    page = browser.new_page(viewport={"width": 1360, "height": 900}, accept_downloads=True, bypass_csp=True)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server.url + "/")
+    page, errors = open_page(server, browser)
     page.wait_for_selector("#databases input[type=checkbox]")
     names = [page.locator(f"#db-{i}").get_attribute("data-name") for i in range(3)]
     page.fill("#prompt", "a green heart")
@@ -152,10 +158,7 @@ def test_a_negative_collection_and_the_diversity_slider(server, browser):
 
 def test_an_adapter_is_chosen_with_its_weight(server, browser):
     """The page lists the served adapters; a checked one is sent with its slider's weight, and provenance says so."""
-    page = browser.new_page(viewport={"width": 1360, "height": 900}, accept_downloads=True, bypass_csp=True)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server.url + "/")
+    page, errors = open_page(server, browser)
     page.wait_for_selector("#adapters input[type=checkbox]")
     assert page.is_visible("#adapters-box") and page.get_attribute("#ad-0", "data-name") == "bold"
     page.fill("#prompt", "a blue star")
@@ -181,10 +184,7 @@ def test_a_photo_is_uploaded_a_mask_painted_and_only_the_masked_region_redrawn(s
     import numpy as np
     from PIL import Image, ImageDraw
 
-    page = browser.new_page(viewport={"width": 1360, "height": 900}, accept_downloads=True, bypass_csp=True)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(server.url + "/")
+    page, errors = open_page(server, browser)
     page.wait_for_selector("#databases input[type=checkbox]")
     photo = Image.new("RGB", (64, 64), (245, 245, 240))
     ImageDraw.Draw(photo).ellipse((8, 14, 40, 46), fill=(30, 60, 220))

@@ -227,7 +227,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
 
     @app.get("/api/stats", tags=["service"])
     def stats():
-        return {**queue.stats(), "adapter_loads": engine.adapter_loads}
+        return {**queue.stats(), "adapter_loads": engine.pipe.adapter_loads}
 
     # -- databases ------------------------------------------------------------------------------------
     def public_info(db) -> dict:

@@ -103,11 +103,6 @@ class Engine:
             served[info.name] = info
         return served
 
-    @property
-    def adapter_loads(self) -> int:
-        """Adapter files read into the U-Net since start (requests switch between them without reading any)."""
-        return self.pipe._adapters.loads if self.pipe._adapters is not None else 0
-
     def adapter_choice(self, choices) -> tuple:
         """A request's adapters [{name, weight}] as Settings.adapters; 404 for one not served, 422 for a bad weight."""
         out = []
