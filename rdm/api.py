@@ -9,47 +9,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from . import store
-from .errors import DatabaseError, RDMError, SourceError
+from .build import build_index, default_name  # noqa: F401 (the commands' functions, one place to find them)
+from .db import home_path, open_database, store  # noqa: F401
+from .embed import embedder_for, load_embedder  # noqa: F401
+from .errors import RDMError
 
 if TYPE_CHECKING:
     import numpy as np
 
     from .build import BuildReport
-    from .database import Database
-    from .embedder import Embedder
-
-
-def load_embedder(model_id: str, device: str | None = None, dtype: str = "auto") -> "Embedder":
-    """Load (once per process) an embedder by model id."""
-    from .embedder import load_cached
-
-    return load_cached(model_id, device, dtype)
-
-
-def embedder_for(db: "Database", device: str | None = None) -> "Embedder":
-    """The embedder that made a database's vectors; refuse one whose weights differ."""
-    emb = load_embedder(db.identity.model, device)
-    if not emb.identity.same_vectors_as(db.identity):
-        raise DatabaseError(f"database {db.name} was built with {db.identity.describe()}, but "
-                            f"{db.identity.model} now loads as {emb.identity.describe()}")
-    return emb
-
-
-def home_path(indexes: str | None) -> Path:
-    return store.indexes_home(indexes)
-
-
-def open_database(db: str | Path, indexes: str | None = None) -> "Database":
-    from .database import Database
-
-    return Database.open(db, indexes)
+    from .embed.embedder import Embedder
 
 
 def set_licence(db: str | Path, column: str | None = None, allow: Sequence[str] | str = (),
                 attribution: str | None = None, clear: bool = False, indexes: str | None = None):
-    """`rdm licence`: set (or clear, or with no arguments read) a database's licence rule (rdm.licence)."""
-    from .licence import LicenceRule, parse_allow, read_rule, write_rule
+    """`rdm licence`: set (or clear, or with no arguments read) a database's licence rule (rdm.db.licence)."""
+    from .db.licence import LicenceRule, parse_allow, read_rule, write_rule
 
     database = open_database(db, indexes)
     if clear:
@@ -73,7 +48,7 @@ def curate(db: str | Path, options=None, apply: Sequence[str] = (), dry_run: boo
            indexes: str | None = None, progress: bool = False):
     """`rdm curate`: (report, {id: reason} removed or, with dry_run, to be removed, written files)."""
     from . import curate as curation
-    from .curate_report import write_report
+    from .curate.report import write_report
 
     database = open_database(db, indexes)
     bar = None
@@ -96,67 +71,6 @@ def curate(db: str | Path, options=None, apply: Sequence[str] = (), dry_run: boo
     return report, removed, files
 
 
-def default_name(source: str) -> str:
-    """Database name from a source spec: folder or file name, or the dataset's name."""
-    name = Path(source.removeprefix("hf:").rstrip("/")).name
-    return Path(name).stem if Path(name).suffix in (".npy", ".npz", ".parquet") else name
-
-
-def build_index(source: str, name: str | None = None, clip: str | None = None, indexes: str | None = None,
-                batch_size: int = 64, workers: int | None = None, device: str | None = None, dtype: str = "auto",
-                index_factory: str | None = None, vector_dtype: str | None = None, resume: bool = False,
-                append: bool = False, overwrite: bool = False, limit: int | None = None, checkpoint_every: int = 16,
-                split: str = "train", image_column: str | None = None, caption_column: str | None = None,
-                streaming: bool = False, progress: bool = True, engine: str = "local",
-                ray_address: str | None = None) -> "BuildReport":
-    """`rdm build-index`: open the source, load the embedder, build (or resume/append) the database.
-
-    engine "local" runs the stages in this process and its decoding workers; "ray" runs them as a
-    Ray Data pipeline on the cluster at `ray_address` (default: a local one), see rdm.build_ray.
-    """
-    from .build import BuildOptions, build_database
-    from .identity import DEFAULT_CLIP, local_dir_canonical
-    from .sources import open_source
-
-    if engine not in ("local", "ray"):
-        raise RDMError(f"--engine must be local or ray, not {engine}")
-    if ray_address and engine != "ray":
-        raise RDMError("--ray-address needs --engine ray")
-    src = open_source(source, split=split, image_column=image_column, caption_column=caption_column,
-                      streaming=streaming)
-    if len(src) == 0:
-        raise SourceError(f"source {source} holds no images (looked for jpg, jpeg, png, webp, bmp, gif, tif, tiff)")
-    name = name or default_name(source)
-    db_dir = store.resolve(name, indexes)
-    recorded = None
-    if (append or resume) and (db_dir / store.MANIFEST).is_file():
-        recorded = store.read_manifest(db_dir, db_dir.name)["embedder"]
-        if clip is None:  # keep the embedder the database was built with (the manifest says which)
-            clip = recorded["model"]
-        elif local_dir_canonical(clip) != local_dir_canonical(recorded["model"]):
-            recorded = None
-    if src.kind == "embeddings":  # nothing to embed, and this process never imports torch: vectors added to a
-        # database with its CLIP (no --clip, or the same id) are recorded as its manifest says; otherwise
-        # the CLIP's identity is computed in a child process (loaded only if it is on this machine)
-        from .identity import EmbedderIdentity, IdentityOnly, identity_for_vectors
-
-        if recorded is not None:
-            embedder = IdentityOnly(EmbedderIdentity.from_dict(recorded))
-        else:
-            embedder = identity_for_vectors(clip or DEFAULT_CLIP, int(src.vectors.shape[1]))
-    else:
-        embedder = load_embedder(clip or DEFAULT_CLIP, device, dtype)
-    opts = BuildOptions(batch_size=batch_size, workers=workers, index_factory=index_factory,
-                        vector_dtype=vector_dtype, resume=resume, append=append, overwrite=overwrite, limit=limit,
-                        progress=progress, batches_per_shard=checkpoint_every)
-    runner = None
-    if engine == "ray":
-        from .build_ray import RayEngine
-
-        runner = RayEngine(address=ray_address, dtype=None if dtype == "auto" else dtype)
-    return build_database(src, name, embedder, indexes, opts, engine=runner)
-
-
 def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -167,7 +81,7 @@ def _size(n: float) -> str:
 
 def format_report(r: "BuildReport") -> str:
     """The summary printed at the end of a build."""
-    from .decode import SKIP_REASONS
+    from .images.decode import SKIP_REASONS
 
     if r.note:
         return f"{r.note}\n  total      {r.total} items"
@@ -266,7 +180,7 @@ def search(db: str, texts: Sequence[str], images: Sequence[str] = (), k: int = 1
 
 
 def write_search_sheet(labels: Sequence[str], hits: Sequence[Sequence[dict]], out: str, title: str = "") -> Path:
-    from .sheets import search_sheet
+    from .images.sheets import search_sheet
 
     return search_sheet(labels, hits, out, title=title)
 
@@ -285,6 +199,6 @@ def compact(db: str, indexes: str | None = None, progress: bool = True) -> dict:
 
 def verify(db: str, indexes: str | None = None) -> dict:
     """`rdm verify`: check every file's size and digest."""
-    from .database import Database
+    from .db.database import Database
 
     return Database.open(db, indexes, verify=False).verify()

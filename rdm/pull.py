@@ -1,8 +1,8 @@
-"""`rdm pull NAME`: download a published asset (rdm.registry), verify it, and install what it becomes.
+"""`rdm pull NAME`: download a published asset (rdm.models.assets), verify it, and install what it becomes.
 
   1. Where from: --url (a URL or the path of a copy fetched elsewhere), else $RDM_PULL_URL_<NAME>,
      else $RDM_PULL_MIRROR + the file's name, else the publisher's URL.
-  2. Download (rdm.download: resumable, atomic) and verify: a digest pinned in the registry or given
+  2. Download (rdm.models.download: resumable, atomic) and verify: a digest pinned in the registry or given
      with --sha256, else the digest recorded at the first download (trust on first use, in
      $RDM_HOME/digests.json); the first download's digest is recorded.
   3. Install: a model checkpoint is converted (nothing in its pickle runs) into $RDM_HOME/models/NAME;
@@ -23,10 +23,11 @@ from typing import Callable
 
 import numpy as np
 
-from . import api, store
-from .download import DigestBook, DigestMismatch, DownloadError, Fetched, fetch, is_local, progress_enabled
+from .build import build_index
+from .db import store
 from .errors import RDMError
-from .registry import MIRROR_ENV, Asset, asset, downloads_home, models_home, rdm_home
+from .models.assets import MIRROR_ENV, Asset, asset, downloads_home, models_home, rdm_home
+from .models.download import DigestBook, DigestMismatch, DownloadError, Fetched, fetch, is_local, progress_enabled
 
 DIGESTS = "digests.json"
 
@@ -129,7 +130,7 @@ def install_model(a: Asset, url: str | None, config: str | None, sha256: str | N
     config_path = _config_file(a, config, progress, log)
     ckpt = fetch_verified(a, a.filename, source, sha256, progress, log)
     log(f"converting {ckpt.path.name} (memory-mapped; nothing in the checkpoint is executed)")
-    from .generate import convert  # torch and diffusers: seconds to import
+    from .sampling.generate import convert  # torch and diffusers: seconds to import
 
     result = convert(ckpt.path, config_path, clip or a.clip, out, overwrite=force, checkpoint_sha256=ckpt.sha256,
                      origin={"asset": a.name, "url": source})
@@ -212,7 +213,7 @@ def install_databases(a: Asset, url: str | None, sha256: str | None, clip: str |
                 log(f"database {name}: kept (already installed)")
                 installed.append(store.resolve(name, indexes))
                 continue
-            report = api.build_index(str(files[name]), name=name, clip=clip or a.clip, indexes=indexes,
+            report = build_index(str(files[name]), name=name, clip=clip or a.clip, indexes=indexes,
                                      overwrite=name in present, progress=progress_enabled(progress))
             log(f"database {name}: {report.total} items, {report.index_factory} ({report.path})")
             installed.append(Path(report.path))

@@ -3,9 +3,9 @@
     python scripts/bench_codes.py EMB.npy [--n 1000000] [--nlist 1024] [--codes PQ96np OPQ96,PQ96np PQ192np SQ4 SQ8]
 
 EMB.npy is bench_scale's input (`emb-structured-1000000.npy`). Every code is trained on the same
-seeded sample with the same coarse centroids (rdm.index.train's two-level spherical k-means), filled
+seeded sample with the same coarse centroids (rdm.db.faiss_index.train's two-level spherical k-means), filled
 in memory (a code "OPQ96,PQ96np" is a rotation trained on the sample first, the centroids rotated with
-it), and searched with 200 image-like and 200 text-like queries (rdm.index's query makers) whose
+it), and searched with 200 image-like and 200 text-like queries (rdm.db.faiss_index's query makers) whose
 candidates are re-scored exactly, as rdm does, against exact top-10 ground truth. Prints one line per
 (code, nprobe): recall@10 image / text per re-ranking depth, and the single-thread time of the
 candidate search (scan ms/query). Needs N x D x 4 bytes of memory (3 GB at 1M x 768).

@@ -2,7 +2,7 @@
 
     python scripts/bench_convert.py ../shared/reference/compvis_rdm768x768.yaml [--work DIR] [--keep]
 
-1. The checkpoint: every tensor of `rdm.convert.compvis.compvis_layout(config)` (schedule buffers,
+1. The checkpoint: every tensor of `rdm.models.convert.compvis.compvis_layout(config)` (schedule buffers,
    U-Net, its EMA copies, autoencoder: the layout of CompVis' published 768x768 model), random, plus
    Lightning's bookkeeping, written with torch.save. Each tensor lives in its own memory-mapped
    scratch file while it is written, so writing ~11 GB does not need ~11 GB of memory.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 CHILD = r"""
 import json, resource, sys, time
-from rdm.generate import convert
+from rdm.sampling.generate import convert
 started = time.perf_counter()
 result = convert(sys.argv[1], sys.argv[2], "ViT-L-14:openai", sys.argv[3])
 print(json.dumps({"seconds": time.perf_counter() - started,
@@ -41,7 +41,7 @@ def write_checkpoint(config: Path, out: Path, scratch: Path) -> dict:
     """A random checkpoint of `config`'s CompVis layout at `out`; returns the parameter counts."""
     import torch
 
-    from rdm.convert.compvis import UNET_PREFIX, VAE_PREFIX, compvis_layout, read_compvis_config
+    from rdm.models.convert.compvis import UNET_PREFIX, VAE_PREFIX, compvis_layout, read_compvis_config
 
     params = read_compvis_config(config)
     generator = torch.Generator().manual_seed(0)

@@ -21,12 +21,12 @@ import torch
 from PIL import Image
 
 from rdm import api
-from rdm.database import Database
+from rdm.db.database import Database
 from rdm.demo.blind import border_rgb
 from rdm.demo.evaluate import build_style_databases
 from rdm.demo.run import DEFAULT_PROMPTS, DEMO_CLIP, DEMO_MODEL, DEMO_START
 from rdm.demo.toyart import ToyArtSpec
-from rdm.pipeline import RDMPipeline
+from rdm.sampling.pipeline import RDMPipeline
 
 
 def border(images: np.ndarray) -> np.ndarray:

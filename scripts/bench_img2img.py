@@ -20,7 +20,7 @@ import torch
 
 from rdm.demo.run import DEMO_MODEL
 from rdm.demo.toyart import ToyArtSpec, sample_item
-from rdm.pipeline import RDMPipeline
+from rdm.sampling.pipeline import RDMPipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale import cpu_name  # noqa: E402

@@ -34,10 +34,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from rdm.build import BuildOptions, build_database
-from rdm.decode import decode_image
-from rdm.embedder import Embedder
+from rdm.images.decode import decode_image
+from rdm.embed.embedder import Embedder
 from rdm.sources import FolderSource
-from rdm.tiny import make_tiny_clip
+from rdm.models.tiny import make_tiny_clip
 
 
 def write_jpegs(root: Path, n: int, size=(512, 384), seed=0) -> None:
@@ -90,7 +90,7 @@ def ray_build(emb: Embedder, root: Path, batch: int, home: Path) -> float | None
         import ray
     except ImportError:
         return None
-    from rdm.build_ray import RayEngine
+    from rdm.build.ray_data import RayEngine
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
@@ -103,9 +103,9 @@ def ray_build(emb: Embedder, root: Path, batch: int, home: Path) -> float | None
 
 def segment_write_and_commit(dim: int, home: Path) -> tuple[float, float]:
     """MB/s of write_segment (1024 float32 rows + metadata) and seconds of a manifest commit."""
-    from rdm import store
-    from rdm.database import rows_to_table, skipped_table
-    from rdm.segment import write_segment
+    from rdm.db import store
+    from rdm.db.manifest import rows_to_table, skipped_table
+    from rdm.db.segment import write_segment
 
     rows = 1024
     vec = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float32)

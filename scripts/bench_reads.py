@@ -6,7 +6,7 @@ Reads `--rows` random sorted rows of a 2-d .npy (a segment's vectors, or bench_s
 repeat, as one search's re-scoring does, and prints per design the median and p90 time and how much
 the process's file-backed resident memory (RssFile) grew. "cold" evicts the file from the page cache
 before each repeat (posix_fadvise DONTNEED: no root needed), "warm" reads it into the cache first.
-rdm's reader is `rdm.segment.pread_rows`: RWF_NOWAIT reads for cached rows, then READ_THREADS threads
+rdm's reader is `rdm.db.segment.pread_rows`: RWF_NOWAIT reads for cached rows, then READ_THREADS threads
 for the others.
 """
 

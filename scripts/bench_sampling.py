@@ -7,7 +7,7 @@
 
 CPU part: the golden CompVis checkpoint (the structure of the published RDM, scaled down; native
 128x128) converted with a tiny random CLIP, and a database of toy-art pictures embedded by that CLIP.
-Each row is a full `rdm.generate.sample` call on a loaded pipeline (50 DDIM steps, guidance 5: text
+Each row is a full `rdm.sampling.generate.sample` call on a loaded pipeline (50 DDIM steps, guidance 5: text
 embedding, retrieval, denoising, decoding, PNG + JSON + grid writing); U-Net time is measured with
 forward hooks, and "outside" is everything else. bfloat16 is compared with float32 pixel by pixel.
 
@@ -35,9 +35,9 @@ from PIL import Image
 
 from rdm import api
 from rdm.demo.toyart import ToyArtSpec, generate as make_toyart
-from rdm.generate import SampleOptions, convert, sample
-from rdm.pipeline import RDMPipeline
-from rdm.tiny import make_tiny_clip
+from rdm.sampling.generate import SampleOptions, convert, sample
+from rdm.sampling.pipeline import RDMPipeline
+from rdm.models.tiny import make_tiny_clip
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GOLDEN = SHARED / "golden" / "compvis_rdm_small"
@@ -140,7 +140,7 @@ def bench_full_cpu(steps: int) -> None:
     if not REFERENCE_768.is_file():
         print(f"full-size CPU probe: skipped ({REFERENCE_768} not available)")
         return
-    from rdm.convert.compvis import build_models, read_compvis_config
+    from rdm.models.convert.compvis import build_models, read_compvis_config
 
     params = read_compvis_config(REFERENCE_768)
     unet = build_models(params)[0].eval()  # random weights
@@ -173,8 +173,8 @@ def bench_gpu(steps: int) -> None:
         return
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from rdm.convert.compvis import build_models, native_resolution, read_compvis_config
-    from rdm.modelformat import RDMConfig
+    from rdm.models.convert.compvis import build_models, native_resolution, read_compvis_config
+    from rdm.models.format import RDMConfig
 
     params = read_compvis_config(REFERENCE_768)
     unet, vae, scheduler = build_models(params, device="cuda")  # random weights

@@ -116,8 +116,8 @@ def in_child(fn, *args) -> None:
 
 
 def make_queries(emb: Path, size: int, path: Path) -> None:
-    from rdm.index import image_like_queries, text_like_queries
-    from rdm.segment import read_npy_picks
+    from rdm.db.faiss_index import image_like_queries, text_like_queries
+    from rdm.db.segment import read_npy_picks
 
     sample = read_npy_picks(emb, np.sort(np.random.default_rng(5).choice(size, 4096, replace=False)))
     sample = sample.astype(np.float32)
@@ -144,7 +144,7 @@ PROBE = r"""
 import json, sys, time
 import numpy as np
 t0 = time.perf_counter()
-from rdm.database import Database
+from rdm.db.database import Database
 home, name, what = sys.argv[1], sys.argv[2], sys.argv[3]
 rng = np.random.default_rng(5)
 q = rng.standard_normal((1, 768)).astype(np.float32)
@@ -161,7 +161,7 @@ elif what == "check-removed":
     hits = db.search(vec, k=10).hits(0)
     print(json.dumps({"returned_removed": any(h["id"] == gone for h in hits)}))
 elif what == "search":
-    from rdm.index import recall_at_k
+    from rdm.db.faiss_index import recall_at_k
     qfile = np.load(sys.argv[4])  # the same queries for every design (made by the driver)
     sets = {"image": qfile["image"], "text": qfile["text"]}
     out = {}
@@ -186,7 +186,7 @@ elif what == "search":
         if hasattr(db, "_exact_search"):
             truth = db._exact_search(qs, 10, None)[1]
         else:
-            from rdm.index import exact_topk
+            from rdm.db.faiss_index import exact_topk
             truth = exact_topk(qs, db.vectors, 10)[1]
         out[f"recall_{kind}"] = recall_at_k(found, truth)
     print(json.dumps(out))
@@ -278,7 +278,7 @@ def table(rows: list[dict]) -> str:
 
 def make_clip(clip_dir: Path) -> None:
     sys.path.insert(0, str(REPO))
-    from rdm.tiny import TINY_CLIP_CFG, make_tiny_clip
+    from rdm.models.tiny import TINY_CLIP_CFG, make_tiny_clip
 
     make_tiny_clip(clip_dir, model_cfg=dict(TINY_CLIP_CFG, embed_dim=DIM))
 

@@ -29,7 +29,7 @@ from diffusers import AutoencoderKL
 from rdm import api
 from rdm.demo.clip import DEMO_CLIP_CFG
 from rdm.demo.toyart import ToyArtSpec, generate
-from rdm.tiny import TINY_CLIP_CFG, make_tiny_clip
+from rdm.models.tiny import TINY_CLIP_CFG, make_tiny_clip
 from rdm.train import TrainConfig, VAETrainConfig, load_preset, train, train_vae
 
 CLIP_DIM = DEMO_CLIP_CFG["embed_dim"]  # the demo CLIP's embedding width: the U-Net's cross-attention width

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Calibrate the copy guard (rdm.copyguard) on the demo model: how close do ordinary samples come to their nearest
+"""Calibrate the copy guard (rdm.sampling.copyguard) on the demo model: how close do ordinary samples come to their nearest
 database item, how close do deliberate copies and item-to-item duplicates come, and what does a threshold flag?
 
     python scripts/calibrate_copy_guard.py --databases 'large-{style}' --indexes IDX --seeds 61 62
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from rdm.copyguard import DEFAULT_THRESHOLD, PIXEL_THRESHOLD, CopyGuard, pixel_distance
+from rdm.sampling.copyguard import DEFAULT_THRESHOLD, PIXEL_THRESHOLD, CopyGuard, pixel_distance
 from rdm.demo.evaluate import content_grid, open_style_databases
 from rdm.demo.run import DEMO_MODEL
 from rdm.demo.toyart import STYLES, make_caption
@@ -54,7 +54,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also write the measurements as JSON")
     a = p.parse_args(argv)
 
-    from rdm.pipeline import RDMPipeline
+    from rdm.sampling.pipeline import RDMPipeline
 
     pipe = RDMPipeline.from_pretrained(a.model)
     pipe.set_progress_bar_config(disable=True)

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-import rdm.pipeline as pipeline_module
+import rdm.sampling.pipeline as pipeline_module
 from rdm.demo.blind import CentroidJudge
 from rdm.demo.evaluate import (StyleSwapConfig, content_grid, database_borders, open_style_databases,
                                pipeline_sampler, run_sampler_grid)
 from rdm.demo.toyart import STYLES
-from rdm.pipeline import RDMPipeline
+from rdm.sampling.pipeline import RDMPipeline
 
 FIXED_STEP_KWARGS = pipeline_module._step_kwargs
 

@@ -24,7 +24,7 @@ from rdm.demo.blind import CentroidJudge
 from rdm.demo.evaluate import content_grid
 from rdm.demo.run import DEMO_CLIP, DEMO_MODEL
 from rdm.demo.toyart import STYLES, ToyArtSpec, generate, make_caption
-from rdm.score import ScoreOptions, score_images, train_probe
+from rdm.sampling.score import ScoreOptions, score_images, train_probe
 
 START = 80_000_000
 
@@ -38,7 +38,7 @@ def main(argv=None):
     p.add_argument("--content-offset", type=int, default=16)
     p.add_argument("--seeds", type=int, nargs="+", default=[91, 92])
     a = p.parse_args(argv)
-    from rdm.pipeline import RDMPipeline
+    from rdm.sampling.pipeline import RDMPipeline
 
     work, clip = Path(a.work), f"local-dir:{DEMO_CLIP}"
     home = str(work / "indexes")

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from PIL import Image
 
-    from rdm.pipeline import RDMPipeline
+    from rdm.sampling.pipeline import RDMPipeline
 
     pipe = RDMPipeline.from_pretrained(a.model)
     databases = open_style_databases(a.databases, a.styles, a.indexes)

@@ -29,9 +29,9 @@ from rdm.demo.blind import CentroidJudge
 from rdm.demo.evaluate import (SAMPLER_GRID, StyleSwapConfig, build_style_databases, contact_sheet, content_grid,
                                database_borders, database_scorer, grid_markdown, grid_sampler, open_style_databases,
                                pipeline_sampler, run_sampler_grid, run_style_swap)
-from rdm.conditioning import NeighbourControl
+from rdm.sampling.conditioning import NeighbourControl
 from rdm.demo.toyart import COLOURS, SHAPES, STYLES, ToyArtSpec
-from rdm.selection import Selection
+from rdm.sampling.selection import Selection
 
 
 def say(line: str) -> None:
@@ -57,7 +57,7 @@ def cmd_databases(a: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> None:
-    from rdm.pipeline import RDMPipeline  # diffusers is only needed here
+    from rdm.sampling.pipeline import RDMPipeline  # diffusers is only needed here
 
     pipe = RDMPipeline.from_pretrained(a.model)
     if a.device:
@@ -100,7 +100,7 @@ def cmd_grid(a: argparse.Namespace) -> None:
     """The blind style swap at every cell of SAMPLER_GRID (and the model's own defaults), for each database set."""
     import csv
 
-    from rdm.pipeline import RDMPipeline
+    from rdm.sampling.pipeline import RDMPipeline
 
     pipe = RDMPipeline.from_pretrained(a.model)
     if a.device:

@@ -34,8 +34,8 @@ def golden_on_cuda():
     """The converted golden model's U-Net on CUDA (fp32, TF32 off) against the original code's eps."""
     from safetensors.torch import load_file
 
-    from rdm.convert.compvis import convert_compvis_checkpoint
-    from rdm.modelformat import load_model_components
+    from rdm.models.convert.compvis import convert_compvis_checkpoint
+    from rdm.models.format import load_model_components
 
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     ref = load_file(str(golden / "golden.safetensors"))

@@ -35,7 +35,7 @@ def make_world(root: Path, resolution: int, channels: int) -> tuple[Path, Path]:
     from PIL import Image
 
     from rdm import api
-    from rdm.tiny import make_tiny_clip, make_tiny_rdm
+    from rdm.models.tiny import make_tiny_clip, make_tiny_rdm
 
     clip = make_tiny_clip(root / "clip")
     identity = api.load_embedder(clip, "cpu", "float32").identity.to_dict()

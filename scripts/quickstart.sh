@@ -7,7 +7,7 @@ set -euo pipefail
 OUT=${1:-outputs/quickstart}
 rm -rf "$OUT" && mkdir -p "$OUT"
 rdm toyart "$OUT/catalog" -n 120 --styles flat,neon,mosaic
-python -c "from rdm.tiny import make_tiny_clip; make_tiny_clip('$OUT/tiny_clip')"
+python -c "from rdm.models.tiny import make_tiny_clip; make_tiny_clip('$OUT/tiny_clip')"
 rdm build-index "$OUT/catalog" --name quickstart --clip "local-dir:$OUT/tiny_clip" --indexes "$OUT/indexes"
 rdm --indexes "$OUT/indexes" info quickstart
 first=$(ls "$OUT/catalog/neon" | head -1)

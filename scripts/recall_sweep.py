@@ -5,7 +5,7 @@
 
 Works on a committed database or on a build folder whose index stage finished encoding but not tuning
 (segments/*/index.TAG.faiss and trained.TAG.faiss present): it reads the files directly. The queries
-are the build tuner's two sets (rdm.index.image_like_queries / text_like_queries over a seeded sample),
+are the build tuner's two sets (rdm.db.faiss_index.image_like_queries / text_like_queries over a seeded sample),
 so the table says which of probing or re-ranking limits the tuned recall. One thread, as a single query
 runs; prints one JSON line per setting.
 """
@@ -21,9 +21,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from rdm import index as fi
-
-
+from rdm.db import faiss_index as fi
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("db", type=Path)

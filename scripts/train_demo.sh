@@ -113,7 +113,7 @@ python - "$ASSETS" <<'EOF'
 import json, sys
 from pathlib import Path
 
-from rdm.embedder import Embedder
+from rdm.embed.embedder import Embedder
 
 # The model records the CLIP's weights checksum, which is what is checked; its id would be this machine's
 # absolute path, so it is replaced by "local-dir:clip", relative to the model folder (a copy of it loads anywhere).

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from imagezoo import base_picture, write_zoo  # noqa: E402
-
-from rdm.tiny import make_tiny_clip  # noqa: E402
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-GOLDEN = SHARED / "golden" / "compvis_rdm_small"
-
-
-def need(path: Path) -> Path:
-    """The path, or skip the test when the shared reference data beside the checkout is absent."""
-    if not path.exists():
-        pytest.skip(f"shared reference data not available: {path}")
-    return path
+from rdm.models.tiny import make_tiny_clip
+from tests.helpers.imagezoo import write_zoo
+from tests.helpers.world import SHARED_MISSING, make_folder
 
 
 @pytest.fixture(scope="module")
@@ -58,67 +44,18 @@ def home(tmp_path, monkeypatch) -> Path:
     return h
 
 
-def make_folder(root: Path, n: int, seed: int = 100) -> list[str]:
-    """n distinct pictures as PNGs; returns their relative paths, sorted."""
-    from PIL import Image
-
-    root.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i in range(n):
-        name = f"img{i:03d}.png"
-        Image.fromarray(base_picture(seed + i)).save(root / name)
-        names.append(name)
-    return sorted(names)
-
-
 @pytest.fixture
 def pictures(tmp_path) -> tuple[Path, list[str]]:
     root = tmp_path / "pictures"
     return root, make_folder(root, 24)
 
 
-def cli_env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def run_cli(*args, ok: bool = True, env: dict | None = None):
-    """`rdm ARGS...` in-process (click's runner); asserts exit 0 unless ok=False."""
-    from click.testing import CliRunner
-
-    from rdm.cli import main
-
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False, env=env)
-    if ok:
-        assert result.exit_code == 0, result.output
-    return result
-
-
-def tiny_collection(root: Path, tiny_clip: str, n: int, seed: int, name: str) -> tuple[Path, Path]:
-    """n pictures in root/pics as database `name` in root/indexes, and a tiny RDM for the same CLIP (k=3):
-    (databases home, model folder)."""
-    from rdm import api
-    from rdm.tiny import make_tiny_rdm
-
-    make_folder(root / "pics", n, seed=seed)
-    home = root / "indexes"
-    api.build_index(str(root / "pics"), name=name, clip=tiny_clip, indexes=str(home), workers=0, progress=False)
-    return home, make_tiny_rdm(root / "model", api.load_embedder(tiny_clip).identity.to_dict(), k=3)
-
-
-def make_adapter(out: Path, model: Path, seed: int, base_fingerprint: str, rank: int = 2) -> Path:
-    """A LoRA adapter with random (non-zero) weights on `model`'s U-Net, saved as rdm train saves one."""
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from rdm.adapters import attach, save_adapter
-
-    unet = UNet2DConditionModel.from_pretrained(Path(model) / "unet")
-    torch.manual_seed(seed)
-    for p in attach(unet, rank, float(rank), "cross-attention"):
-        p.data.normal_(0, 0.2)
-    meta = {"rank": rank, "alpha": float(rank), "targets": "cross-attention", "base_fingerprint": base_fingerprint,
-            "base_model": Path(model).name, "database": "test", "database_fingerprint": "0" * 16, "steps": 1,
-            "seed": seed}
-    return save_adapter(out, unet, meta).path
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Only parity tests (@pytest.mark.parity) may skip for want of ../shared: any other test is a behaviour test and
+    makes its own tiny models, so such a skip is turned into a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and SHARED_MISSING in str(report.longrepr) and item.get_closest_marker("parity") is None:
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} needs ../shared but is not marked parity: {report.longrepr}"

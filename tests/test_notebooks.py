@@ -4,10 +4,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import GOLDEN, need
 from nbclient import NotebookClient
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+from tests.helpers.world import REPO
+
+NOTEBOOKS = REPO / "notebooks"
 
 
 def run_notebook(name: str, params: dict, cwd: Path) -> nbformat.NotebookNode:
@@ -25,9 +26,11 @@ def test_outputs_are_stripped_in_git():
 
 
 def test_catalog_walkthrough_runs_from_build_index_to_comparison(tmp_path, tiny_clip):
-    from rdm.generate import convert
+    from rdm.embed import load_embedder
+    from rdm.models.tiny import make_tiny_rdm
 
-    model = convert(need(GOLDEN / "model.ckpt"), GOLDEN / "config.yaml", tiny_clip, tmp_path / "model").path
+    model = make_tiny_rdm(tmp_path / "model", load_embedder(tiny_clip).identity.to_dict(), resolution=64, k=4,
+                          vae_factor=16)
     out = tmp_path / "walk"
     run_notebook("catalog_walkthrough.ipynb", {"CLIP": tiny_clip, "MODEL": str(model), "OUT": str(out), "STEPS": 2},
                  tmp_path)

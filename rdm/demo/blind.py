@@ -18,8 +18,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from rdm.demo.toyart import STYLES, ToyArtSpec, sample_item
-from rdm.errors import RDMError
+from ..errors import RDMError
+from .toyart import STYLES, ToyArtSpec, sample_item
 
 FRAME = 1 / 16  # border width as a fraction of the side: 4 px at 64 px
 CENTROID_START = 30_000_000  # toy-art index of the centroids' first item: beyond training (0..) and demo (20M..)

@@ -26,10 +26,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from rdm.demo.clip import autocast_dtype
-from rdm.demo.toyart import COLOURS, SHAPES, STYLES, ToyArtSpec, sample_item
-from rdm.errors import RDMError
-from rdm.store import atomic_write
+from ..errors import RDMError
+from ..util.files import atomic_write
+from .clip import autocast_dtype
+from .toyart import COLOURS, SHAPES, STYLES, ToyArtSpec, sample_item
 
 WEIGHTS_FILE = "classifier.safetensors"
 CONFIG_FILE = "classifier.json"

@@ -2,7 +2,7 @@
 
 Built from open_clip's own parts (`open_clip.CLIP` from a model_cfg, the default tokenizer, `ClipLoss`,
 open_clip's weight-decay split and logit-scale clamp from `open_clip_train/main.py` and `train.py`)
-and saved in open_clip's `local-dir:` format, so `rdm.embedder.Embedder.load('local-dir:PATH')` loads
+and saved in open_clip's `local-dir:` format, so `rdm.embed.embedder.Embedder.load('local-dir:PATH')` loads
 it like any other CLIP. The demo asks two things of it, and `evaluate_clip` measures both:
 
 * image vectors whose nearest neighbours share the *style*, so a per-style database hands the U-Net
@@ -32,10 +32,10 @@ from safetensors.torch import save as safetensors_bytes
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, Dataset
 
-from rdm.demo.toyart import COLOURS, SHAPES, STYLES, ToyArtSpec, make_caption, sample_item
-from rdm.embedder import Embedder
-from rdm.errors import RDMError
-from rdm.store import atomic_write
+from ..embed.embedder import Embedder
+from ..errors import RDMError
+from ..util.files import atomic_write
+from .toyart import COLOURS, SHAPES, STYLES, ToyArtSpec, make_caption, sample_item
 
 DEMO_CLIP_CFG = {  # open_clip model_cfg: 64 px ViT, narrow text tower (49408 x 64 tokens); 5.3 M params, 10.6 MB fp16
     "embed_dim": 128,

@@ -10,13 +10,13 @@ seeds, and the toy-art classifier (rdm.demo.classifier) judges every sample:
 * with a `centroids` judge (rdm.demo.blind.CentroidJudge): the nearest-centroid style in the demo
   CLIP's image space, which learned nothing about samples (goal >= 90%); with `reference_borders`
   ({style: the database's own border colour}), each sample's border colour error (goal <= 0.05);
-* with a `scorer` (`database_scorer`: rdm score, rdm/score.py), measures that need no judge: retrieval
+* with a `scorer` (`database_scorer`: rdm score, rdm/sampling/score.py), measures that need no judge: retrieval
   precision and linear-probe accuracy towards the database sampled from (over all the style
   databases), and CLIP similarity with each sample's prompt.
 
 The sampler is a parameter, `sampler(prompts, database, seeds) -> images` (database None is the
 control), so the bookkeeping is testable without a trained model; `pipeline_sampler` adapts an
-`rdm.pipeline.RDMPipeline`. The judge is anything with `predict(images) -> [{style, shape, colour}]`.
+`rdm.sampling.pipeline.RDMPipeline`. The judge is anything with `predict(images) -> [{style, shape, colour}]`.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from PIL import Image
 
-from rdm import api
-from rdm.database import Database
-from rdm.demo.blind import border_rgb
-from rdm.demo.toyart import COLOURS, SHAPES, STYLES, ToyArtSpec, generate, make_caption
-from rdm.errors import RDMError
-from rdm.score import SAMPLER_GRID
-from rdm.sheets import grid
+from ..build import build_index
+from ..db.database import Database
+from ..errors import RDMError
+from ..images.sheets import grid
+from ..sampling.score import SAMPLER_GRID
+from .blind import border_rgb
+from .toyart import COLOURS, SHAPES, STYLES, ToyArtSpec, generate, make_caption
 
 CONTROL = "control (no database)"  # the row of samples drawn from the query alone
 STYLE_SWAP_GOAL = 0.90
@@ -317,7 +317,7 @@ def pipeline_sampler(pipe, k: int | None = None, num_inference_steps: int | None
                      guidance_scale: float | None = None, scheduler: str | None = None, indexes: str | None = None,
                      eta: float | None = None, style_scale: float | None = None,
                      guidance_rescale: float | None = None, control=None) -> Sampler:
-    """A Sampler drawing from an rdm.pipeline.RDMPipeline: one image per prompt, seeded per image; settings left at
+    """A Sampler drawing from an rdm.sampling.pipeline.RDMPipeline: one image per prompt, seeded per image; settings left at
     None are the model's own."""
     pipe.set_progress_bar_config(disable=True)
 
@@ -333,7 +333,7 @@ def pipeline_sampler(pipe, k: int | None = None, num_inference_steps: int | None
 
 def database_scorer(databases: Mapping[str, Any], k: int = 10, embedder=None, seed: int = 0) -> Scorer:
     """A Scorer by rdm score over {style: Database}: towards the style's database, one linear probe for all rows."""
-    from rdm.score import ScoreOptions, score_images, train_probe
+    from ..sampling.score import ScoreOptions, score_images, train_probe
 
     dbs = list(databases.values())
     probe = train_probe(dbs, ScoreOptions(seed=seed))
@@ -349,7 +349,7 @@ def database_scorer(databases: Mapping[str, Any], k: int = 10, embedder=None, se
 
 def database_borders(databases: Mapping[str, Any], n: int = 256) -> dict:
     """{style: (3,) mean border colour of the first n images of that style's database} (their `path` column)."""
-    from rdm.demo.blind import style_borders
+    from .blind import style_borders
 
     images = {}
     for style, db in databases.items():
@@ -382,7 +382,7 @@ def build_style_databases(clip: str, root: str | Path, n_per_style: int, templat
         if not (folder / "metadata.jsonl").is_file() or overwrite:
             generate(spec, n_per_style, folder, styles=[style], start=start, overwrite=overwrite)
         names[style] = template.format(style=style)
-        api.build_index(str(folder), name=names[style], clip=clip, indexes=indexes, workers=0, progress=False,
+        build_index(str(folder), name=names[style], clip=clip, indexes=indexes, workers=0, progress=False,
                         overwrite=True)
     return names
 

@@ -18,8 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from PIL import Image, ImageDraw
 
-from rdm.demo.toyart import ToyArtSpec, make_caption, sample_item
-from rdm.errors import RDMError
+from ..errors import RDMError
+from .toyart import ToyArtSpec, make_caption, sample_item
 
 RESTYLE_START = 76_000_000  # toy-art index of the first input: beyond training (0..), the demo (20M..), centroids (30M..)
 STRENGTHS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)

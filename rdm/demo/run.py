@@ -7,7 +7,7 @@ changes, and with it the style:
      the demo model nor the demo CLIP trained on                        (rdm.demo.toyart)
   2. build one database per style with the demo CLIP, into OUT/indexes   (rdm.demo.evaluate.build_style_databases)
   3. sample every prompt x seed with each database, then with none (the control: the query alone)
-  4. one grid (rdm.sheets.grid): a row per database, labelled with its name and fingerprint and showing
+  4. one grid (rdm.images.sheets.grid): a row per database, labelled with its name and fingerprint and showing
      the nearest neighbours of the first prompt, then the control; a column per (prompt, seed)
   5. a provenance JSON beside the grid: model, CLIP, databases with their fingerprints, every image's record
 
@@ -27,64 +27,24 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import api
+from ..db import open_database
+from ..embed import load_embedder
 from ..errors import RDMError
-from ..generate import GRID_TILE, SampleOptions, _run, load_pipeline, neighbour_tiles, save_png
-from ..modelformat import read_rdm_config, resolve_embedder_id
-from ..provenance import write_json
-from ..sheets import grid
+from ..images.sheets import grid
+from ..models.format import read_rdm_config, resolve_embedder_id
+from ..sampling.generate import GRID_TILE, SampleOptions, _run, load_pipeline, neighbour_tiles, save_png
+from ..sampling.provenance import write_json
+from .config import DEFAULT_PROMPTS, DemoConfig  # noqa: F401 (re-exported)
 from .evaluate import build_style_databases
-from .toyart import ALL_STYLES, STYLES, ToyArtSpec, read_metadata
+from .toyart import ALL_STYLES, STYLES, ToyArtSpec, read_metadata  # noqa: F401
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "demo"  # shipped with the package (package-data)
-DEMO_MODEL = ASSETS / "rdm"  # rdm model folder (rdm.modelformat), safetensors only
+DEMO_MODEL = ASSETS / "rdm"  # rdm model folder (rdm.models.format), safetensors only
 DEMO_CLIP = DEMO_MODEL / "clip"  # the model's own CLIP, open_clip's local-dir format (its rdm_config: local-dir:clip)
 TRAIN_RECIPE = "bash scripts/train_demo.sh"
-DEFAULT_PROMPTS = ("a red star", "a blue circle", "a green heart", "a yellow square")
 DEMO_START = 20_000_000  # toy-art index of the databases' first item: the demo CLIP trains on 0.., and evaluates
 #                          on 10_000_000.. (rdm.demo.clip.EVAL_START); scripts/train_demo.sh trains the RDM on 0..
 CONTROL = "control"  # label of the row sampled without a database
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """What `rdm demo` draws; every field has a default that runs in minutes on two CPU cores."""
-
-    out: str = "outputs/demo"  # folder for the toy art, the databases (OUT/indexes), the grid and its JSON
-    model: str | None = None  # rdm model folder (default: the bundled demo model, rdm/assets/demo/rdm)
-    clip: str | None = None  # CLIP id or folder (default: the bundled demo CLIP with the bundled model, else the
-    #                          CLIP the --model records)
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS  # content-only prompts, one group of columns each
-    seeds: int = 2  # images per prompt; prompt p, image i gets seed `seed + p * seeds + i` in every row
-    seed: int = 0  # first seed
-    # sampler settings, as rdm sample's: None takes the model's (the bundled one records DDIM from t = T, 8 steps,
-    # guidance 3; rdm.modelformat.SamplingDefaults)
-    steps: int | None = None  # denoising steps
-    scheduler: str | None = None  # sampler (rdm.pipeline.SCHEDULER_ALIASES)
-    guidance: float | None = None  # classifier-free guidance scale
-    guidance_rescale: float | None = None  # diffusers' guidance_rescale (Lin et al. 2024, 3.4)
-    eta: float | None = None  # DDIM eta: 0 deterministic (CompVis' default), 1 ancestral
-    style_scale: float | None = None  # the neighbours' guidance scale (two-condition guidance)
-    k: int | None = None  # neighbours per query (default: the model's)
-    n_per_style: int = 48  # toy-art items per style database
-    styles: tuple[str, ...] = STYLES  # one database (and grid row) per style
-    thumbs: int = 3  # neighbour thumbnails at the start of each database row
-    device: str | None = None  # cpu, cuda ... (default: cuda when present)
-    threads: int | None = None  # torch CPU threads while the demo runs (None: auto_threads(), for this machine)
-    adapters: tuple[str, ...] = ()  # LoRA adapters NAME[:WEIGHT] in every row (rdm.adapters); () the base model
-    progress: bool = True  # progress bars over the denoising steps (on a terminal only)
-
-    def __post_init__(self):
-        object.__setattr__(self, "prompts", tuple(self.prompts))
-        object.__setattr__(self, "styles", tuple(self.styles))
-        if not self.prompts or any(not p.strip() for p in self.prompts):
-            raise RDMError(f"the demo needs non-empty prompts, got {list(self.prompts)}")
-        unknown = [s for s in self.styles if s not in ALL_STYLES]
-        if unknown or not self.styles:
-            raise RDMError(f"unknown toy-art styles {unknown or '(none given)'}; choose from {', '.join(ALL_STYLES)}")
-        for name in ("seeds", "steps", "n_per_style", "threads"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise RDMError(f"demo {name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -203,7 +163,7 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> DemoResult:
     pipe = load_pipeline(model_dir, config.device, None, config.progress and sys.stderr.isatty())
     if pipe.device.type == "cpu":
         pipe.unet.to(memory_format=torch.channels_last)  # oneDNN's convolutions: ~15% faster on CPU
-    pipe.embedder = api.load_embedder(clip)  # the databases' (cached) embedder; refuses a CLIP the model did not use
+    pipe.embedder = load_embedder(clip)  # the databases' (cached) embedder; refuses a CLIP the model did not use
     resolution = pipe.rdm_config.resolution
     seconds["load"] = time.perf_counter() - t0
 
@@ -216,7 +176,7 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> DemoResult:
         f"in {indexes}")
     names = build_style_databases(clip, out / "toyart", config.n_per_style, "{style}", config.styles, str(indexes),
                                   start=DEMO_START, spec=spec)
-    opened = {name: api.open_database(name, str(indexes)) for name in names.values()}
+    opened = {name: open_database(name, str(indexes)) for name in names.values()}
     fingerprints = {name: db.fingerprint for name, db in opened.items()}
     seconds["databases"] = time.perf_counter() - t0
 

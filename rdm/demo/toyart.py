@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from rdm.errors import RDMError
-from rdm.store import atomic_write
+from ..errors import RDMError
+from ..util.files import atomic_write
 
 SHAPES = ("circle", "square", "triangle", "star", "heart", "cross", "hexagon", "diamond")
 COLOURS = {  # name -> RGB; hues at least 20 degrees apart, so mixing with any grey keeps them apart
@@ -52,6 +52,8 @@ LIGHT_BG = 0.96  # grey level behind flat, outline, dotted and striped shapes
 DARK_BG = 0.07  # grey level behind neon shapes
 MOSAIC_TILES = 16  # mosaic tiles per side, whatever the image size
 _CONTENT, _STYLE, _CAPTION, _RENDER = range(4)  # independent RNG streams of one item
+
+DEFAULT_COUNT = 240  # `rdm toyart`: images drawn
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
     config.py                 ServeConfig: where to bind, what to serve, every limit
     validation.py             request models and their bounds (each failure a clear 4xx)
-    images.py                 uploads and database images through rdm.decode; thumbnails; the URL-fetch rule
+    images.py                 uploads and database images through rdm.images.decode; thumbnails; the URL-fetch rule
     engine.py                 the loaded pipeline, embedder and registry: embed, retrieve, sample a batch
     jobs.py                   the bounded job queue, the batching worker, progress and results in memory
     clip_retrieval_compat.py  /knn-service, /indices-list, /metadata as clip-retrieval's ClipClient expects

@@ -27,21 +27,34 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..credentials import public_provenance  # what leaves the server: ids, never paths
-from .. import editing
 from ..errors import DatabaseBusy, RDMError
-from ..conditioning import NeighbourControl, parse_window
-from ..pipeline import SCHEDULER_ALIASES, check_sampler, make_scheduler
-from ..selection import Selection
+from ..sampling import editing
+from ..sampling.conditioning import NeighbourControl, parse_window
+from ..sampling.credentials import public_provenance  # what leaves the server: ids, never paths
+from ..sampling.pipeline import SCHEDULER_ALIASES, check_sampler, make_scheduler
+from ..sampling.selection import Selection
 from .clip_retrieval_compat import HIDDEN_COLUMNS
 from .clip_retrieval_compat import router as clip_router
 from .config import ServeConfig, is_loopback_host
 from .engine import Engine, Row
 from .images import ImageCache, render_file
 from .jobs import FINAL, Job, JobQueue, job_view, neighbour_view
-from .validation import (BadRequest, CompareRequest, GenerateRequest, ItemRef, RemoveRequest, SearchRequest,
-                         check_embedding, check_float, check_id, check_int, check_text, check_where,
-                         describe_validation, lone_surrogate)
+from .validation import (
+    BadRequest,
+    CompareRequest,
+    GenerateRequest,
+    ItemRef,
+    RemoveRequest,
+    SearchRequest,
+    check_embedding,
+    check_float,
+    check_id,
+    check_int,
+    check_text,
+    check_where,
+    describe_validation,
+    lone_surrogate,
+)
 
 log = logging.getLogger("rdm.serve")
 STATIC = resources.files("rdm.service") / "static"
@@ -396,7 +409,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
                     weights, where or {}, body.seed + i, record, settings, label) for i in range(n)]
 
     def edit_of(body, has_query: bool):
-        """The request's prepared edit (rdm.editing.Edit) or None; 404 for an upload no longer kept, 422 for a bad
+        """The request's prepared edit (rdm.sampling.editing.Edit) or None; 404 for an upload no longer kept, 422 for a bad
         strength, mask or canvas. Its image is the query when the request gives none."""
         if body.init_image is None:
             if body.strength is not None or body.mask is not None or body.extend is not None or body.aspect:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-from ..copyguard import DEFAULT_THRESHOLD
+from ..sampling.copyguard import DEFAULT_THRESHOLD
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
@@ -24,7 +24,7 @@ class ServeConfig:
     allow_network: bool = False  # accept generation and search from non-loopback clients
     allow_urls: bool = False  # fetch image_url queries (never from local or private addresses)
     device: str | None = None  # cpu, cuda ... (default: cuda when present)
-    dtype: str | None = None  # float32, float16 ... (default: rdm.generate.default_device)
+    dtype: str | None = None  # float32, float16 ... (default: rdm.sampling.generate.default_device)
     # -- input bounds ---------------------------------------------------------------------------
     max_upload_bytes: int = 8 * 1024 * 1024  # an uploaded or base64 image
     max_pixels: int = 40_000_000  # decoded image size; more is refused as a decompression bomb
@@ -45,8 +45,8 @@ class ServeConfig:
     upload_images_kept: int = 32  # uploaded images kept as pixels too, to restyle or inpaint (longest side capped)
     thumb_size: int = 160  # thumbnail side in pixels
     torch_threads: int | None = None  # torch intra-op threads for sampling (None: torch's default)
-    copy_threshold: float = DEFAULT_THRESHOLD  # the copy guard's CLIP cosine (rdm.copyguard)
-    # -- content credentials (rdm.credentials) --------------------------------------------------
+    copy_threshold: float = DEFAULT_THRESHOLD  # the copy guard's CLIP cosine (rdm.sampling.copyguard)
+    # -- content credentials (rdm.sampling.credentials) --------------------------------------------------
     credentials: bool = True  # a signed C2PA manifest in every PNG served
     sign_key: str | None = None  # PEM key (default $RDM_SIGN_KEY; neither: rdm's local, untrusted identity)
     sign_cert: str | None = None  # PEM certificate chain, leaf first (default $RDM_SIGN_CERT)

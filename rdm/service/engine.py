@@ -18,12 +18,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .. import conditioning as cond
-from .. import copyguard, credentials
+from ..db.retrieval import DatabaseRegistry, DatabaseRetriever
 from ..errors import DatabaseError, RDMError
-from ..pipeline import RDMPipeline, check_sampler, make_scheduler
-from ..selection import Selection
-from ..retrieval import DatabaseRegistry, DatabaseRetriever
+from ..sampling import conditioning as cond
+from ..sampling import copyguard, credentials
+from ..sampling.pipeline import RDMPipeline, check_sampler, make_scheduler
+from ..sampling.selection import Selection
 from .config import ServeConfig
 from .images import decode_query_image, png_bytes
 from .validation import BadRequest, DatabaseChoice
@@ -66,7 +66,7 @@ class Row:
     job: Any = None  # the Job it belongs to
     index: int = 0  # position in the job
     step: int = 0  # denoising steps done
-    edit: Any = None  # the prepared rdm.editing.Edit (its image, mask and record) when editing an image
+    edit: Any = None  # the prepared rdm.sampling.editing.Edit (its image, mask and record) when editing an image
 
 
 @dataclass
@@ -91,7 +91,7 @@ class Engine:
         self.embedder  # load the CLIP now, not on the first request
         self.identity = (credentials.SigningIdentity.resolve(config.sign_key, config.sign_cert)
                          if config.credentials else None)  # refused at start, not at the first image
-        self.adapters = self._load_adapters(config.adapters)  # served name -> rdm.adapters.AdapterInfo
+        self.adapters = self._load_adapters(config.adapters)  # served name -> rdm.models.adapters.AdapterInfo
 
     def _load_adapters(self, specs) -> dict:
         """Every adapter the service offers, loaded into the U-Net once, at start (a wrong one stops the start)."""
@@ -154,7 +154,7 @@ class Engine:
         resolution (at least 512), so that a kept upload costs at most a few megabytes."""
         from PIL import Image
 
-        from ..decode import DecodeOptions, Undecodable, decode_image
+        from ..images.decode import DecodeOptions, Undecodable, decode_image
 
         if len(data) > self.config.max_upload_bytes:
             raise BadRequest(413, f"image is larger than the upload limit of {self.config.max_upload_bytes} bytes")
@@ -200,7 +200,7 @@ class Engine:
 
     def copy_check(self, row: Row, image) -> dict:
         """The copy guard's verdict on one output: its neighbours and the nearest item of each database it drew
-        from (rdm.copyguard)."""
+        from (rdm.sampling.copyguard)."""
         sources = [(self.database(d["name"]), 1.0) for d in row.drawn if d.get("k_drawn")]
         neighbours = np.asarray(row.neighbours, np.float32).reshape(1, -1, self.dim)
         return copyguard.check([image], self.embedder, neighbours, [row.hits], sources,
@@ -210,7 +210,7 @@ class Engine:
     def settings(self, k: int, steps: int | None, guidance: float | None, scheduler: str | None,
                  eta: float | None, guidance_rescale: float | None = None,
                  control: cond.NeighbourControl | None = None) -> Settings:
-        """Checked sampler settings, the model's own (rdm.modelformat.SamplingDefaults) for each one not given (the
+        """Checked sampler settings, the model's own (rdm.models.format.SamplingDefaults) for each one not given (the
         scheduler and the model's learned null context must accept them)."""
         config, own = self.pipe.rdm_config, self.pipe.sampling_defaults
         steps = own.num_inference_steps if steps is None else steps

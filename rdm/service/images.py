@@ -1,4 +1,4 @@
-"""Images in and out, all through rdm.decode (the path builds use): uploads, database items, URL queries.
+"""Images in and out, all through rdm.images.decode (the path builds use): uploads, database items, URL queries.
 
 - Uploads and base64 images are size-checked, then decoded by the embedder's PixelTransform.load
   (bombs, truncated files and HTML named .png become `Undecodable`, here a 400 naming the reason).
@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
-from ..decode import DecodeOptions, Undecodable, decode_image
-from ..pixels import PixelTransform
+from ..images.decode import DecodeOptions, Undecodable, decode_image
+from ..images.pixels import PixelTransform
 from .config import ServeConfig
 from .validation import BadRequest
 

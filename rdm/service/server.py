@@ -29,8 +29,8 @@ def build_app(config: ServeConfig, pipe=None):
     """The ASGI app for a config (a loaded pipeline may be passed in, else the config's model is loaded)."""
     import torch
 
-    from ..generate import load_pipeline
-    from ..retrieval import DatabaseRegistry
+    from ..db.retrieval import DatabaseRegistry
+    from ..sampling.generate import load_pipeline
 
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
@@ -103,7 +103,7 @@ def serve(config: ServeConfig, pipe=None) -> None:
 
 def _open_served(registry, names: list[str]) -> None:
     """Open every served database now, so that their files are read into the page cache before the first
-    searches need them (rdm.warm); a database that cannot be opened is reported when it is asked for."""
+    searches need them (rdm.db.warm); a database that cannot be opened is reported when it is asked for."""
     for name in names:
         try:
             registry.get(name)

@@ -53,7 +53,7 @@ class AdapterChoice(Strict):
 
 
 class NeighbourFields(Strict):
-    """Control over the neighbours (rdm.conditioning.NeighbourControl); the defaults are plain retrieval."""
+    """Control over the neighbours (rdm.sampling.conditioning.NeighbourControl); the defaults are plain retrieval."""
 
     diversity: float = 0.0  # MMR over over-fetched candidates in [0, 1]: 0 the nearest k
     dedup: float | None = None  # duplicate cosine threshold (None: 0.95 with diversity, else off)
@@ -66,13 +66,13 @@ class NeighbourFields(Strict):
 
 
 class AdapterFields(Strict):
-    """LoRA adapters the service serves, mixed by weight (rdm.adapters); none: the base model."""
+    """LoRA adapters the service serves, mixed by weight (rdm.models.adapters); none: the base model."""
 
     adapters: list[AdapterChoice] = Field(default_factory=list)
 
 
 class EditFields(Strict):
-    """Image-to-image, inpainting, outpainting (rdm.editing) of an uploaded image or a database item."""
+    """Image-to-image, inpainting, outpainting (rdm.sampling.editing) of an uploaded image or a database item."""
 
     init_image: ItemRef | None = None  # the image to restyle or edit; without a prompt or image, also the query
     strength: float | None = None  # [0, 1]: 0 returns it, 1 ignores it (default 0.8; 1 when outpainting)
@@ -90,7 +90,7 @@ class GenerateRequest(NeighbourFields, EditFields, AdapterFields):
     where: dict[str, list[str] | str] | None = None  # metadata filters inside each search
     seed: int = 0  # image i of the request gets seed + i
     num_images: int = 1
-    # sampler settings; None: the model's (rdm.modelformat.SamplingDefaults, /api/info "defaults")
+    # sampler settings; None: the model's (rdm.models.format.SamplingDefaults, /api/info "defaults")
     steps: int | None = None
     guidance: float | None = None
     guidance_rescale: float | None = None  # diffusers' guidance_rescale in [0, 1]

@@ -19,10 +19,22 @@ to be trained first (21 images/s) and after 500 steps (8 minutes) it still shift
 blurs away the dotted, striped and mosaic textures that tell the toy-art styles apart.
 """
 
-from .data import Neighbours, TrainingData, mine_neighbours, prepare_training_data
-from .loop import TrainConfig, TrainResult, list_checkpoints, train
-from .presets import Preset, list_presets, load_preset
-from .vae import VAETrainConfig, VAETrainResult, train_vae
+import importlib
+
+from .config import TrainConfig, VAETrainConfig
+
+_LAZY = {"TrainResult": "loop", "list_checkpoints": "loop", "train": "loop", "VAETrainResult": "vae", "train_vae": "vae",
+         "Preset": "presets", "list_presets": "presets", "load_preset": "presets", "Neighbours": "data",
+         "TrainingData": "data", "mine_neighbours": "data", "prepare_training_data": "data"}
+
+
+def __getattr__(name: str):
+    """The trainers import torch, accelerate and diffusers (seconds): loaded on first use (PEP 562), so that the
+    configs alone (what the CLI reads its defaults from) import at once."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["TrainConfig", "TrainResult", "train", "list_checkpoints", "VAETrainConfig", "VAETrainResult",
            "train_vae", "Preset", "list_presets", "load_preset", "Neighbours", "TrainingData", "mine_neighbours",

@@ -41,11 +41,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import store
-from ..database import Database
-from ..decode import DecodeOptions, Undecodable, decode_image
-from ..embedder import Embedder, weights_checksum
+from ..db import store
+from ..db.database import Database
+from ..embed.embedder import Embedder, weights_checksum
 from ..errors import RDMError, SourceError
+from ..images.decode import DecodeOptions, Undecodable, decode_image
 from ..sources import Source
 
 BLOCK = 64  # images decoded, embedded and encoded together

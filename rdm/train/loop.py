@@ -14,9 +14,9 @@ One optimizer step, as RDM training does it (Blattmann et al. 2022, Sec. 3.2):
        zeroed AND masked out of cross-attention (`encoder_attention_mask`), so a step with k' is
        exactly the unpadded (B, 1+k', D) context the pipeline builds at inference with k = k'
      - with probability `cond_drop` the whole context is zeros: the unconditional context that
-       classifier-free guidance uses at inference (rdm.conditioning.unconditional_context)
+       classifier-free guidance uses at inference (rdm.sampling.conditioning.unconditional_context)
      - with probability `neighbour_drop` the neighbour slots alone are zeros (unmasked), the query kept: the
-       query-only context of two-condition guidance (`--style-scale`, rdm.conditioning.style_guided_noise)
+       query-only context of two-condition guidance (`--style-scale`, rdm.sampling.conditioning.style_guided_noise)
   4. t ~ U{0..999}, x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps; loss = MSE(U-Net(x_t, t, context), eps or v)
      - the schedule: NOISE_SCHEDULES, optionally rescaled to zero terminal SNR, which needs v-prediction, and
        sampled with trailing timesteps (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are
@@ -27,7 +27,7 @@ Randomness (noise, t, k', dropout, posterior samples, mixed queries) comes from 
 micro-batch, process), so a resumed run draws exactly what an uninterrupted run draws.
 
 The run folder (`out`):
-    model/                       the rdm model folder (rdm.modelformat) with the EMA weights; rewritten
+    model/                       the rdm model folder (rdm.models.format) with the EMA weights; rewritten
                                  at every checkpoint and at the end: `rdm sample --model OUT/model`
     checkpoints/step-0000500/    accelerate state (model, optimizer, EMA, lr schedule, RNG) + train_state.json
     samples/step-0000500.png     sample grid from fixed validation queries, EMA weights
@@ -61,16 +61,24 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import api, store
-from .. import conditioning as cond
-from ..convert.compvis import scheduler_config_from_compvis
-from ..database import Database
-from ..embedder import Embedder
+from ..db import store
+from ..db.database import Database
+from ..embed import embedder_for, load_embedder
+from ..embed.embedder import Embedder
 from ..errors import RDMError
-from ..modelformat import (PREDICTION_TYPES, RDMConfig, load_model_components, model_fingerprint, read_rdm_config,
-                           save_model_folder)
-from ..pipeline import RDMPipeline
+from ..models.convert.compvis import scheduler_config_from_compvis
+from ..models.format import (
+    PREDICTION_TYPES,
+    RDMConfig,
+    load_model_components,
+    model_fingerprint,
+    read_rdm_config,
+    save_model_folder,
+)
+from ..sampling import conditioning as cond
+from ..sampling.pipeline import RDMPipeline
 from ..sources import open_source
+from .config import TrainConfig
 from .data import QUERY_KINDS, TrainingData, latent_scale_factor, prepare_training_data
 from .presets import Preset, load_preset
 
@@ -104,70 +112,6 @@ PIXEL_SAMPLING = {"clip_sample": True, "clip_sample_range": 1.0}
 
 
 @dataclass
-class TrainConfig:
-    """Everything `rdm train` does; None fields take the preset's value (or the --init model's)."""
-
-    data: str  # training images: a folder, a dataset (hf:ORG/NAME, saved or parquet folder), see rdm.sources
-    db: str  # retrieval database (name in `indexes`, or folder) whose items become the neighbours
-    out: str  # run folder: model/, checkpoints/, samples/, train_config.json, metrics.jsonl
-    preset: str = "small"  # tiny, small, base, or a preset JSON file (rdm/train/configs/*.json)
-    init: str | None = None  # fine-tune this rdm model folder instead of a fresh U-Net from the preset
-    vae: str | None = None  # AutoencoderKL folder, or "none" for pixel space; None: the preset's/init's choice
-    clip: str | None = None  # CLIP id; must be the database's (default: the one the database records)
-    indexes: str | None = None  # home of the databases (default $RDM_INDEXES or ./indexes)
-    resolution: int | None = None  # image side in pixels (default: preset / init model)
-    k: int | None = None  # neighbours per image, the model's default k (default: preset / init model)
-    query: str | None = None  # query token: "image" (own CLIP embedding), "text" (caption's), "mixed" (default:
-    #                           the preset's, else "image"); text needs captions (module docstring, step 3)
-    steps: int | None = None  # total optimizer steps of the run (a resume continues up to it)
-    batch_size: int | None = None  # images per process per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float | None = None  # AdamW learning rate after warm-up
-    lr_schedule: str = "constant"  # "constant" or "cosine" (to zero at `steps`), both after linear warm-up
-    warmup_steps: int | None = None  # linear learning-rate warm-up
-    weight_decay: float = 0.01  # AdamW weight decay (torch's default, as LDM)
-    max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
-    mixed_precision: str = "no"  # "no", "bf16" (CPU with AVX512-BF16/AMX, Ampere+ GPUs) or "fp16" (GPU)
-    ema_decay: float | None = None  # EMA decay ceiling; the decay warms up as (1 + n) / (10 + n) (LitEma)
-    cond_drop: float = 0.1  # probability of an all-zeros context (classifier-free guidance)
-    random_k: bool = True  # each image keeps a random k' in [1, k] of its neighbours (masked); False: all k
-    dedup_threshold: float = 0.95  # database items at least this similar to a training image are not neighbours
-    prediction_type: str | None = None  # "epsilon" or "v_prediction" (default: the --init model's, else the preset's,
-    #                                     else epsilon); fine-tuning may change it (the schedule changes with it)
-    noise_schedule: str | None = None  # NOISE_SCHEDULES name (default: the --init model's, else the preset's, else ldm)
-    zero_snr: bool | None = None  # rescale the betas to zero terminal SNR (Lin et al. 2024), needs v_prediction
-    #                               (default: the --init model's, else the preset's, else False)
-    timestep_spacing: str | None = None  # sampling timesteps: leading (CompVis), trailing (starts at t = T, with
-    #                                      zero_snr), linspace (default: the --init model's, else the preset's)
-    neighbour_drop: float = 0.0  # probability of zeroing the neighbour slots alone (the --style-scale context)
-    checkpoint_every: int | None = None  # save a resumable checkpoint every N steps (0: only at the end)
-    keep_checkpoints: int = 2  # older checkpoints are deleted
-    sample_every: int | None = None  # write a sample grid every N steps (0: only at the end; -1: never)
-    num_val: int = 4  # validation queries (the first training images) in the sample grids
-    sample_steps: int = 25  # DDIM steps for the sample grids
-    guidance_scale: float = 3.0  # classifier-free guidance of the sample grids
-    resume: bool = False  # continue from the latest checkpoint in `out` (starts afresh when there is none)
-    seed: int = 0  # model initialisation, data order and all training noise
-    limit: int | None = None  # use only the first N training images
-    split: str = "train"  # dataset split (Hugging Face sources)
-    image_column: str | None = None  # image column (Hugging Face sources)
-    caption_column: str | None = None  # caption column for text queries (Hugging Face sources; default: detected)
-    cache_dir: str | None = None  # training-data cache (default $RDM_CACHE/train or ~/.cache/rdm/train)
-    cpu: bool = False  # train on the CPU even when a GPU is present
-    threads: int | None = None  # torch CPU threads (None: torch's default); 1 is fastest on a busy shared CPU
-    progress: bool = True  # tqdm progress bars
-    # LoRA adapter (rdm.adapters): train low-rank updates of the --init model (default: the installed model for the
-    # database's CLIP) instead of every weight; the adapter lands in $RDM_ADAPTERS/NAME (OUT/adapter while training)
-    adapter: str | None = None  # the adapter's name; None trains the whole U-Net
-    rank: int = 4  # LoRA rank r
-    lora_alpha: float | None = None  # LoRA alpha (the update is scaled by alpha / r); None: = rank
-    targets: str = "cross-attention"  # rdm.adapters.TARGETS: cross-attention, attention, or all
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass
 class TrainResult:
     """What a run did."""
 
@@ -194,11 +138,11 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, Preset, RDMConfig | N
     preset = load_preset(cfg.preset)
     init_config = None
     if cfg.adapter is not None:
-        from ..adapters import check_name, lora_config
+        from ..models.adapters import check_name, lora_config
 
         check_name(cfg.adapter)
         if not cfg.init:  # the model users sample with for this database's CLIP
-            from ..generate import choose_model
+            from ..sampling.generate import choose_model
 
             cfg = dataclasses.replace(cfg, init=str(choose_model([cfg.db], cfg.indexes)))
         if cfg.lora_alpha is None:
@@ -403,7 +347,7 @@ def neighbour_keep(counts: torch.Tensor, k: int, generator: torch.Generator, ran
 def training_context(query: torch.Tensor, neighbours: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor,
                      drop_neighbours: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(context (B, 1+k, D), mask (B, 1+k)): [query, kept neighbours], dropped slots zero and masked out;
-    rows with `drop_neighbours` [query, 0, ..., 0] unmasked (rdm.conditioning.query_only_context); rows with
+    rows with `drop_neighbours` [query, 0, ..., 0] unmasked (rdm.sampling.conditioning.query_only_context); rows with
     `drop` all zeros (the classifier-free guidance context), unmasked."""
     neighbours = neighbours * keep[..., None]  # (B, k, D)
     context = cond.build_context(query, neighbours)  # (B, 1+k, D)
@@ -497,8 +441,8 @@ def rdm_config_for(cfg: TrainConfig, model: Model, embedder: Embedder, scale: fl
 
 
 def save_adapter_of_run(folder: Path, unet, cfg: TrainConfig, model: Model, db: Database, step: int):
-    """The run's adapter folder (rdm.adapters), with what it was made for."""
-    from ..adapters import save_adapter
+    """The run's adapter folder (rdm.models.adapters), with what it was made for."""
+    from ..models.adapters import save_adapter
 
     meta = {"rank": cfg.rank, "alpha": cfg.lora_alpha, "targets": cfg.targets,
             "base_fingerprint": model.source["init_fingerprint"], "base_model": Path(cfg.init).name,
@@ -594,16 +538,16 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # 2. Database, CLIP, model
     db = Database.open(cfg.db, cfg.indexes)
-    embedder = api.embedder_for(db, str(device))
+    embedder = embedder_for(db, str(device))
     if cfg.clip and cfg.clip != db.identity.model and \
-            not embedder.identity.same_vectors_as(api.load_embedder(cfg.clip, str(device)).identity):
+            not embedder.identity.same_vectors_as(load_embedder(cfg.clip, str(device)).identity):
         raise RDMError(f"--clip {cfg.clip} is not the CLIP database {db.name} was built with "
                        f"({db.identity.describe()}); omit --clip or use a database built with it")
     model = build_model(cfg, preset, embedder.dim)
     if model.vae is not None:
         model.vae.to(device)
     if cfg.adapter is not None:  # LoRA: the base weights frozen, a fresh low-rank update (seeded) trained
-        from ..adapters import attach
+        from ..models.adapters import attach
 
         torch.manual_seed(cfg.seed)
         trainable = attach(model.unet, cfg.rank, cfg.lora_alpha, cfg.targets)
@@ -741,7 +685,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     save_checkpoint(accelerator, out, result.step, cfg, cfg.keep_checkpoints)
     write_model(result.step, samples=cfg.sample_every >= 0)
     if cfg.adapter is not None and main:
-        from ..adapters import publish
+        from ..models.adapters import publish
 
         result.adapter_dir = publish(out / ADAPTER, cfg.adapter)
     accelerator.wait_for_everyone()

@@ -26,37 +26,13 @@ from tqdm.auto import tqdm
 
 from ..errors import RDMError, SourceError
 from ..sources import open_source
-from ..store import atomic_folder
+from ..util.files import atomic_folder
+from .config import VAETrainConfig
 from .data import encode_latents, latent_scale_factor, read_crops, to_unit_range
 from .loop import MIXED_PRECISION, batch_indices, make_accelerator, step_generator
 from .presets import load_preset
 
 LOSSES = ("l1", "l2")
-
-
-@dataclass
-class VAETrainConfig:
-    """Everything `rdm train-vae` does; None fields take the preset's `vae.train` value."""
-
-    data: str  # training images (folder or dataset, see rdm.sources)
-    out: str  # output folder: AutoencoderKL.save_pretrained layout + train_vae.json
-    preset: str = "small-latent"  # architecture from the preset's "vae" section (or a preset JSON file)
-    resolution: int | None = None  # crop side in pixels (default: the preset's resolution)
-    steps: int | None = None  # optimizer steps
-    batch_size: int | None = None  # images per step (per process)
-    lr: float | None = None  # Adam learning rate
-    kl_weight: float | None = None  # weight of the KL term (LDM: 1e-6)
-    loss: str = "l1"  # reconstruction loss: "l1" or "l2"
-    hflip: bool = True  # random horizontal flips
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16"
-    seed: int = 0  # initialisation, data order and posterior samples
-    limit: int | None = None  # use only the first N images
-    split: str = "train"  # dataset split (Hugging Face sources)
-    image_column: str | None = None  # image column (Hugging Face sources)
-    overwrite: bool = False  # replace an existing output folder
-    cpu: bool = False  # train on the CPU even when a GPU is present
-    threads: int | None = None  # torch CPU threads (None: torch's default)
-    progress: bool = True  # tqdm progress bar
 
 
 @dataclass

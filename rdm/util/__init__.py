@@ -1,0 +1,1 @@
+"""Leaf helpers every layer may use: durable file writes and digests, spawned children."""

@@ -1,0 +1,72 @@
+"""Bad input to the real server on 127.0.0.1 gets a 4xx, never a 500 or a queued job: lone surrogates, JSON
+nested 100,000 deep, 401-digit integers, samplers that cannot run the asked steps (issue 25's probes)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.helpers.servekit import build_world, call, jcall, serve_world
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_clip):
+    running = serve_world(build_world(tmp_path_factory.mktemp("serve-inputs"), tiny_clip))
+    yield running
+    running.stop()
+
+
+def raw(base: str, path: str, text: str) -> tuple[int, dict]:
+    status, _, data = call(f"{base}{path}", "POST", raw=text.encode(), headers={"Content-Type": "application/json"})
+    return status, json.loads(data)
+
+
+def test_lone_surrogates_are_400_and_nothing_is_queued(server):
+    base = server.url
+    active = jcall(f"{base}/api/stats")[1]["active_jobs"]
+    for path, body in [("/api/generate", '{"prompt": "a \\ud800 star", "databases": [{"name": "A"}]}'),
+                       ("/api/compare", '{"prompt": "\\uDC00", "rows": [[]]}'),
+                       ("/api/search", '{"database": "A", "text": "x\\ud83d"}'),
+                       ("/knn-service", '{"text": "\\ud800", "indice_name": "A"}'),
+                       ("/metadata", '{"ids": [0], "indice_name": "A\\udfff"}')]:
+        status, reply = raw(base, path, body)
+        assert status == 400 and "surrogate" in reply["error"], (path, status, reply)
+    assert jcall(f"{base}/api/stats")[1]["active_jobs"] == active
+    # a proper surrogate pair is an astral character, and fine
+    status, reply = raw(base, "/api/search", '{"database": "A", "text": "a star \\ud83c\\udf1f"}')
+    assert status == 200, reply
+
+
+def test_deep_nesting_and_huge_integers_are_400(server):
+    base = server.url
+    deep = "[" * 100_000 + "]" * 100_000
+    assert sys.getrecursionlimit() < 100_000
+    for path in ("/knn-service", "/metadata"):
+        status, reply = raw(base, path, deep)
+        assert status == 400 and "malformed JSON" in reply["error"], (path, status, reply)
+    huge = '{"embedding_input": [' + "9" * 401 + '], "indice_name": "A", "modality": "image"}'
+    status, reply = raw(base, "/knn-service", huge)
+    assert status == 400 and "digits" in reply["error"], reply
+    status, reply = raw(base, "/api/generate", '{"prompt": "x", "seed": ' + "9" * 401 + "}")
+    assert 400 <= status < 500, reply
+    assert jcall(f"{base}/api/info")[0] == 200  # still serving
+
+
+def test_samplers_that_cannot_run_are_refused_before_queueing(server):
+    base = server.url
+    status, info = jcall(f"{base}/api/info")
+    scipy_missing = pytest.importorskip("importlib.util").find_spec("scipy") is None
+    assert ("lms" in info["schedulers"]) != scipy_missing  # advertised only where it can run
+    if scipy_missing:
+        status, reply = jcall(f"{base}/api/generate", "POST", {"prompt": "x", "scheduler": "lms", "k": 0})
+        assert status == 422 and "scipy" in reply["error"], reply
+    for steps in (1, 2, 3):
+        status, reply = jcall(f"{base}/api/generate", "POST", {"prompt": "x", "scheduler": "pndm", "steps": steps,
+                                                                "k": 0})
+        assert status == 422 and "cannot sample" in reply["error"], (steps, status, reply)
+    status, job = jcall(f"{base}/api/generate", "POST", {"prompt": "x", "scheduler": "pndm", "steps": 4, "k": 0})
+    assert status == 202, job
