@@ -7,7 +7,6 @@ import signal
 
 import numpy as np
 import pytest
-from test_build import rdm
 
 from rdm import api
 from rdm.build import BUILD_DIR
@@ -16,6 +15,7 @@ from rdm.db.database import Database
 from tests.helpers.imagezoo import picture_png as _png
 from tests.helpers.imagezoo import write_shards
 from tests.helpers.world import cli_env, make_folder
+from tests.helpers.world import rdm_process as rdm
 
 
 @pytest.fixture(scope="module")

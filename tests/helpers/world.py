@@ -84,3 +84,15 @@ def make_adapter(out: Path, model: Path, seed: int, base_fingerprint: str, rank:
             "base_model": Path(model).name, "database": "test", "database_fingerprint": "0" * 16, "steps": 1,
             "seed": seed}
     return save_adapter(out, unet, meta).path
+
+
+def rdm_process(*args, env=None, check=True, timeout=300):
+    """`rdm ARGS...` in a process of its own (python -m rdm.cli); raises with its stderr unless it exits 0."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "rdm.cli", *map(str, args)], capture_output=True, text=True,
+                         env=env or cli_env(), timeout=timeout)
+    if check and out.returncode != 0:
+        raise AssertionError(f"rdm {' '.join(map(str, args))} failed ({out.returncode}):\n{out.stderr}")
+    return out

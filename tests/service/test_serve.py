@@ -402,7 +402,10 @@ def test_shutdown_reports_jobs_in_flight_failed_and_abandoned_jobs_stop(world, p
         line.decode().strip() for line in urllib.request.urlopen(f"{base}{long_job['events_url']}", timeout=60)
         if line.startswith(b"event:")))
     reader.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 60  # stop while the job runs and its event stream is open (not after a fixed sleep)
+    while not (queue.get(long_job["id"], touch=False).state == "running" and events) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert queue.get(long_job["id"], touch=False).state == "running" and events, events
     report = dict(running.stop())
     reader.join(30)
     assert report[long_job["id"]] == "failed" and "shut down" in queue.get(long_job["id"], touch=False).error

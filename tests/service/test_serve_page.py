@@ -2,7 +2,6 @@
 neighbours -> compare -> provenance download, with clear errors; saves docs/serve-page.png."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,9 @@ from rdm.demo.run import DEMO_CLIP, DEMO_MODEL, DEMO_START
 from rdm.models.format import model_fingerprint
 from rdm.service.config import ServeConfig
 from rdm.service.server import start
+from tests.helpers.browser import ARGS, CHROMIUM
 from tests.helpers.world import REPO, make_adapter
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOT = REPO / "docs" / "serve-page.png"
 STYLES = ("neon", "mosaic", "outline")
 
