@@ -6,9 +6,10 @@
   keeps its first item (lowest row: the order the collection was built in) and flags the others.
 - Outliers: two distances per item, each turned into a robust z-score (minus the median, over 1.4826 x MAD): its
   mean cosine distance to its k nearest other items (duplicates of it left out: a different kind of image sits
-  far from everything) and its cosine distance to the collection's centroid (an item of another style sits far
-  from the style's mean, even when items of its content are near); the score is the larger, flagged above
-  `mad_factor` (3), stated in the report; `outlier_threshold` sets it instead.
+  far from everything) and its Mahalanobis distance from the collection under a Ledoit-Wolf shrunk covariance (an
+  item of another style sits off the directions the collection varies along, even when items of its content are
+  near; the plain distance to the centroid missed most such items on toy art); the score is the larger, flagged
+  above `mad_factor` (3), stated in the report; `outlier_threshold` sets it instead.
 - Representatives: `n_representatives` items chosen by greedy k-center (farthest point first, from the item
   nearest the centroid): the collection's "style card".
 - Coherence: the mean similarity of items to their k nearest neighbours, and of items to the collection's
@@ -115,6 +116,31 @@ def robust_z(x: np.ndarray) -> np.ndarray:
     return (x - median) / max(mad, 1e-6)
 
 
+def mahalanobis(vectors: np.ndarray, batch: int = 65_536) -> np.ndarray:
+    """Each item's Mahalanobis distance from the collection, under the Ledoit-Wolf shrunk covariance (Ledoit & Wolf
+    2004: the sample covariance pulled towards a scaled identity by the amount that minimises the expected error,
+    so that it stays invertible with fewer items than dimensions). Batched: memory is D x D plus one batch."""
+    n, d = vectors.shape
+    mean = vectors.mean(0, dtype=np.float64)
+    cov = np.zeros((d, d))
+    fourth = 0.0  # sum of |x_i|^4, for the shrinkage
+    for lo in range(0, n, batch):
+        x = vectors[lo:lo + batch].astype(np.float64) - mean
+        cov += x.T @ x
+        fourth += float(np.sum(np.sum(x * x, 1) ** 2))
+    cov /= n
+    mu = np.trace(cov) / d
+    delta = float(np.sum((cov - mu * np.eye(d)) ** 2)) / d
+    beta = min(delta, (fourth - n * float(np.sum(cov * cov))) / d / n ** 2)
+    shrink = beta / delta if delta > 0 else 1.0
+    precision = np.linalg.inv((1 - shrink) * cov + shrink * mu * np.eye(d) + 1e-12 * np.eye(d))
+    out = np.empty(n, np.float32)
+    for lo in range(0, n, batch):
+        x = vectors[lo:lo + batch].astype(np.float64) - mean
+        out[lo:lo + batch] = np.sqrt(np.maximum(np.sum((x @ precision) * x, 1), 0))
+    return out
+
+
 def k_center(vectors: np.ndarray, n: int) -> list[int]:
     """Greedy k-center: the item nearest the centroid, then repeatedly the item farthest from those chosen."""
     if n <= 0 or len(vectors) == 0:
@@ -127,6 +153,60 @@ def k_center(vectors: np.ndarray, n: int) -> list[int]:
         chosen.append(nxt)
         nearest = np.maximum(nearest, vectors @ vectors[nxt])
     return chosen
+
+
+LISTS_PER_ITEM = 2  # approximate databases: each item looks for its neighbours in its 2 nearest inverted lists
+
+
+def _neighbours_by_search(database, rows, vectors, k, where, batch_size, progress):
+    """Each item's k + 1 nearest (itself too) by the database's own search: (positions in `rows`, similarities)."""
+    n = len(rows)
+    nb_pos = np.full((n, k + 1), -1, np.int64)
+    nb_sim = np.full((n, k + 1), -np.inf, np.float32)
+    for lo in range(0, n, batch_size):
+        hi = min(n, lo + batch_size)
+        result = database.search(vectors[lo:hi], k=k + 1, where=where, records=False)
+        pos = np.clip(np.searchsorted(rows, result.rows), 0, n - 1)  # rows are sorted
+        nb_pos[lo:hi] = np.where((result.rows >= 0) & (rows[pos] == result.rows), pos, -1)
+        nb_sim[lo:hi] = result.scores
+        if progress is not None:
+            progress(hi, n)
+    return nb_pos, nb_sim
+
+
+def _neighbours_by_list(vectors, lists, k, progress):
+    """Each item's k + 1 nearest among the items of its nearest inverted lists, exactly (the way SemDeDup and
+    clustered k-NN graphs work: the index's k-means partition keeps every product small; items of a list are
+    compared with the items whose nearest list it is). (positions, similarities), best first."""
+    n = len(vectors)
+    home = lists[:, 0]
+    order = np.argsort(home, kind="stable")
+    starts = np.searchsorted(home[order], np.arange(int(home.max()) + 2))
+    nb_pos = np.full((n, k + 1), -1, np.int64)
+    nb_sim = np.full((n, k + 1), -np.inf, np.float32)
+    done = 0
+    for probe in range(lists.shape[1]):
+        asked = lists[:, probe]
+        q_order = np.argsort(asked, kind="stable")
+        q_starts = np.searchsorted(asked[q_order], np.arange(int(home.max()) + 2))
+        for lst in range(len(starts) - 1):
+            members = order[starts[lst]:starts[lst + 1]]
+            queries = q_order[q_starts[lst]:q_starts[lst + 1]] if lst + 1 < len(q_starts) else q_order[:0]
+            if len(members) == 0 or len(queries) == 0:
+                continue
+            sims = vectors[queries] @ vectors[members].T  # (q, m)
+            take = min(k + 1, len(members))
+            top = np.argpartition(-sims, take - 1, axis=1)[:, :take]
+            top_sim = np.take_along_axis(sims, top, 1)
+            cand_pos = np.concatenate([nb_pos[queries], members[top]], 1)
+            cand_sim = np.concatenate([nb_sim[queries], top_sim], 1)
+            best = np.argsort(-cand_sim, axis=1, kind="stable")[:, :k + 1]
+            nb_pos[queries] = np.take_along_axis(cand_pos, best, 1)
+            nb_sim[queries] = np.take_along_axis(cand_sim, best, 1)
+            done += len(queries)
+            if progress is not None:
+                progress(min(n, done // lists.shape[1]), n)
+    return nb_pos, nb_sim
 
 
 def curate(database, options: CurateOptions = CurateOptions(),
@@ -143,16 +223,11 @@ def curate(database, options: CurateOptions = CurateOptions(),
                        "curation needs at least 2")
     k = min(options.k, n - 1)
     vectors = database.vectors_at(rows)  # (n, D) unit vectors; float32 of a 1M x 768 collection: ~3 GB
-    nb_pos = np.full((n, k + 1), -1, np.int64)  # positions in `rows` of each item's k + 1 nearest (itself too)
-    nb_sim = np.full((n, k + 1), -np.inf, np.float32)
-    for lo in range(0, n, options.batch_size):
-        hi = min(n, lo + options.batch_size)
-        result = database.search(vectors[lo:hi], k=k + 1, where=where, records=False)
-        pos = np.clip(np.searchsorted(rows, result.rows), 0, n - 1)  # rows are sorted
-        nb_pos[lo:hi] = np.where((result.rows >= 0) & (rows[pos] == result.rows), pos, -1)
-        nb_sim[lo:hi] = result.scores
-        if progress is not None:
-            progress(hi, n)
+    lists = database.coarse_lists(vectors, LISTS_PER_ITEM)
+    if lists is None:  # an exact database (up to 200k items): its own search, batch by batch
+        nb_pos, nb_sim = _neighbours_by_search(database, rows, vectors, k, where, options.batch_size, progress)
+    else:  # an inverted file: exact neighbours among the items of the same lists
+        nb_pos, nb_sim = _neighbours_by_list(vectors, lists, k, progress)
     others = (nb_pos >= 0) & (nb_pos != np.arange(n)[:, None])  # a neighbour that is not the item itself
 
     # near-duplicates: pairs above the threshold, grouped (the lowest row of a group is kept)
@@ -187,18 +262,19 @@ def curate(database, options: CurateOptions = CurateOptions(),
     knn_distance = (1.0 - sims).astype(np.float32)  # far from its own neighbourhood: a different kind of image
     centroid = vectors.mean(0)
     centroid /= max(np.linalg.norm(centroid), 1e-12)
-    centroid_distance = (1.0 - vectors @ centroid).astype(np.float32)  # far from the collection's mean: off-style
-    scores = np.maximum(robust_z(knn_distance), robust_z(centroid_distance))
+    centroid_distance = (1.0 - vectors @ centroid).astype(np.float32)
+    spread = mahalanobis(vectors, options.batch_size)  # off the collection's shape: off-style
+    scores = np.maximum(robust_z(knn_distance), robust_z(spread))
     if options.outlier_threshold is not None:
         threshold, rule = float(options.outlier_threshold), f"score > {options.outlier_threshold:g} (given)"
     else:
         threshold = options.mad_factor
         rule = (f"score > {threshold:g}; score: the larger robust z-score (distance minus the median, over 1.4826 x "
-                "MAD) of an item's mean cosine distance to its k nearest other items and of its cosine distance to "
-                "the collection's centroid")
+                "MAD) of an item's mean cosine distance to its k nearest other items and of its Mahalanobis distance "
+                "from the collection (Ledoit-Wolf shrunk covariance)")
     order = np.argsort(-scores, kind="stable")
     outliers = [{"id": ids[i], "score": round(float(scores[i]), 4), "knn_distance": round(float(knn_distance[i]), 6),
-                 "centroid_distance": round(float(centroid_distance[i]), 6),
+                 "centroid_distance": round(float(centroid_distance[i]), 6), "mahalanobis": round(float(spread[i]), 4),
                  "nearest": [ids[j] for j in nb_pos[i] if j >= 0 and j != i][:3]}
                 for i in order if scores[i] > threshold]
 

@@ -406,6 +406,11 @@ class Database:
         return warm(files, background=background)
 
     # -- writing ------------------------------------------------------------------------------
+    def coarse_lists(self, vectors: np.ndarray, n: int = 1) -> np.ndarray | None:
+        """The n nearest inverted lists of each vector in this database's trained index; None for an exact one."""
+        trained = self._trained_index()
+        return None if trained is None else faiss_index.coarse_lists(trained, vectors, n)
+
     def _trained_index(self):
         if self.spec.exact:
             return None

@@ -141,6 +141,18 @@ def ivf_of(index: faiss.Index):
         return None
 
 
+def coarse_lists(trained: faiss.Index, x: np.ndarray, n: int = 1) -> np.ndarray:
+    """(len(x), n) the n nearest inverted lists of each vector under a trained IVF index (its rotation applied)."""
+    ivf = ivf_of(trained)
+    if ivf is None:
+        raise RDMError("coarse_lists needs an inverted-file index")
+    x = np.ascontiguousarray(x, np.float32)
+    if isinstance(trained, faiss.IndexPreTransform):
+        x = trained.apply_py(x)
+    _, lists = ivf.quantizer.search(x, min(n, ivf.nlist))
+    return lists
+
+
 def train(sample: np.ndarray, factory: str, seed: int = 0) -> faiss.Index:
     """Create and train an empty index on a sample (float32 unit vectors).
 

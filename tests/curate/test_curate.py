@@ -79,6 +79,23 @@ def test_planted_duplicates_and_outliers_are_found(planted):
     assert 0 < report.coherence["centroid_similarity"] < report.coherence["knn_similarity"] <= 1
 
 
+def test_an_inverted_file_database_finds_the_same_problems_within_its_lists(planted):
+    """With an IVF index the neighbours come from each item's 2 nearest lists, not a search of everything: the same
+    planted copies and off-style items are found."""
+    api.build_index(str(planted["root"] / "flat"), name="flat-ivf", clip=f"local-dir:{DEMO_CLIP}",
+                    indexes=str(planted["home"]), workers=0, progress=False, index_factory="IVF4,Flat")
+    db = api.open_database("flat-ivf", planted["home"])
+    assert db.coarse_lists(db.vectors_at(np.asarray(db.live_rows())), 2).shape == (db.count, 2)
+    exact = curate(api.open_database("flat", planted["home"]), CurateOptions(k=5))
+    report = curate(db, CurateOptions(k=5))
+    pairs = lambda r: {frozenset((g["keep"], d)) for g in r.duplicate_groups for d in g["drop"]}  # noqa: E731
+    planted_pairs = {frozenset((c, o)) for c, o in planted["copies"].items()}
+    assert len(pairs(report) & planted_pairs) >= 0.9 * len(planted_pairs) and pairs(report) <= pairs(exact)
+    flagged = {o["id"] for o in report.outliers}
+    assert len(flagged & set(planted["off"])) >= 0.9 * len(planted["off"])
+    assert len(flagged & set(planted["off"])) >= 0.8 * len(flagged)
+
+
 def test_nothing_is_removed_without_apply_and_apply_removes_exactly_the_flagged(planted, tmp_path):
     home, runner = planted["home"], CliRunner()
     before = api.open_database("flat", home).count
@@ -118,7 +135,8 @@ def test_the_html_report_opens_offline_in_chromium_with_every_thumbnail(planted,
     thumbnail decoded (saves docs/curate-report.png)."""
     from pathlib import Path
 
-    from test_serve_page import ARGS, CHROMIUM, SCREENSHOT
+    from tests.helpers.browser import ARGS, CHROMIUM
+    from tests.helpers.world import REPO
 
     sync_api = pytest.importorskip("playwright.sync_api")
     api.build_index(str(planted["root"] / "flat"), name="flat2", clip=f"local-dir:{DEMO_CLIP}",
@@ -134,5 +152,5 @@ def test_the_html_report_opens_offline_in_chromium_with_every_thumbnail(planted,
         assert page.inner_text("#duplicates").startswith(f"Near-duplicate groups ({len(report.duplicate_groups)}")
         assert groups >= len(report.duplicate_groups) >= 10
         assert "m-photo.png" in page.inner_text("body")
-        page.screenshot(path=str(SCREENSHOT.with_name("curate-report.png")))
+        page.screenshot(path=str(REPO / "docs" / "curate-report.png"))
         browser.close()
