@@ -11,7 +11,8 @@
   near; the plain distance to the centroid missed most such items on toy art); the score is the larger, flagged
   above `mad_factor` (3), stated in the report; `outlier_threshold` sets it instead.
 - Representatives: `n_representatives` items chosen by greedy k-center (farthest point first, from the item
-  nearest the centroid): the collection's "style card".
+  nearest the centroid) among the items that stay (outliers and dropped copies left out): the collection's
+  "style card".
 - Coherence: the mean similarity of items to their k nearest neighbours, and of items to the collection's
   centroid; comparable across collections embedded with one CLIP.
 
@@ -278,7 +279,13 @@ def curate(database, options: CurateOptions = CurateOptions(),
                  "nearest": [ids[j] for j in nb_pos[i] if j >= 0 and j != i][:3]}
                 for i in order if scores[i] > threshold]
 
-    reps = [ids[i] for i in k_center(vectors, options.n_representatives)]
+    # the style card covers what stays: outliers and the copies a group drops are left out of it
+    stays = scores <= threshold
+    if dup_groups:
+        position = {item: i for i, item in enumerate(ids)}
+        stays[[position[d] for g in dup_groups for d in g["drop"]]] = False
+    keep = np.flatnonzero(stays) if stays.any() else np.arange(n)
+    reps = [ids[int(keep[i])] for i in k_center(vectors[keep], options.n_representatives)]
     coherence = {"knn_similarity": round(float(nb_sim[others].mean()), 6) if others.any() else None,
                  "centroid_similarity": round(float(np.mean(vectors @ centroid)), 6)}
     return CurateReport(database.name, n, asdict(options), dup_groups, outliers, round(threshold, 6), rule, reps,

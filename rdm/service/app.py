@@ -27,6 +27,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..curate import CurateOptions, curate
+from ..db.database import Database
 from ..errors import DatabaseBusy, RDMError
 from ..sampling import editing
 from ..sampling.conditioning import NeighbourControl, parse_window
@@ -37,6 +39,7 @@ from .clip_retrieval_compat import HIDDEN_COLUMNS
 from .clip_retrieval_compat import router as clip_router
 from .config import ServeConfig, is_loopback_host
 from .engine import Engine, Row
+from .curation import curation_view
 from .images import ImageCache, render_file
 from .jobs import FINAL, Job, JobQueue, job_view, neighbour_view
 from .validation import (
@@ -166,6 +169,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.state.uploads = OrderedDict()  # upload id -> ((1, D) vector, info)
     app.state.upload_images = OrderedDict()  # upload id -> (PIL image, {"name", "sha256"}) for editing
     app.state.images = ImageCache()
+    app.state.curations = OrderedDict()  # (fingerprint, k, representatives) -> CurateReport, the last 8
     queue: JobQueue = app.state.queue
 
     @app.exception_handler(BadRequest)
@@ -296,6 +300,27 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         side = config.thumb_size if size == "thumb" else 1024
         data = app.state.images.get_or_make((db.fingerprint, id, side), lambda: render_file(path, side, config))
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=600"})
+
+    @app.get("/api/databases/{name}/curate", tags=["databases"],
+             summary="rdm curate on a served database: near-duplicate groups, outliers, the style card",
+             responses={404: {"description": "no such database"},
+                        413: {"description": "larger than the service curates (run rdm curate NAME --out DIR)"}})
+    async def database_curate(name: str, k: int = Query(CurateOptions.k, ge=1, le=100),
+                              representatives: int = Query(CurateOptions.n_representatives, ge=0, le=64)):
+        db = _served(name)
+        if db.count > config.curate_max_items:
+            raise BadRequest(413, f"database {name} holds {db.count} items; the service curates at most "
+                                  f"{config.curate_max_items} (run: rdm curate {name} --out DIR, and open DIR/report.html)")
+        key = (db.fingerprint, k, representatives)
+        cache = app.state.curations
+        if key not in cache:
+            options = CurateOptions(k=k, n_representatives=representatives)
+            # a Database of its own (the served one is shared by searches and is not thread-safe), same generation
+            own = await run_in_threadpool(Database.open, db.database.path)
+            cache[key] = await run_in_threadpool(curate, own, options)
+            while len(cache) > 8:
+                cache.popitem(last=False)
+        return curation_view(cache[key], name, config.curate_show)
 
     @app.post("/api/databases/{name}/remove", tags=["databases"])
     def remove(name: str, body: RemoveRequest, request: Request):

@@ -4,58 +4,29 @@ as near-duplicate groups, off-style items and a photo rank as outliers, nothing 
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from rdm import api
 from rdm.cli import main
 from rdm.curate import CurateOptions, curate, k_center
 from rdm.demo.run import DEMO_CLIP
-from rdm.demo.toyart import COLOURS, SHAPES, render
+from tests.helpers.world import planted_toyart
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
-    """48 flat toy-art pictures, each a different shape and colour; planted: 12 copies of 12 of them (4 resized, 4
-    JPEG-70, 4 cropped 3%), 4 pictures of other styles and one photograph-like noise picture."""
+    """48 flat toy-art pictures with planted copies, off-style items and a photograph (tests.helpers.world)."""
     root = tmp_path_factory.mktemp("curate")
-    folder = root / "flat"
-    folder.mkdir()
-    rng = np.random.default_rng(3)
-    pairs = [(s, c) for s in SHAPES for c in COLOURS][:48]
-    for i, (shape, colour) in enumerate(pairs):
-        render(shape, colour, "flat", 64, x=0.3 + 0.4 * rng.random(), y=0.3 + 0.4 * rng.random(),
-               scale=0.25 + 0.1 * rng.random(), rng=np.random.default_rng(i)).save(folder / f"a{i:03d}.png")
-    copies = {}
-    for j, i in enumerate(range(0, 48, 4)):
-        original = Image.open(folder / f"a{i:03d}.png").convert("RGB")
-        name = f"z-copy{j:02d}.png"
-        if j % 3 == 0:
-            original.resize((96, 96), Image.BICUBIC).save(folder / name)
-        elif j % 3 == 1:
-            buf = io.BytesIO()
-            original.save(buf, format="JPEG", quality=70)
-            Image.open(buf).save(folder / name)
-        else:
-            original.crop((2, 2, 62, 62)).resize((64, 64), Image.BICUBIC).save(folder / name)
-        copies[name] = f"a{i:03d}.png"
-    off = {}
-    for j, style in enumerate(("neon", "neon", "mosaic", "striped")):
-        name = f"m-off{j}.png"
-        render(SHAPES[j], list(COLOURS)[j], style, 64, rng=np.random.default_rng(100 + j)).save(folder / name)
-        off[name] = style
-    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "m-photo.png")
-    off["m-photo.png"] = "photo"
+    copies, off = planted_toyart(root / "flat")
     home = root / "indexes"
-    api.build_index(str(folder), name="flat", clip=f"local-dir:{DEMO_CLIP}", indexes=str(home), workers=0,
+    api.build_index(str(root / "flat"), name="flat", clip=f"local-dir:{DEMO_CLIP}", indexes=str(home), workers=0,
                     progress=False)
     return {"root": root, "home": home, "copies": copies, "off": off}
 

@@ -96,3 +96,43 @@ def rdm_process(*args, env=None, check=True, timeout=300):
     if check and out.returncode != 0:
         raise AssertionError(f"rdm {' '.join(map(str, args))} failed ({out.returncode}):\n{out.stderr}")
     return out
+
+
+def planted_toyart(folder: Path) -> tuple[dict, dict]:
+    """48 flat toy-art pictures, each a different shape and colour, and planted problems: 12 copies of 12 of them
+    (4 resized, 4 JPEG-70, 4 cropped 3%; named z-copy*), 4 pictures of other styles and one photograph-like noise
+    picture (m-*). Returns ({copy: original}, {off-style item: its kind})."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from rdm.demo.toyart import COLOURS, SHAPES, render
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    pairs = [(s, c) for s in SHAPES for c in COLOURS][:48]
+    for i, (shape, colour) in enumerate(pairs):
+        render(shape, colour, "flat", 64, x=0.3 + 0.4 * rng.random(), y=0.3 + 0.4 * rng.random(),
+               scale=0.25 + 0.1 * rng.random(), rng=np.random.default_rng(i)).save(folder / f"a{i:03d}.png")
+    copies = {}
+    for j, i in enumerate(range(0, 48, 4)):
+        original = Image.open(folder / f"a{i:03d}.png").convert("RGB")
+        name = f"z-copy{j:02d}.png"
+        if j % 3 == 0:
+            original.resize((96, 96), Image.BICUBIC).save(folder / name)
+        elif j % 3 == 1:
+            buf = io.BytesIO()
+            original.save(buf, format="JPEG", quality=70)
+            Image.open(buf).save(folder / name)
+        else:
+            original.crop((2, 2, 62, 62)).resize((64, 64), Image.BICUBIC).save(folder / name)
+        copies[name] = f"a{i:03d}.png"
+    off = {}
+    for j, style in enumerate(("neon", "neon", "mosaic", "striped")):
+        name = f"m-off{j}.png"
+        render(SHAPES[j], list(COLOURS)[j], style, 64, rng=np.random.default_rng(100 + j)).save(folder / name)
+        off[name] = style
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "m-photo.png")
+    off["m-photo.png"] = "photo"
+    return copies, off

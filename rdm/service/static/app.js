@@ -54,12 +54,15 @@ async function init() {
     state.databases = (await api("/api/databases")).filter((d) => d.compatible);
     renderDatabases();
     renderAdapters();
+    $("curate-db").replaceChildren(...state.databases.map((d) => el("option", { value: d.name, text: `${d.name} (${d.count})` })));
+    $("curate-box").hidden = !state.databases.length;
   } catch (e) {
     showError(e.message);
   }
   $("controls").addEventListener("submit", (ev) => { ev.preventDefault(); submit("generate"); });
   $("compare").addEventListener("click", () => submit("compare"));
   $("cancel").addEventListener("click", cancel);
+  $("curate").addEventListener("click", curateCollection);
   $("diversity").addEventListener("input", () => { $("diversity-value").textContent = Number($("diversity").value).toFixed(2); });
   $("image-file").addEventListener("change", uploadImage);
   $("clear-image").addEventListener("click", clearImage);
@@ -363,6 +366,55 @@ function renderCompare(view) {
   });
   const all = el("a", { href: `/api/jobs/${view.id}/provenance.json`, download: "", text: "all provenance (JSON)" });
   box.replaceChildren(el("h2", { text: `compare: ${view.request.prompt}` }), table, all);
+}
+
+// -- curation -------------------------------------------------------------------------------------
+function thumb(item, title) {
+  return el("img", { src: item.thumbnail_url, alt: item.id, title: title || item.id, loading: "lazy" });
+}
+
+async function curateCollection() {
+  const name = $("curate-db").value;
+  if (!name) return;
+  showError("");
+  const box = $("curate-view");
+  box.hidden = false;
+  box.replaceChildren(el("h2", { text: `curating ${name}…` }));
+  $("curate").disabled = true;
+  try {
+    renderCuration(await api(`/api/databases/${encodeURIComponent(name)}/curate`));
+  } catch (e) {
+    box.replaceChildren();
+    box.hidden = true;
+    showError(e.message);
+  } finally {
+    $("curate").disabled = false;
+  }
+}
+
+function renderCuration(r) {
+  const c = r.coherence;
+  const groups = r.duplicate_groups.map((g) => el("div", { class: "row group" }, [
+    el("figure", { class: "keep" }, [thumb(g.keep, `kept: ${g.keep.id}`), el("figcaption", { text: "kept" })]),
+    ...g.drop.map((d) => el("figure", {}, [thumb(d, `copy: ${d.id}`), el("figcaption", { text: d.id })])),
+    el("span", { class: "muted", text: `cosine ${g.similarity.toFixed(3)}` })]));
+  const outliers = r.outliers.map((o) => el("div", { class: "row outlier" }, [
+    el("figure", { class: "flagged" }, [thumb(o.item), el("figcaption", { text: `${o.item.id} · ${o.score.toFixed(1)}` })]),
+    el("span", { class: "muted", text: "nearest:" }),
+    ...o.nearest.map((n) => el("figure", {}, [thumb(n), el("figcaption", { text: n.id })]))]));
+  const more = (shown, all, what) => all > shown ? [el("p", { class: "muted", text: `… and ${all - shown} more ${what}` })] : [];
+  $("curate-view").replaceChildren(
+    el("h2", { text: `curate: ${r.database}` }),
+    el("p", { class: "muted", text: `${r.count} items · coherence: k-NN similarity ${c.knn_similarity?.toFixed(3)}, ` +
+              `to the centroid ${c.centroid_similarity.toFixed(3)} (k ${r.k})` }),
+    el("h3", { id: "curate-duplicates", text: `Near-duplicate groups (${r.duplicate_group_count}, ` +
+               `${r.duplicate_count} copies at cosine ≥ ${r.duplicate_threshold})` }),
+    ...groups, ...more(groups.length, r.duplicate_group_count, "groups"),
+    el("h3", { id: "curate-outliers", text: `Outliers (${r.outlier_count})`, title: r.outlier_rule }),
+    ...outliers, ...more(outliers.length, r.outlier_count, "outliers"),
+    el("h3", { id: "curate-card", text: `Style card (${r.representatives.length} representatives)` }),
+    el("div", { class: "card-grid" }, r.representatives.map((it) => thumb(it))),
+    el("p", { class: "muted", text: `rdm curate ${r.database} --apply duplicates,outliers removes them (takedown path)` }));
 }
 
 // -- history --------------------------------------------------------------------------------------
