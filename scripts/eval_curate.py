@@ -6,7 +6,7 @@ and the blind nearest-centroid judge.
 
     python scripts/eval_curate.py --work runs/eval/curate --seeds 91 92
 
-Items are unseen (toy-art indices 80,000,000 on); prompts are content pairs 16-31 of the 64.
+Items are unseen (toy-art indices 80,000,000 on, or --start); prompts are content pairs 16-31 of the 64.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def main(argv=None):
     p.add_argument("--contents", type=int, default=16)
     p.add_argument("--content-offset", type=int, default=16)
     p.add_argument("--seeds", type=int, nargs="+", default=[91, 92])
+    p.add_argument("--start", type=int, default=START, help="toy-art index of the first item (other values: other items)")
     a = p.parse_args(argv)
     from rdm.sampling.pipeline import RDMPipeline
 
@@ -45,7 +46,7 @@ def main(argv=None):
     n_off = max(1, round(a.n * a.planted / (1 - a.planted)))
     for k, style in enumerate(STYLES):
         clean = work / "clean" / style
-        generate(ToyArtSpec(), a.n, clean, styles=[style], start=START + 10_000 * k)
+        generate(ToyArtSpec(), a.n, clean, styles=[style], start=a.start + 10_000 * k)
         planted = work / "planted" / style
         if planted.exists():
             shutil.rmtree(planted)
@@ -54,7 +55,7 @@ def main(argv=None):
         extra = work / "extra" / style
         for j in range(n_off):  # other styles, round robin, contents of their own
             generate(ToyArtSpec(), 1, extra / str(j), styles=[others[j % len(others)]],
-                     start=START + 10_000 * k + 5_000 + j)
+                     start=a.start + 10_000 * k + 5_000 + j)
             for png in (extra / str(j)).rglob("*.png"):
                 shutil.copy(png, planted / style / f"planted-{j}-{png.name}")
         (planted / "metadata.jsonl").unlink(missing_ok=True)  # captions are not needed: images only

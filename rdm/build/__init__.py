@@ -545,3 +545,34 @@ def build_index(source: str, name: str | None = None, clip: str | None = None, i
 
         runner = RayEngine(address=ray_address, dtype=None if dtype == "auto" else dtype)
     return build_database(src, name, embedder, indexes, opts, engine=runner)
+
+
+def format_report(r: BuildReport) -> str:
+    """The summary printed at the end of a build."""
+    from ..images.decode import SKIP_REASONS
+
+    if r.note:
+        return f"{r.note}\n  total      {r.total} items"
+    lines = [f"database {r.name}  ({r.path})",
+             f"  embedded   {r.embedded} items in {r.seconds:.1f} s ({r.images_per_second:.1f} images/s)"
+             + (f", resumed after {r.resumed_from} source items" if r.resumed_from else ""),
+             f"  total      {r.total} items in {r.segments} segment(s)",
+             f"  skipped    {sum(r.skipped.values())}"
+             + (" (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(r.skipped.items())) + ")" if r.skipped else ""),
+             f"  index      {r.index_factory}" + (f", recall@10 {r.recall_at_10:.3f}" if r.recall_at_10 is not None else ""),
+             f"  on disk    {_size(r.bytes_on_disk)}"]
+    for reason in sorted(r.skipped):
+        lines.append(f"    {reason}: {SKIP_REASONS.get(reason, '')}")
+    for s in r.skipped_items[:20]:
+        lines.append(f"    skipped {s['path']}: {s['reason']}")
+    if len(r.skipped_items) > 20:
+        lines.append(f"    ... and {len(r.skipped_items) - 20} more (rdm info {r.name} --json lists them all)")
+    return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"

@@ -23,6 +23,7 @@ recorded in the manifest's history.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -301,4 +302,35 @@ def apply(database, report: CurateReport, kinds: Sequence[str], dry_run: bool = 
     return flagged
 
 
-__all__ = ["CurateOptions", "CurateReport", "KINDS", "apply", "curate", "k_center", "parse_kinds"]
+remove_flagged = apply  # `run` takes a parameter of that name
+
+
+def run(db: str | Path, options: CurateOptions | None = None, apply: Sequence[str] = (), dry_run: bool = False,
+        out: str | None = None, indexes: str | None = None, progress: bool = False):
+    """`rdm curate NAME`: open the database, curate it, write the report files (`out`), remove what `apply` names:
+    (report, {id: reason} removed or, with dry_run, to be removed, written files)."""
+    from ..db import open_database
+    from .report import write_report
+
+    database = open_database(db, indexes)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=database.count, desc=f"curate {database.name}", unit="item", leave=False)
+    report = curate(database, options or CurateOptions(),
+                             progress=(lambda done, total: bar.update(done - bar.n)) if bar else None)
+    if bar:
+        bar.close()
+    files = {}
+    if out:
+        shown = {g["keep"] for g in report.duplicate_groups} | report.flagged().keys() | set(report.representatives)
+        shown |= {n for o in report.outliers for n in o["nearest"]}
+        rows = database.rows_of(sorted(shown))
+        paths = {r["id"]: r.get("path") for r in database.records(sorted(rows.values()))}
+        files = write_report(report, paths, out)
+    removed = remove_flagged(database, report, parse_kinds(apply), dry_run) if apply else {}
+    return report, removed, files
+
+
+__all__ = ["CurateOptions", "CurateReport", "KINDS", "apply", "curate", "k_center", "mahalanobis", "parse_kinds", "run"]
