@@ -9,8 +9,7 @@ from __future__ import annotations
 from .build import build_index, default_name, format_report
 from .curate import run as curate
 from .db import home_path, open_database
-from .db.commands import (compact, embed_queries, format_info, info, list_databases, remove, search, set_licence,
-                          verify)
+from .db.commands import compact, embed_queries, format_info, info, list_databases, remove, search, set_licence, verify
 from .embed import embedder_for, load_embedder
 from .images.sheets import search_sheet as write_search_sheet
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
@@ -43,6 +42,7 @@ from ..errors import DatabaseError, RDMError, SourceError
 from ..images.decode import DecodeOptions
 from ..images.pixels import PixelTransform, decode_batch, init_worker
 from ..sources import Item, Source
+from ..util.progress import enabled as progress_bars
 from ..util.spawn import main_module_hidden
 
 BUILD_DIR = ".build"
@@ -309,7 +309,7 @@ def embed_into_segments(source: Source, embedder, opts: BuildOptions, db_dir: Pa
     start, stop = state["next_index"], opts.limit
     total = _expected_items(source, opts)
     bar = tqdm(total=total, initial=start, unit="img", desc="embedding",
-               disable=not (opts.progress and sys.stderr.isatty()), smoothing=0.1)
+               disable=not progress_bars(opts.progress), smoothing=0.1)
 
     def flush(vectors: np.ndarray, table, skipped, next_index):
         entry = write_segment(db_dir, state["next_row"], vectors, table, skipped_table(skipped), dtype)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from ..db.manifest import fault, rows_to_table, skipped_table
 from ..db.segment import write_segment
 from ..errors import RDMError
 from ..images.pixels import decode_batch
+from ..util.progress import enabled as progress_bars
 from . import BuildOptions, Progress, _stack, embed_batch, embed_into_segments, read_batches
 
 CPU_ACTOR_CORES = 8  # without GPUs: one embedding actor per this many cluster CPUs (at least one)
@@ -197,7 +197,7 @@ class RayEngine:
     def _pipeline(self, ray, todo, source, embedder, opts, db_dir, present, dtype, gpus, cpus, actors, shard_items):
         """Yield (k, segment entry) as the cluster finishes shards (in any order)."""
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = bool(opts.progress and sys.stderr.isatty())
+        ctx.enable_progress_bars = progress_bars(opts.progress)
         ctx.print_on_execution_start = False
         if not ctx.enable_progress_bars:  # logs, not a terminal: Ray Data's own summaries and hints stay out
             logging.getLogger("ray.data").setLevel(logging.ERROR)

@@ -13,6 +13,7 @@ from .. import api
 from ..demo import toyart
 from ..errors import RDMError
 from ..models import assets as registry
+from ..util.progress import enabled as progress_bars
 from .options import default_text, library_default, option
 
 INDEXES_HELP = "home of the databases (default: $RDM_INDEXES or ./indexes)"
@@ -148,7 +149,7 @@ def curate_cmd(ctx, db, out, apply_kinds, dry_run, where, k, dup_threshold, outl
              "n_representatives": n_representatives}
     options = CurateOptions(where=tuple(where), **{key: v for key, v in given.items() if v is not None})
     report, removed, files = api.curate(db, options, apply_kinds.split(",") if apply_kinds else (), dry_run, out,
-                                        _home(ctx, indexes), progress=not quiet and sys.stderr.isatty())
+                                        _home(ctx, indexes), progress=progress_bars(not quiet))
     if as_json:
         click.echo(json.dumps({**report.to_dict(), "removed": removed, "dry_run": dry_run}, indent=1))
         return

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,6 +33,7 @@ from ..images.sheets import grid
 from ..models.format import read_rdm_config, resolve_embedder_id
 from ..sampling.generate import GRID_TILE, SampleOptions, _run, load_pipeline, neighbour_tiles, save_png
 from ..sampling.provenance import write_json
+from ..util.progress import enabled as progress_bars
 from .config import DEFAULT_PROMPTS, DemoConfig  # noqa: F401 (re-exported)
 from .evaluate import build_style_databases
 from .toyart import ALL_STYLES, STYLES, ToyArtSpec, read_metadata  # noqa: F401
@@ -108,7 +108,7 @@ def sample_rows(pipe, databases: dict[str, str], config: DemoConfig, indexes: Pa
     options = SampleOptions(k=config.k, num_images=config.seeds, steps=config.steps, guidance=config.guidance,
                             guidance_rescale=config.guidance_rescale, style_scale=config.style_scale,
                             scheduler=config.scheduler, eta=config.eta, adapters=tuple(config.adapters),
-                            seed=config.seed, progress=config.progress and sys.stderr.isatty())
+                            seed=config.seed, progress=progress_bars(config.progress))
     rows = []
     for label, db in [*databases.items(), (CONTROL, None)]:
         images, records = _run(pipe, list(config.prompts), [(db, 1.0)] if db else [], options, None, (),
@@ -160,7 +160,7 @@ def _run_demo(config: DemoConfig, log: Callable[[str], None]) -> DemoResult:
     model_dir, clip = resolve_assets(config.model, config.clip)
     out = Path(config.out).expanduser()
     seconds, t0 = {}, time.perf_counter()
-    pipe = load_pipeline(model_dir, config.device, None, config.progress and sys.stderr.isatty())
+    pipe = load_pipeline(model_dir, config.device, None, progress_bars(config.progress))
     if pipe.device.type == "cpu":
         pipe.unet.to(memory_format=torch.channels_last)  # oneDNN's convolutions: ~15% faster on CPU
     pipe.embedder = load_embedder(clip)  # the databases' (cached) embedder; refuses a CLIP the model did not use

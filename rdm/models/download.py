@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import requests
 from tqdm.auto import tqdm
 
 from ..errors import RDMError
+from ..util.progress import enabled as progress_bars
 from ..util import files
 
 CONNECT_TIMEOUT_S = 5.0  # an unreachable host fails this fast (DNS failures fail at once)
@@ -62,9 +62,7 @@ class Fetched:
     resumed_from: int = 0  # bytes kept from an earlier, interrupted attempt
 
 
-def progress_enabled(progress: bool | None) -> bool:
-    """Bars only where someone watches: on a terminal, unless asked explicitly."""
-    return sys.stderr.isatty() if progress is None else progress
+progress_enabled = progress_bars  # the one rule (rdm.util.progress)
 
 
 def _bar(name: str, total: int | None, initial: int, progress: bool | None) -> tqdm:

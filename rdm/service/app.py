@@ -38,8 +38,8 @@ from ..sampling.selection import Selection
 from .clip_retrieval_compat import HIDDEN_COLUMNS
 from .clip_retrieval_compat import router as clip_router
 from .config import ServeConfig, is_loopback_host
-from .engine import Engine, Row
 from .curation import curation_view
+from .engine import Engine, Row
 from .images import ImageCache, render_file
 from .jobs import FINAL, Job, JobQueue, job_view, neighbour_view
 from .validation import (

@@ -78,6 +78,7 @@ from ..models.format import (
 from ..sampling import conditioning as cond
 from ..sampling.pipeline import RDMPipeline
 from ..sources import open_source
+from ..util.progress import enabled as progress_bars
 from .config import TrainConfig
 from .data import QUERY_KINDS, TrainingData, latent_scale_factor, prepare_training_data
 from .presets import Preset, load_preset
@@ -602,7 +603,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     refs = reference_images(data, val, model.vae, device) if main else None
     result = TrainResult(out=out, model_dir=out / MODEL, step=start, start_step=start, data=summary)
     global_batch = cfg.batch_size * world
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not (cfg.progress and main))
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step",
+               disable=not (progress_bars(cfg.progress) and main))
     metrics = open(out / METRICS_FILE, "a") if main else None
     smoothed, timed_images, timed_seconds = None, 0, 0.0
 

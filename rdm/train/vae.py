@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..errors import RDMError, SourceError
 from ..sources import open_source
 from ..util.files import atomic_folder
+from ..util.progress import enabled as progress_bars
 from .config import VAETrainConfig
 from .data import encode_latents, latent_scale_factor, read_crops, to_unit_range
 from .loop import MIXED_PRECISION, batch_indices, make_accelerator, step_generator
@@ -115,7 +116,7 @@ def train_vae(cfg: VAETrainConfig) -> VAETrainResult:
     # 4. The loop
     result = VAETrainResult(path=out, steps=0)
     bar = tqdm(total=cfg.steps, desc="train-vae", unit="step",
-               disable=not (cfg.progress and accelerator.is_main_process))
+               disable=not (progress_bars(cfg.progress) and accelerator.is_main_process))
     start = time.perf_counter()
     for step in range(cfg.steps):
         generator = step_generator(cfg.seed, step, 0, rank)
