@@ -24,7 +24,7 @@ import importlib
 from .config import TrainConfig, VAETrainConfig
 
 _LAZY = {"TrainResult": "loop", "list_checkpoints": "loop", "train": "loop", "VAETrainResult": "vae", "train_vae": "vae",
-         "Preset": "presets", "list_presets": "presets", "load_preset": "presets", "Neighbours": "data",
+         "Preset": "presets", "list_presets": "presets", "load_preset": "presets", "MinedNeighbours": "data",
          "TrainingData": "data", "mine_neighbours": "data", "prepare_training_data": "data"}
 
 
@@ -37,5 +37,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["TrainConfig", "TrainResult", "train", "list_checkpoints", "VAETrainConfig", "VAETrainResult",
-           "train_vae", "Preset", "list_presets", "load_preset", "Neighbours", "TrainingData", "mine_neighbours",
+           "train_vae", "Preset", "list_presets", "load_preset", "MinedNeighbours", "TrainingData", "mine_neighbours",
            "prepare_training_data"]

@@ -56,7 +56,7 @@ LOGVAR_RANGE = (-30.0, 20.0)  # diffusers DiagonalGaussianDistribution clamps lo
 
 
 @dataclass
-class Neighbours:
+class MinedNeighbours:
     """The database rows that condition each training image."""
 
     rows: np.ndarray  # (N, k) int64 database rows, nearest first, -1 where fewer than k qualify
@@ -78,7 +78,7 @@ class TrainingData:
     ids: list[str]  # source ids of the training images
     query: np.ndarray  # (N, D) float32 unit CLIP embeddings of the images (the neighbours were mined with these)
     latents: np.ndarray  # (N, 2C, h, w) float32 posterior mean and logvar, or (N, 3, R, R) uint8 pixels
-    neighbours: Neighbours  # (N, k) database rows
+    neighbours: MinedNeighbours  # (N, k) database rows
     neighbour_vectors: np.ndarray  # (N, k, D) float32 stored vectors of the neighbours, zeros for -1
     space: str  # "latent" or "pixel"
     cache: Path  # the images-<key> folder
@@ -304,7 +304,7 @@ def same_collection(source_desc: dict, db: Database) -> bool:
 
 
 def mine_neighbours(queries: np.ndarray, own_ids: Sequence[str] | None, db: Database, k: int,
-                    threshold: float) -> Neighbours:
+                    threshold: float) -> MinedNeighbours:
     """The k nearest database items of each query, without itself and near-duplicates (>= threshold).
 
     Searches k plus a margin, and searches again, four times deeper, for the queries that lost too
@@ -331,7 +331,7 @@ def mine_neighbours(queries: np.ndarray, own_ids: Sequence[str] | None, db: Data
         todo = todo[~done]
         depth = min(db.count, depth * 4)
     ids = [[db_ids[r] for r in row if r >= 0] for row in rows]
-    return Neighbours(rows=rows, scores=scores, ids=ids, excluded_self=n_self, excluded_duplicates=n_dup)
+    return MinedNeighbours(rows=rows, scores=scores, ids=ids, excluded_self=n_self, excluded_duplicates=n_dup)
 
 
 # --- the whole preparation -----------------------------------------------------------------------
@@ -423,7 +423,7 @@ def load_training_data(images: Path, neighbours: Path, db: Database, mmap: bool 
     if info["database"] != db.fingerprint:
         raise RDMError(f"neighbour cache {neighbours} belongs to another version of database {db.name}")
     rows = np.load(neighbours / "rows.npy")
-    nb = Neighbours(rows=rows, scores=np.load(neighbours / "scores.npy"),
+    nb = MinedNeighbours(rows=rows, scores=np.load(neighbours / "scores.npy"),
                     ids=json.loads((neighbours / "ids.json").read_text()),
                     excluded_self=info["excluded_self"], excluded_duplicates=info["excluded_duplicates"])
     manifest = json.loads((images / "manifest.json").read_text())
