@@ -13,6 +13,7 @@ import asyncio
 import functools
 import hashlib
 import hmac
+import secrets
 import json
 import logging
 import time
@@ -326,7 +327,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     def remove(name: str, body: RemoveRequest, request: Request):
         _check_token(request, config)
         db = _served(name)
-        where = check_where(body.where)
+        where = check_where(body.where, hidden=True)  # the operator's takedown may name files
         if not body.ids and not where:
             raise BadRequest(422, "nothing to remove: give ids or a where filter")
         clauses = [f"{col}={v}" for col, values in (where or {}).items() for v in values]
@@ -361,7 +362,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         vector, size = await run_in_threadpool(engine.embed_image_bytes, data)
         image = await run_in_threadpool(engine.editable_image, data)
         digest = hashlib.sha256(data).hexdigest()
-        upload_id = "u-" + digest[:24]
+        upload_id = "u-" + secrets.token_hex(12)  # random: an id must not tell whether someone uploaded an image
         for store, value, limit in ((app.state.uploads, (vector, {"width": size[0], "height": size[1]}),
                                      config.uploads_kept),
                                     (app.state.upload_images, (image, {"name": "upload " + upload_id,

@@ -25,10 +25,9 @@ from fastapi import APIRouter, Request
 
 from ..errors import RDMError
 from .images import fetch_url
-from .validation import BadRequest, check_embedding, check_int, check_text, parse_json
+from .validation import HIDDEN_COLUMNS, BadRequest, check_embedding, check_int, check_text, parse_json
 
 DEDUP_THRESHOLD = 0.94  # clip-retrieval's get_non_uniques: items closer than this to a kept one are dropped
-HIDDEN_COLUMNS = ("path",)  # server file paths stay on the server
 
 router = APIRouter(tags=["clip-retrieval compatible"])
 

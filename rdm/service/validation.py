@@ -220,12 +220,18 @@ def check_id(item_id: str) -> str:
     return item_id
 
 
-def check_where(where: dict | None) -> dict[str, list[str]] | None:
-    """{"style": "neon"} or {"style": ["neon", "flat"]} -> column -> values; None when empty."""
+HIDDEN_COLUMNS = ("path",)  # server file paths stay on the server: never returned, never filtered on
+
+
+def check_where(where: dict | None, hidden: bool = False) -> dict[str, list[str]] | None:
+    """{"style": "neon"} or {"style": ["neon", "flat"]} -> column -> values; None when empty. A hidden column is
+    refused (filtering on it would tell a caller which server paths exist) unless `hidden` (an operator's takedown)."""
     if not where:
         return None
     out = {}
     for col, values in where.items():
+        if col in HIDDEN_COLUMNS and not hidden:
+            raise BadRequest(422, f"filter {col!r}: the column {col!r} stays on the server and cannot be filtered on")
         values = [values] if isinstance(values, str) else list(values)
         if not col or len(values) > MAX_FILTER_VALUES:
             raise BadRequest(422, f"filter {col!r}: give a column and at most {MAX_FILTER_VALUES} values")

@@ -37,6 +37,14 @@ def call(url: str, method: str = "GET", body=None, headers: dict | None = None, 
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
 
 
+def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, dict]:
+    """A multipart/form-data body holding one file, and its Content-Type header."""
+    boundary = "rdmtestboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
 def jcall(url: str, method: str = "GET", body=None, **kw) -> tuple[int, object]:
     status, _, data = call(url, method, body, **kw)
     return status, json.loads(data) if data else None

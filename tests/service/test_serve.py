@@ -18,7 +18,7 @@ from rdm import RDMPipeline
 from rdm.errors import RDMError
 from rdm.service.config import ServeConfig
 from rdm.service.server import check_binding, start
-from tests.helpers.servekit import build_world, call, jcall, wait_job
+from tests.helpers.servekit import build_world, call, jcall, multipart, wait_job
 
 TOKEN = "t0ken-for-the-tests-0123456789"
 FAST = {"steps": 3}
@@ -50,13 +50,6 @@ def png(size=(40, 32), colour=(200, 30, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def multipart(field: str, filename: str, data: bytes) -> tuple[bytes, dict]:
-    boundary = "rdmtestboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
-    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 def generate(base, **body):

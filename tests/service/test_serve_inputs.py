@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers.servekit import build_world, call, jcall, serve_world
+from tests.helpers.servekit import build_world, call, jcall, multipart, serve_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,3 +70,27 @@ def test_samplers_that_cannot_run_are_refused_before_queueing(server):
         assert status == 422 and "cannot sample" in reply["error"], (steps, status, reply)
     status, job = jcall(f"{base}/api/generate", "POST", {"prompt": "x", "scheduler": "pndm", "steps": 4, "k": 0})
     assert status == 202, job
+
+
+def test_hidden_columns_cannot_be_filtered_on_and_upload_ids_tell_nothing(server):
+    """Filtering on `path` would let a caller test which server paths exist; an upload id made from the bytes'
+    digest would let anyone test whether someone uploaded a given image."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    base = server.url
+    for path, body in [("/api/search", {"database": "A", "text": "x", "where": {"path": "/etc/passwd"}}),
+                       ("/api/generate", {"prompt": "x", "databases": [{"name": "A"}], "where": {"path": "img000.png"}})]:
+        status, reply = jcall(f"{base}{path}", "POST", body)
+        assert status == 422 and "stays on the server" in reply["error"], (path, status, reply)
+    assert jcall(f"{base}/api/search", "POST", {"database": "A", "text": "x", "where": {"caption": "y"}})[0] == 200
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(buf, "PNG")
+    data = buf.getvalue()
+    body, headers = multipart("file", "q.png", data)
+    first = jcall(f"{base}/api/uploads", "POST", raw=body, headers=headers)[1]["upload"]
+    second = jcall(f"{base}/api/uploads", "POST", raw=body, headers=headers)[1]["upload"]
+    digest = hashlib.sha256(data).hexdigest()
+    assert first != second and digest[:12] not in first and digest[:12] not in second
