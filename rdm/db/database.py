@@ -84,7 +84,9 @@ class Database:
 
     def __init__(self, path: Path, manifest: dict, verify: bool | None = None):
         self.path = path
-        self.name = manifest.get("name") or path.name
+        # its folder is its name (a copied folder is another database): the manifest keeps the name it was built as
+        self.name = path.name
+        self.built_as = manifest.get("name") or path.name
         self.manifest = manifest
         self.spec = faiss_index.IndexSpec.from_dict(manifest["index"])
         self.identity = EmbedderIdentity.from_dict(manifest["embedder"])

@@ -94,3 +94,23 @@ def test_hidden_columns_cannot_be_filtered_on_and_upload_ids_tell_nothing(server
     second = jcall(f"{base}/api/uploads", "POST", raw=body, headers=headers)[1]["upload"]
     digest = hashlib.sha256(data).hexdigest()
     assert first != second and digest[:12] not in first and digest[:12] not in second
+
+
+def test_a_copied_database_is_served_under_its_own_name(tmp_path, tiny_clip):
+    """A database folder copied under another name reports the name it is served as, in the listing and in the
+    neighbours of a search (not the name it was built as)."""
+    import shutil
+
+    world = build_world(tmp_path, tiny_clip)
+    shutil.copytree(world["home"] / "A", world["home"] / "A-copy")
+    running = serve_world(world)
+    try:
+        listed = {d["name"] for d in jcall(f"{running.url}/api/databases")[1]}
+        assert {"A", "A-copy", "B"} <= listed
+        status, info = jcall(f"{running.url}/api/databases/A-copy")
+        assert status == 200 and info["name"] == "A-copy"
+        status, found = jcall(f"{running.url}/api/search", "POST", {"database": "A-copy", "text": "x", "k": 2})
+        assert status == 200 and len(found["results"]) == 2, found
+        assert all(r["thumbnail_url"].startswith("/api/databases/A-copy/image?id=") for r in found["results"])
+    finally:
+        running.stop()
