@@ -147,8 +147,9 @@ def coarse_lists(trained: faiss.Index, x: np.ndarray, n: int = 1) -> np.ndarray:
     if ivf is None:
         raise RDMError("coarse_lists needs an inverted-file index")
     x = np.ascontiguousarray(x, np.float32)
-    if isinstance(trained, faiss.IndexPreTransform):
-        x = trained.apply_py(x)
+    if isinstance(trained, faiss.IndexPreTransform):  # the rotation (OPQ) the lists were trained after
+        for i in range(trained.chain.size()):
+            x = trained.chain.at(i).apply(x)
     _, lists = ivf.quantizer.search(x, min(n, ivf.nlist))
     return lists
 
