@@ -58,6 +58,7 @@ SKIP_REASONS = {
     "decompression-bomb": "more pixels than the limit (a possible decompression bomb)",
     "degenerate": "image has a zero-sized side",
     "unreadable": "file could not be read (permissions, I/O error)",
+    "outside-source": "a link to a file outside the source folder (not followed)",
 }
 
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import SourceError
-from ..images.decode import IMAGE_EXTENSIONS
+from ..images.decode import IMAGE_EXTENSIONS, SkipPayload
 
 CAPTION_COLUMNS = ("caption", "text", "captions", "prompt", "title", "description")
 EMBEDDING_COLUMNS = ("embedding", "embeddings", "clip_embedding", "image_embedding", "emb")
@@ -118,7 +118,11 @@ class FolderSource:
             if caption_key:
                 meta["caption"] = extra[caption_key]
             meta.update({k: json_safe(v) for k, v in extra.items() if k != caption_key})
-            yield Item(index=i, id=rel, payload=str(self.root / rel), meta=meta)
+            path = self.root / rel
+            payload = str(path)
+            if not Path(os.path.realpath(path)).is_relative_to(self.root):  # a link out of the folder: not embedded
+                payload = SkipPayload("outside-source", f"{rel} resolves outside {self.root}")
+            yield Item(index=i, id=rel, payload=payload, meta=meta)
 
 
 # ---------------------------------------------------------------------------------------------

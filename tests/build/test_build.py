@@ -47,6 +47,24 @@ def test_mixed_folder_embeds_every_good_image_and_lists_every_bad_one(zoo, tiny_
         assert np.allclose(twin(name), twin("original.png"), atol=1e-6), name
 
 
+def test_links_out_of_the_source_folder_are_skipped_not_embedded(tmp_path, tiny_clip):
+    """A symlink inside the folder that points outside it is listed as skipped (outside-source), never read; a link
+    to a file inside the folder is an ordinary item."""
+    from rdm import api
+
+    root, outside = tmp_path / "pics", tmp_path / "private"
+    make_folder(root, 3)
+    make_folder(outside, 1, seed=900)
+    (root / "leak.png").symlink_to(outside / "img000.png")
+    (root / "again.png").symlink_to(root / "img001.png")
+    report = api.build_index(str(root), name="pics", clip=tiny_clip, indexes=str(tmp_path / "ix"), workers=0,
+                             progress=False)
+    assert report.embedded == 4 and report.skipped == {"outside-source": 1}
+    info = api.info("pics", str(tmp_path / "ix"))
+    assert [(s["id"], s["reason"]) for s in info["skipped"]] == [("leak.png", "outside-source")]
+    assert "leak.png" not in Database.open("pics", tmp_path / "ix").ids
+
+
 def test_all_bad_batch_does_not_crash(tmp_path, tiny_clip):
     root = tmp_path / "mostly_bad"
     make_folder(root, 3)
