@@ -234,10 +234,40 @@ class Engine:
                         control=control or cond.NeighbourControl())
 
     # -- sampling -------------------------------------------------------------------------------------
+    def honour_takedowns(self, row: Row) -> None:
+        """Neighbours were retrieved when the job was submitted: one removed since (a takedown) is dropped from the
+        row right before sampling (its context slot zeroed, moved last, as a missing neighbour is) and the job
+        says so."""
+        gone = []
+        for j, hit in enumerate(row.hits):
+            name, item = hit.get("database"), hit.get("id")
+            if name is None or item is None:  # a reference image, not a database item
+                continue
+            try:
+                live = self.database(name).lookup(item) is not None
+            except (BadRequest, RDMError):
+                live = False  # the database itself is gone
+            if not live:
+                gone.append(j)
+        if not gone:
+            return
+        keep = [j for j in range(len(row.hits)) if j not in set(gone)]
+        vectors = np.asarray(row.neighbours, np.float32)
+        # the live neighbours first, in order, then zeros: the padding a search that found fewer items gives
+        row.neighbours = np.concatenate([vectors[keep], np.zeros((len(gone), vectors.shape[1]), np.float32)])
+        if row.weights is not None:
+            weights = np.asarray(row.weights, np.float32)
+            row.weights = np.concatenate([weights[keep], np.zeros(len(gone), np.float32)])
+        removed = [f"{row.hits[j]['database']}/{row.hits[j]['id']}" for j in gone]
+        row.hits = [row.hits[j] for j in keep]
+        row.notes = list(row.notes) + [f"removed after the job was submitted (takedown), not used: {', '.join(removed)}"]
+
     def sample(self, rows: Sequence[Row], on_step: Callable[[int], None]) -> list[Output]:
         """One pipeline call for rows sharing their Settings; on_step(i) after each step may raise Cancelled."""
         s = rows[0].settings
         assert all(r.settings == s for r in rows)
+        for row in rows:
+            self.honour_takedowns(row)
         weights = None if all(r.weights is None for r in rows) else np.stack(
             [np.ones(s.k, np.float32) if r.weights is None else r.weights for r in rows])
         given = cond.Neighbours(np.stack([r.neighbours for r in rows]).reshape(len(rows), s.k, self.dim),

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers.servekit import build_world, call, jcall, multipart, serve_world
+from tests.helpers.servekit import build_world, call, jcall, multipart, serve_world, wait_job
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -112,5 +112,37 @@ def test_a_copied_database_is_served_under_its_own_name(tmp_path, tiny_clip):
         status, found = jcall(f"{running.url}/api/search", "POST", {"database": "A-copy", "text": "x", "k": 2})
         assert status == 200 and len(found["results"]) == 2, found
         assert all(r["thumbnail_url"].startswith("/api/databases/A-copy/image?id=") for r in found["results"])
+    finally:
+        running.stop()
+
+
+def test_a_takedown_between_submit_and_sampling_is_honoured(tmp_path, tiny_clip):
+    """Neighbours are retrieved at submit; an item removed while the job waits in the queue does not condition it,
+    and the job says so."""
+    import time
+
+    token = "t" * 24
+    world = build_world(tmp_path, tiny_clip)
+    running = serve_world(world, token=token, max_batch=1)
+    base, auth = running.url, {"Authorization": f"Bearer {token}"}
+    try:
+        status, busy = jcall(f"{base}/api/generate", "POST", {"prompt": "x", "steps": 120, "num_images": 3})
+        assert status == 202
+        deadline = time.monotonic() + 60
+        while jcall(f"{base}/api/jobs/{busy['id']}")[1]["state"] != "running" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        status, job = jcall(f"{base}/api/generate", "POST", {"image": {"database": "A", "id": "img003.png"},
+                                                            "databases": [{"name": "A"}], "k": 3, "steps": 2})
+        assert status == 202
+        status, removed = jcall(f"{base}/api/databases/A/remove", "POST", {"ids": ["img003.png"]}, headers=auth)
+        assert status == 200 and removed["removed"] == ["img003.png"]
+        assert jcall(f"{base}/api/jobs/{job['id']}")[1]["state"] == "queued"  # still waiting when it was removed
+        view = wait_job(base, job, timeout=300)
+        assert view["state"] == "done", view
+        image = view["images"][0]
+        assert "img003.png" not in [n["id"] for n in image["neighbours"]] and len(image["neighbours"]) == 2
+        assert any("takedown" in w and "A/img003.png" in w for w in image["warnings"]), image["warnings"]
+        record = json.loads(call(f"{base}{image['provenance_url']}")[2])
+        assert "img003.png" not in json.dumps(record["neighbours"])
     finally:
         running.stop()
