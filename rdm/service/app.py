@@ -13,9 +13,9 @@ import asyncio
 import functools
 import hashlib
 import hmac
-import secrets
 import json
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import replace
@@ -44,6 +44,7 @@ from .engine import Engine, Row
 from .images import ImageCache, render_file
 from .jobs import FINAL, Job, JobQueue, job_view, neighbour_view
 from .validation import (
+    MAX_JSON_ITEMS,
     BadRequest,
     CompareRequest,
     GenerateRequest,
@@ -58,6 +59,7 @@ from .validation import (
     check_where,
     describe_validation,
     lone_surrogate,
+    longest_list,
 )
 
 log = logging.getLogger("rdm.serve")
@@ -116,6 +118,12 @@ class Guard:
             if lone_surrogate(body):
                 return await _send_json(send, 400, "malformed JSON: a string holds a lone UTF-16 surrogate "
                                                    "(\\ud800-\\udfff unpaired), which is not text")
+            try:  # bounded before any model sees it: a long list would cost an error object per element
+                longest = longest_list(json.loads(body)) if body else 0
+            except (ValueError, RecursionError):
+                longest = 0  # malformed: the route's own parsing says how
+            if longest > MAX_JSON_ITEMS:
+                return await _send_json(send, 413, f"a list in the request holds more than {MAX_JSON_ITEMS} items")
             replayed = False
 
             async def app_receive():
