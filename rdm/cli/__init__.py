@@ -465,10 +465,12 @@ def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid,
               help="PEM certificate chain of --sign-key, leaf first [default: $RDM_SIGN_CERT]")
 @click.option("--adapter", "adapters", multiple=True,
               help="LoRA adapter (name in `rdm adapters`, or folder) requests may use; repeatable; loaded once")
+@click.option("--audit-log", type=click.Path(dir_okay=False), default=None,
+              help="append a JSON line for every takedown and every refused request (401/403/413/429) to this file")
 @indexes_option
 @click.pass_context
 def serve(ctx, host, port, model, dbs, token_file, allow_network, allow_urls, max_queue, max_batch, device, threads,
-          sign_key, sign_cert, adapters, indexes):
+          sign_key, sign_cert, adapters, audit_log, indexes):
     """Serve the API, clip-retrieval's /knn-service and the web page from one loaded model."""
     from pathlib import Path
 
@@ -484,7 +486,7 @@ def serve(ctx, host, port, model, dbs, token_file, allow_network, allow_urls, ma
     config = ServeConfig(host=host, port=port, model=model, indexes=_home(ctx, indexes), databases=tuple(dbs) or None,
                          token=token, allow_network=allow_network, allow_urls=allow_urls, max_queue=max_queue,
                          max_batch=max_batch, device=device, torch_threads=threads, sign_key=sign_key,
-                         sign_cert=sign_cert, adapters=tuple(adapters))
+                         sign_cert=sign_cert, adapters=tuple(adapters), audit_log=audit_log)
     run_server(config)
 
 

@@ -38,6 +38,7 @@ from ..sampling.pipeline import SCHEDULER_ALIASES, check_sampler, make_scheduler
 from ..sampling.selection import Selection
 from .clip_retrieval_compat import HIDDEN_COLUMNS
 from .clip_retrieval_compat import router as clip_router
+from .audit import Audit
 from .config import ServeConfig, is_loopback_host
 from .curation import curation_view
 from .engine import Engine, Row
@@ -77,6 +78,7 @@ class Guard:
     def __init__(self, app, config: ServeConfig):
         self.app = app
         self.config = config
+        self.audit = Audit(config.audit_log)
         self.max_body = config.max_upload_bytes * 4 // 3 + 256 * 1024  # a base64 image inside JSON
 
     async def __call__(self, scope, receive, send):
@@ -84,6 +86,7 @@ class Guard:
             return await self.app(scope, receive, send)
         refusal = self._refusal(scope)
         if refusal:
+            self.audit.refused(scope, *refusal)
             return await _send_json(send, *refusal)
         received = 0
 
@@ -123,6 +126,7 @@ class Guard:
             except (ValueError, RecursionError):
                 longest = 0  # malformed: the route's own parsing says how
             if longest > MAX_JSON_ITEMS:
+                self.audit.refused(scope, 413, f"a list longer than {MAX_JSON_ITEMS} items")
                 return await _send_json(send, 413, f"a list in the request holds more than {MAX_JSON_ITEMS} items")
             replayed = False
 
@@ -179,10 +183,12 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     app.state.upload_images = OrderedDict()  # upload id -> (PIL image, {"name", "sha256"}) for editing
     app.state.images = ImageCache()
     app.state.curations = OrderedDict()  # (fingerprint, k, representatives) -> CurateReport, the last 8
+    app.state.audit = audit = Audit(config.audit_log)
     queue: JobQueue = app.state.queue
 
     @app.exception_handler(BadRequest)
-    async def _bad(_request, e: BadRequest):
+    async def _bad(request, e: BadRequest):
+        audit.refused(request, e.status, e.message)
         return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -341,6 +347,8 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
         clauses = [f"{col}={v}" for col, values in (where or {}).items() for v in values]
         removed = db.remove(ids=[check_id(i) for i in body.ids], where=clauses or None)
         log.info("takedown in %s: %d item(s) removed", name, len(removed))
+        audit.record("takedown", database=name, ids=removed, where=clauses, by="token",
+                     caller=(request.client.host if request.client else ""))
         return {"database": name, "removed": removed, "count": engine.registry.get(name).count}
 
     # -- queries --------------------------------------------------------------------------------------

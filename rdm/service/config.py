@@ -44,6 +44,7 @@ class ServeConfig:
     uploads_kept: int = 256  # uploaded query images kept (as embeddings only)
     upload_images_kept: int = 32  # uploaded images kept as pixels too, to restyle or inpaint (longest side capped)
     thumb_size: int = 160  # thumbnail side in pixels
+    audit_log: str | None = None  # JSON lines: every takedown and every 401/403/413/429 refusal (rdm.service.audit)
     curate_max_items: int = 200_000  # the page's curation view runs rdm curate on a served database up to this size
     curate_show: int = 48  # duplicate groups and outliers a curation view lists (the counts are all of them)
     torch_threads: int | None = None  # torch intra-op threads for sampling (None: torch's default)

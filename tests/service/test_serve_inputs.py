@@ -118,12 +118,13 @@ def test_a_copied_database_is_served_under_its_own_name(tmp_path, tiny_clip):
 
 def test_a_takedown_between_submit_and_sampling_is_honoured(tmp_path, tiny_clip):
     """Neighbours are retrieved at submit; an item removed while the job waits in the queue does not condition it,
-    and the job says so."""
+    and the job says so; the audit log holds the takedown with its ids and the refused wrong token."""
     import time
 
     token = "t" * 24
     world = build_world(tmp_path, tiny_clip)
-    running = serve_world(world, token=token, max_batch=1)
+    audit = tmp_path / "audit.jsonl"
+    running = serve_world(world, token=token, max_batch=1, audit_log=str(audit))
     base, auth = running.url, {"Authorization": f"Bearer {token}"}
     try:
         status, busy = jcall(f"{base}/api/generate", "POST", {"prompt": "x", "steps": 120, "num_images": 3})
@@ -144,6 +145,15 @@ def test_a_takedown_between_submit_and_sampling_is_honoured(tmp_path, tiny_clip)
         assert any("takedown" in w and "A/img003.png" in w for w in image["warnings"]), image["warnings"]
         record = json.loads(call(f"{base}{image['provenance_url']}")[2])
         assert "img003.png" not in json.dumps(record["neighbours"])
+        wrong = jcall(f"{base}/api/databases/A/remove", "POST", {"ids": ["img004.png"]},
+                      headers={"Authorization": "Bearer nope"})
+        assert wrong[0] == 401
+        lines = [json.loads(line) for line in audit.read_text().splitlines()]
+        takedown = [e for e in lines if e["event"] == "takedown"]
+        assert len(takedown) == 1 and takedown[0]["ids"] == ["img003.png"] and takedown[0]["database"] == "A"
+        assert takedown[0]["by"] == "token" and takedown[0]["caller"] == "127.0.0.1"
+        refused = [e for e in lines if e["event"] == "refused"]
+        assert [(e["status"], e["path"]) for e in refused] == [(401, "/api/databases/A/remove")]
     finally:
         running.stop()
 
