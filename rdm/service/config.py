@@ -23,6 +23,7 @@ class ServeConfig:
     token: str | None = field(default=None, repr=False)  # bearer token for writes (remove); None disables them
     allow_network: bool = False  # accept generation and search from non-loopback clients
     allow_urls: bool = False  # fetch image_url queries (never from local or private addresses)
+    url_deadline_s: float = 10.0  # a URL fetch (connect, headers, body) ends within this many seconds
     device: str | None = None  # cpu, cuda ... (default: cuda when present)
     dtype: str | None = None  # float32, float16 ... (default: rdm.sampling.generate.default_device)
     # -- input bounds ---------------------------------------------------------------------------

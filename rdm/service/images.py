@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import ipaddress
@@ -135,7 +136,17 @@ def fetch_url(url: str, config: ServeConfig) -> bytes:
     port = parts.port or (443 if parts.scheme == "https" else 80)
     address = public_address(parts.hostname, port)
     conn_cls = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
-    conn = conn_cls(parts.hostname, address, port, URL_TIMEOUT_S)
+    conn = conn_cls(parts.hostname, address, port, min(URL_TIMEOUT_S, config.url_deadline_s))
+    cut = threading.Event()
+
+    def cut_off():  # the overall deadline: a server trickling a byte at a time never hits a per-read timeout
+        cut.set()
+        if conn.sock is not None:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked read
+
+    watchdog = threading.Timer(config.url_deadline_s, cut_off)
+    watchdog.start()
     try:
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         conn.request("GET", path, headers={"User-Agent": "rdm-serve", "Accept": "image/*"})
@@ -143,10 +154,15 @@ def fetch_url(url: str, config: ServeConfig) -> bytes:
         if response.status != 200:
             raise BadRequest(400, f"image_url answered HTTP {response.status} (redirects are not followed)")
         data = response.read(config.max_upload_bytes + 1)
-    except (OSError, http.client.HTTPException) as e:
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        if cut.is_set():
+            raise BadRequest(400, f"cannot fetch image_url: not complete within {config.url_deadline_s:g} s") from None
         raise BadRequest(400, f"cannot fetch image_url: {e}") from None
     finally:
+        watchdog.cancel()
         conn.close()
+    if cut.is_set():
+        raise BadRequest(400, f"cannot fetch image_url: not complete within {config.url_deadline_s:g} s")
     if len(data) > config.max_upload_bytes:
         raise BadRequest(413, f"the image at image_url is larger than {config.max_upload_bytes} bytes")
     return data

@@ -177,3 +177,54 @@ def test_a_two_megabyte_list_is_refused_at_once_with_memory_flat(server):
                                                               "where": {"caption": ["y"] * 5000}})
     assert status == 413, reply
     assert jcall(f"{server.url}/api/search", "POST", {"database": "A", "text": "x"})[0] == 200
+
+
+@pytest.mark.parametrize("trickle", ["body", "headers"])
+def test_a_trickling_url_is_cut_at_the_deadline(tmp_path, tiny_clip, monkeypatch, trickle):
+    """A server that sends a byte every 50 ms never trips a per-read timeout; the fetch as a whole ends at its
+    deadline with a 400 that says so (the address check is bypassed: the trickler listens on 127.0.0.1)."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                listener.settimeout(0.2)
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(4096)
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+                try:
+                    if trickle == "body":
+                        conn.sendall(head)
+                    for _ in range(400):  # 20 s of one byte at a time
+                        if stop.is_set():
+                            break
+                        conn.sendall(b"X-Slow: a\r\n"[:1] if trickle == "headers" else b"\x89")
+                        time.sleep(0.05)
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    monkeypatch.setattr("rdm.service.images.public_address", lambda host, port: "127.0.0.1")
+    running = serve_world(build_world(tmp_path, tiny_clip), allow_urls=True, url_deadline_s=1.0)
+    try:
+        url = f"http://trickle.example:{listener.getsockname()[1]}/slow.png"
+        started = time.monotonic()
+        status, reply = jcall(f"{running.url}/knn-service", "POST", {"image_url": url, "indice_name": "A",
+                                                                     "modality": "image", "num_images": 2})
+        assert status == 400 and "not complete within 1 s" in reply["error"], (status, reply)
+        assert time.monotonic() - started < 10  # cut at about 1 s, not after the 20 s the server would take
+    finally:
+        stop.set()
+        running.stop()
+        listener.close()
