@@ -158,6 +158,22 @@ def k_center(vectors: np.ndarray, n: int) -> list[int]:
 
 
 LISTS_PER_ITEM = 2  # approximate databases: each item looks for its neighbours in its 2 nearest inverted lists
+PARTITION_ABOVE = 20_000  # exact databases with more items are partitioned by k-means (an N x N search is slow)
+
+
+def kmeans_lists(vectors: np.ndarray, probe: int, seed: int = 0) -> np.ndarray:
+    """(n, probe) each vector's nearest lists of a spherical k-means of ~sqrt(n) centroids trained on a seeded
+    sample (faiss), for collections searched exactly, which have no inverted lists of their own."""
+    import faiss
+
+    n, d = vectors.shape
+    nlist = max(2, int(round(np.sqrt(n))))
+    rng = np.random.default_rng(seed)
+    sample = vectors[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))]
+    kmeans = faiss.Kmeans(d, nlist, niter=10, seed=seed, spherical=True, verbose=False)
+    kmeans.train(np.ascontiguousarray(sample, np.float32))
+    _, lists = kmeans.index.search(np.ascontiguousarray(vectors, np.float32), min(probe, nlist))
+    return lists
 
 
 def _neighbours_by_search(database, rows, vectors, k, where, batch_size, progress):
@@ -226,7 +242,9 @@ def curate(database, options: CurateOptions = CurateOptions(),
     k = min(options.k, n - 1)
     vectors = database.vectors_at(rows)  # (n, D) unit vectors; float32 of a 1M x 768 collection: ~3 GB
     lists = database.coarse_lists(vectors, LISTS_PER_ITEM)
-    if lists is None:  # an exact database (up to 200k items): its own search, batch by batch
+    if lists is None and n > PARTITION_ABOVE:  # a large exact database: a k-means partition of its own
+        lists = kmeans_lists(vectors, LISTS_PER_ITEM)
+    if lists is None:  # a small exact database: its own search, batch by batch
         nb_pos, nb_sim = _neighbours_by_search(database, rows, vectors, k, where, options.batch_size, progress)
     else:  # an inverted file: exact neighbours among the items of the same lists
         nb_pos, nb_sim = _neighbours_by_list(vectors, lists, k, progress)

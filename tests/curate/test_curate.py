@@ -67,6 +67,25 @@ def test_an_inverted_file_database_finds_the_same_problems_within_its_lists(plan
     assert len(flagged & set(planted["off"])) >= 0.8 * len(flagged)
 
 
+def test_a_large_exact_database_is_partitioned_by_kmeans_and_finds_the_same(planted, monkeypatch):
+    """Exact databases above PARTITION_ABOVE items get a k-means partition of their own instead of an N x N search
+    (here lowered to 10 items so that the 65-item collection takes that path)."""
+    import rdm.curate
+
+    db = api.open_database("flat", planted["home"])
+    exact = curate(db, CurateOptions(k=5))
+    monkeypatch.setattr(rdm.curate, "PARTITION_ABOVE", 10)
+    lists = rdm.curate.kmeans_lists(db.vectors_at(np.asarray(db.live_rows())), 2)
+    assert lists.shape == (db.count, 2) and len(np.unique(lists[:, 0])) > 2  # ~sqrt(65) lists, in use
+    report = curate(db, CurateOptions(k=5))
+    pairs = lambda r: {frozenset((g["keep"], d)) for g in r.duplicate_groups for d in g["drop"]}  # noqa: E731
+    planted_pairs = {frozenset((c, o)) for c, o in planted["copies"].items()}
+    assert len(pairs(report) & planted_pairs) >= 0.9 * len(planted_pairs) and pairs(report) <= pairs(exact)
+    flagged = {o["id"] for o in report.outliers}
+    assert len(flagged & set(planted["off"])) >= 0.9 * len(planted["off"])
+    assert len(flagged & set(planted["off"])) >= 0.8 * len(flagged)
+
+
 def test_nothing_is_removed_without_apply_and_apply_removes_exactly_the_flagged(planted, tmp_path):
     home, runner = planted["home"], CliRunner()
     before = api.open_database("flat", home).count
