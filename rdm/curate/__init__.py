@@ -157,7 +157,7 @@ def k_center(vectors: np.ndarray, n: int) -> list[int]:
     return chosen
 
 
-LISTS_PER_ITEM = 2  # approximate databases: each item looks for its neighbours in its 2 nearest inverted lists
+LISTS_PER_ITEM = 4  # partitioned collections: each item looks for its neighbours in its 4 nearest lists
 PARTITION_ABOVE = 20_000  # exact databases with more items are partitioned by k-means (an N x N search is slow)
 
 

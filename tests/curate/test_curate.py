@@ -52,7 +52,7 @@ def test_planted_duplicates_and_outliers_are_found(planted):
 
 def test_an_inverted_file_database_finds_the_same_problems_within_its_lists(planted):
     """With an inverted file (after a rotation, as rdm builds above 200k items with OPQ) the neighbours come from
-    each item's 2 nearest lists, not a search of everything: the same planted copies and off-style items are found."""
+    each item's 4 nearest lists, not a search of everything: the same planted copies and off-style items are found."""
     api.build_index(str(planted["root"] / "flat"), name="flat-ivf", clip=f"local-dir:{DEMO_CLIP}",
                     indexes=str(planted["home"]), workers=0, progress=False, index_factory="PCAR32,IVF4,Flat")
     db = api.open_database("flat-ivf", planted["home"])
