@@ -24,6 +24,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "results" / "curate_bench.csv",
+                    help="also write the table here (default scripts/results/curate_bench.csv)")
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     clip = a.work / "clip768"
@@ -47,6 +49,17 @@ def main() -> None:
                  duplicates=sum(len(g["drop"]) for g in found["duplicate_groups"]), outliers=len(found["outliers"]))
         rows.append(r)
         print(json.dumps(r), flush=True)
+    ap_csv = a.csv
+    if ap_csv:  # the table as CSV next to this script (scripts/results/), with the CPU it came from
+        import csv
+
+        ap_csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(ap_csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["items", "curate_s", "curate_peak_rss_gb", "duplicate_groups", "outliers", "cpu"])
+            for r in rows:
+                w.writerow([r["size"], round(r["curate_s"], 1), round(r["curate_rss_gb"], 2), r["groups"],
+                            r["outliers"], cpu_name()])
     print("| items | build s | curate s | curate peak RSS GB | duplicate groups | outliers |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
