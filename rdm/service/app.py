@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import replace
 from importlib import resources
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -146,6 +147,9 @@ class Guard:
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return 413, f"request body larger than {self.max_body} bytes"
+        cross = _cross_site(scope.get("method", ""), headers)
+        if cross:
+            return 403, cross
         if self.config.allow_network:
             return None
         client = (scope.get("client") or ("", 0))[0]
@@ -157,6 +161,21 @@ class Guard:
         if host and not is_loopback_host(hostname):
             return 403, f"Host {host!r} is not this machine (start with --allow-network to serve other names)"
         return None
+
+
+def _cross_site(method: str, headers: dict) -> str | None:
+    """Why a browser request from another site is refused (None when it is not one). A web page the user visits can
+    send text/plain and multipart POSTs to 127.0.0.1 with no CORS preflight; the browser names that page in Origin
+    (and Sec-Fetch-Site). Clients that are not browsers send neither and pass; the service's own page is same-origin."""
+    if method in ("GET", "HEAD", "OPTIONS"):
+        return None
+    site = headers.get(b"sec-fetch-site", b"").decode("latin-1").lower()
+    origin = headers.get(b"origin", b"").decode("latin-1")
+    host = headers.get(b"host", b"").decode("latin-1")
+    if site == "cross-site" or (origin and origin != "null" and urlsplit(origin).netloc != host) or origin == "null":
+        return (f"a {method} from another site ({origin or site}) is refused: only this service's own page, or a "
+                "client that is not a browser, may send one")
+    return None
 
 
 class _TooLarge(Exception):

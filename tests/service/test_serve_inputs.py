@@ -228,3 +228,21 @@ def test_a_trickling_url_is_cut_at_the_deadline(tmp_path, tiny_clip, monkeypatch
         stop.set()
         running.stop()
         listener.close()
+
+
+def test_a_cross_site_simple_post_is_refused_and_the_page_and_clients_are_not(server):
+    """A page on another site can POST text/plain to 127.0.0.1 without a CORS preflight; the browser names it in
+    Origin and Sec-Fetch-Site, and the guard refuses it. The service's own origin and clients without an Origin
+    (curl, ClipClient) pass."""
+    base = server.url
+    body = json.dumps({"database": "A", "text": "x", "k": 1}).encode()
+    plain = {"Content-Type": "text/plain"}
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                    {"Sec-Fetch-Site": "cross-site", "Origin": "http://evil.example"}):
+        status, _, data = call(f"{base}/api/search", "POST", raw=body, headers={**plain, **headers})
+        assert status == 403 and "another site" in json.loads(data)["error"], headers
+    as_json = {"Content-Type": "application/json"}
+    assert call(f"{base}/api/search", "POST", raw=body, headers={**as_json, "Origin": base,
+                                                                    "Sec-Fetch-Site": "same-origin"})[0] == 200
+    assert call(f"{base}/api/search", "POST", raw=body, headers=as_json)[0] == 200
+    assert call(f"{base}/api/databases", headers={"Origin": "http://evil.example"})[0] == 200  # reads are not writes
