@@ -38,6 +38,9 @@ class ServeConfig:
     max_prompt_chars: int = 1000
     # -- load -----------------------------------------------------------------------------------
     max_queue: int = 32  # jobs waiting or running; one more gets 429 + Retry-After
+    max_connections: int = 64  # open connections and requests in flight; more are answered 503 (uvicorn)
+    header_timeout_s: float = 10.0  # a connection's first request headers must arrive within this
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
     max_batch: int = 8  # images per pipeline call
     abandon_after_s: float = 120.0  # a job nobody polled or streamed for this long is cancelled
     keep_jobs: int = 256  # finished jobs kept in memory (oldest dropped first)

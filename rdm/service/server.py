@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import RDMError
 from .app import Guard, create_app
@@ -69,9 +70,33 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+class _HeaderDeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for a connection's first request headers: a client that connects and
+    sends nothing, or trickles its headers, is closed after `header_timeout_s` (uvicorn itself times out only idle
+    keep-alive connections, so half-open ones stayed open for ever)."""
+
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_deadline = self.loop.call_later(self.header_timeout_s, self._headers_late)
+
+    def _headers_late(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        deadline = getattr(self, "_header_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
+        super().connection_lost(exc)
+
+
 def _uvicorn_config(app, config: ServeConfig, **extra) -> uvicorn.Config:
+    protocol = type("HeaderDeadlineH11", (_HeaderDeadlineH11,), {"header_timeout_s": config.header_timeout_s})
     return uvicorn.Config(app, host=config.host, port=config.port, log_level="warning", access_log=False,
-                          timeout_graceful_shutdown=5, lifespan="off", **extra)
+                          timeout_graceful_shutdown=5, lifespan="off", http=protocol,
+                          timeout_keep_alive=config.keep_alive_s, limit_concurrency=config.max_connections, **extra)
 
 
 def check_binding(config: ServeConfig) -> None:

@@ -246,3 +246,29 @@ def test_a_cross_site_simple_post_is_refused_and_the_page_and_clients_are_not(se
                                                                     "Sec-Fetch-Site": "same-origin"})[0] == 200
     assert call(f"{base}/api/search", "POST", raw=body, headers=as_json)[0] == 200
     assert call(f"{base}/api/databases", headers={"Origin": "http://evil.example"})[0] == 200  # reads are not writes
+
+
+def test_half_open_connections_are_closed_at_the_header_deadline(tmp_path, tiny_clip):
+    """Fifty connections that send part of a request line and stall (or nothing at all) are closed by the server
+    after header_timeout_s; a normal request meanwhile is answered."""
+    import socket
+    import time
+
+    running = serve_world(build_world(tmp_path, tiny_clip), header_timeout_s=1.0)
+    host, port = running.url.removeprefix("http://").split(":")
+    socks = []
+    try:
+        for i in range(50):
+            s = socket.create_connection((host, int(port)), timeout=10)
+            if i % 2:
+                s.sendall(b"GET /api/databases HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # headers never end
+            socks.append(s)
+        assert jcall(f"{running.url}/api/databases")[0] == 200
+        started = time.monotonic()
+        for s in socks:
+            assert s.recv(1024) == b""  # closed by the server (a timeout of 10 s would raise instead)
+        assert time.monotonic() - started < 10
+    finally:
+        for s in socks:
+            s.close()
+        running.stop()
