@@ -18,6 +18,8 @@ from .config import ServeConfig
 
 MAX_ID_CHARS = 1024  # an item id (a relative path in folder databases)
 MAX_FILTER_VALUES = 64
+MAX_FILTER_COLUMNS = 16
+MAX_FILTER_CHARS = 256  # a column name or a value: a job keeps its filters and sends them with every event
 
 
 class BadRequest(Exception):
@@ -247,8 +249,15 @@ def check_where(where: dict | None, hidden: bool = False) -> dict[str, list[str]
     refused (filtering on it would tell a caller which server paths exist) unless `hidden` (an operator's takedown)."""
     if not where:
         return None
+    if len(where) > MAX_FILTER_COLUMNS:
+        raise BadRequest(422, f"filters on {len(where)} columns; at most {MAX_FILTER_COLUMNS}")
     out = {}
     for col, values in where.items():
+        longest = max([len(col)] + [len(v) for v in ([values] if isinstance(values, str) else values)
+                                    if isinstance(v, str)])
+        if longest > MAX_FILTER_CHARS:
+            raise BadRequest(422, f"filter {col[:40]!r}: a column name or value of {longest} characters; at most "
+                                  f"{MAX_FILTER_CHARS}")
         if col in HIDDEN_COLUMNS and not hidden:
             raise BadRequest(422, f"filter {col!r}: the column {col!r} stays on the server and cannot be filtered on")
         values = [values] if isinstance(values, str) else list(values)

@@ -272,3 +272,19 @@ def test_half_open_connections_are_closed_at_the_header_deadline(tmp_path, tiny_
         for s in socks:
             s.close()
         running.stop()
+
+
+def test_filters_are_bounded_so_a_job_record_stays_small(server):
+    """A 10 MB filter value was kept in the job and re-sent with every progress event; now filters are bounded
+    (columns, values, characters) and refused before anything is queued."""
+    base = server.url
+    active = jcall(f"{base}/api/stats")[1]["active_jobs"]
+    for where in ({"caption": "x" * 10_000_000}, {"c" * 300: "y"}, {f"col{i}": "v" for i in range(17)},
+                  {"caption": ["v"] * 65}):
+        status, reply = jcall(f"{base}/api/generate", "POST", {"prompt": "x", "databases": [{"name": "A"}],
+                                                              "where": where})
+        assert (status, "filter" in reply["error"]) == (422, True), (status, reply)
+    assert jcall(f"{base}/api/stats")[1]["active_jobs"] == active
+    status, job = jcall(f"{base}/api/generate", "POST", {"prompt": "x", "databases": [{"name": "A"}], "steps": 2,
+                                                         "where": {"id": ["img001.png", "y" * 200]}})
+    assert status == 202 and len(json.dumps(job)) < 4000, job
