@@ -42,6 +42,7 @@ from ..errors import DatabaseError, RDMError, SourceError
 from ..images.decode import DecodeOptions
 from ..images.pixels import PixelTransform, decode_batch, init_worker
 from ..sources import Item, Source
+from ..util.files import human_size
 from ..util.progress import enabled as progress_bars
 from ..util.spawn import main_module_hidden
 
@@ -560,7 +561,7 @@ def format_report(r: BuildReport) -> str:
              f"  skipped    {sum(r.skipped.values())}"
              + (" (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(r.skipped.items())) + ")" if r.skipped else ""),
              f"  index      {r.index_factory}" + (f", recall@10 {r.recall_at_10:.3f}" if r.recall_at_10 is not None else ""),
-             f"  on disk    {_size(r.bytes_on_disk)}"]
+             f"  on disk    {human_size(r.bytes_on_disk)}"]
     for reason in sorted(r.skipped):
         lines.append(f"    {reason}: {SKIP_REASONS.get(reason, '')}")
     for s in r.skipped_items[:20]:
@@ -570,9 +571,3 @@ def format_report(r: BuildReport) -> str:
     return "\n".join(lines)
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..errors import RDMError
+from ..util.files import human_size
 from . import open_database, store
 
 if TYPE_CHECKING:
@@ -71,12 +72,6 @@ def info(db: str, indexes: str | None = None, skipped: bool = True) -> dict:
     return d
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def format_info(d: dict) -> str:
@@ -92,7 +87,7 @@ def format_info(d: dict) -> str:
              + (f", recall@10 {recall}" if recall is not None else "")
              + (f" (image {idx.get('recall_image')}, text {idx.get('recall_text')})" if idx.get("nprobe") else ""),
              f"  columns    {', '.join(d.get('columns', []))}", f"  created    {d['created']}",
-             f"  fingerprint {d['fingerprint']}", f"  on disk    {_size(d['bytes_on_disk'])}",
+             f"  fingerprint {d['fingerprint']}", f"  on disk    {human_size(d['bytes_on_disk'])}",
              f"  skipped    {d.get('skipped_count', len(d.get('skipped', [])))}"]
     lines += [f"    {s['path']}: {s['reason']}" for s in d.get("skipped", [])[:20]]
     return "\n".join(lines)

@@ -251,7 +251,8 @@ class Engine:
                 gone.append(j)
         if not gone:
             return
-        keep = [j for j in range(len(row.hits)) if j not in set(gone)]
+        dropped = set(gone)
+        keep = [j for j in range(len(row.hits)) if j not in dropped]
         vectors = np.asarray(row.neighbours, np.float32)
         # the live neighbours first, in order, then zeros: the padding a search that found fewer items gives
         row.neighbours = np.concatenate([vectors[keep], np.zeros((len(gone), vectors.shape[1]), np.float32)])

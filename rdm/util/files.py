@@ -172,4 +172,13 @@ def commit_folder(tmp: str | os.PathLike, final: str | os.PathLike, exists: str 
     fsync_dir(final.parent)
 
 
-__all__ = ["HASH", "HashingWriter", "atomic_folder", "atomic_write", "atomic_write_json", "commit_folder", "digest_file", "fsync_dir", "new_generation", "now", "sha256_file", "sha256_files"]
+def human_size(n: float) -> str:
+    """1536 -> '1.5 KB': a size for people."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+__all__ = ["HASH", "human_size", "HashingWriter", "atomic_folder", "atomic_write", "atomic_write_json", "commit_folder", "digest_file", "fsync_dir", "new_generation", "now", "sha256_file", "sha256_files"]
