@@ -21,6 +21,10 @@ class DatabaseBusy(DatabaseError):
     """Another process is writing the same database."""
 
 
+class NotFound(RDMError):
+    """What a request names is not there: an item, a column, any item matching a filter."""
+
+
 class SourceError(RDMError):
     """An image source does not exist or cannot be read."""
 

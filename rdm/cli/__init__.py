@@ -450,8 +450,15 @@ def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid,
 @click.option("--model", default=None, help="rdm model folder (default: $RDM_MODEL)")
 @click.option("--db", "dbs", multiple=True, help="serve only this database (name or folder; repeatable; default: all in "
               "--indexes)")
+@click.option("--keys", "keys_file", type=click.Path(dir_okay=False, exists=True), default=None, envvar="RDM_SERVE_KEYS",
+              help="API keys file (rdm keys add): who may use which collection [default: $RDM_SERVE_KEYS; neither: "
+              "a key for this run, printed in the page's link]")
+@click.option("--anonymous", multiple=True, help="collection callers without a key may search and generate on "
+              "(repeatable; '*': all); ClipClient sends no key")
+@option("rdm.service.config:ServeConfig.max_jobs_per_key", "--max-jobs-per-key", type=click.IntRange(1),
+        help="jobs one key may have waiting or running")
 @click.option("--token-file", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="file holding the bearer token that takedowns (remove) need; without it writes are disabled")
+              help="file holding a takedown token (a key with the remove scope on every collection)")
 @click.option("--allow-network", is_flag=True, help="answer generation and search from other machines too")
 @click.option("--allow-urls", is_flag=True, help="fetch image_url queries (never from local or private addresses)")
 @option("rdm.service.config:ServeConfig.max_queue", "--max-queue", type=click.IntRange(1), help="jobs waiting or running")
@@ -469,7 +476,7 @@ def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid,
               help="append a JSON line for every takedown and every refused request (401/403/413/429) to this file")
 @indexes_option
 @click.pass_context
-def serve(ctx, host, port, model, dbs, token_file, allow_network, allow_urls, max_queue, max_batch, device, threads,
+def serve(ctx, host, port, model, dbs, keys_file, anonymous, max_jobs_per_key, token_file, allow_network, allow_urls, max_queue, max_batch, device, threads,
           sign_key, sign_cert, adapters, audit_log, indexes):
     """Serve the API, clip-retrieval's /knn-service and the web page from one loaded model."""
     from pathlib import Path
@@ -486,8 +493,67 @@ def serve(ctx, host, port, model, dbs, token_file, allow_network, allow_urls, ma
     config = ServeConfig(host=host, port=port, model=model, indexes=_home(ctx, indexes), databases=tuple(dbs) or None,
                          token=token, allow_network=allow_network, allow_urls=allow_urls, max_queue=max_queue,
                          max_batch=max_batch, device=device, torch_threads=threads, sign_key=sign_key,
-                         sign_cert=sign_cert, adapters=tuple(adapters), audit_log=audit_log)
+                         sign_cert=sign_cert, adapters=tuple(adapters), audit_log=audit_log, keys=keys_file,
+                         anonymous=tuple(anonymous), max_jobs_per_key=max_jobs_per_key)
     run_server(config)
+
+
+@main.group()
+def keys():
+    """API keys of rdm serve: each with scopes and the collections it may use; stored as SHA-256 only."""
+
+
+def _keys_file(path: str | None) -> str:
+    import os
+
+    path = path or os.environ.get("RDM_SERVE_KEYS")
+    if not path:
+        raise RDMError("name the keys file: --keys FILE (or set $RDM_SERVE_KEYS)")
+    return path
+
+
+@keys.command("add")
+@click.argument("name")
+@click.option("--keys", "keys_file", type=click.Path(dir_okay=False), default=None,
+              help="keys file (created if missing) [default: $RDM_SERVE_KEYS]")
+@click.option("--scope", "scopes", multiple=True, type=click.Choice(["search", "generate", "upload", "remove", "admin"]),
+              help="what the key may do (repeatable) [default: search, generate, upload]")
+@click.option("--collection", "collections", multiple=True,
+              help="a collection the key may use (repeatable; '*': every one served) [default: *]")
+@click.option("--max-jobs", type=click.IntRange(1), default=None, help="its jobs waiting or running at once "
+              "[default: the server's --max-jobs-per-key]")
+def keys_add(name, keys_file, scopes, collections, max_jobs):
+    """Make a key NAME; print it once (only its SHA-256 is stored)."""
+    from ..service.access import ANONYMOUS_SCOPES, add_key
+
+    path = _keys_file(keys_file)
+    token = add_key(path, name, tuple(scopes) or ANONYMOUS_SCOPES, tuple(collections) or ("*",), max_jobs)
+    click.echo(token)
+    click.echo(f"key {name!r} added to {path}; give it to its user now: it cannot be shown again", err=True)
+
+
+@keys.command("list")
+@click.option("--keys", "keys_file", type=click.Path(dir_okay=False), default=None, help="keys file "
+              "[default: $RDM_SERVE_KEYS]")
+def keys_list(keys_file):
+    """The keys of a keys file: name, scopes, collections (never the keys themselves)."""
+    from ..service.access import read_keys
+
+    for k in read_keys(_keys_file(keys_file)):
+        jobs = f"  max_jobs={k.max_jobs}" if k.max_jobs else ""
+        click.echo(f"{k.name}  scopes={','.join(k.scopes)}  collections={','.join(k.collections)}{jobs}")
+
+
+@keys.command("remove")
+@click.argument("name")
+@click.option("--keys", "keys_file", type=click.Path(dir_okay=False), default=None, help="keys file "
+              "[default: $RDM_SERVE_KEYS]")
+def keys_remove(name, keys_file):
+    """Revoke key NAME (a running server reads its keys file at start: restart it)."""
+    from ..service.access import remove_key
+
+    remove_key(_keys_file(keys_file), name)
+    click.echo(f"key {name!r} removed")
 
 
 @main.command("toyart")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from ..errors import RDMError
+from ..errors import NotFound, RDMError
 from ..util.files import human_size
 from . import open_database, store
 
@@ -34,7 +34,7 @@ def set_licence(db: str | Path, column: str | None = None, allow: Sequence[str] 
     columns = database.column_names()
     for col in filter(None, (rule.column, rule.attribution)):
         if col not in columns:
-            raise RDMError(f"database {database.name} has no column '{col}'; columns: {', '.join(columns)}")
+            raise NotFound(f"database {database.name} has no column '{col}'; columns: {', '.join(columns)}")
     write_rule(database.path, rule)
     return rule
 

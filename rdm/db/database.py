@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..embed.identity import EmbedderIdentity
-from ..errors import DatabaseError, RDMError
+from ..errors import DatabaseError, NotFound, RDMError
 from . import faiss_index, store
 from .licence import read_rule
 from .manifest import BASE_COLUMNS, fault, finish_manifest, rows_to_table, skipped_table
@@ -279,7 +279,7 @@ class Database:
         columns = self.column_names()
         for col in where:
             if col not in columns:
-                raise RDMError(f"database {self.name} has no column '{col}'; columns: {', '.join(columns)}")
+                raise NotFound(f"database {self.name} has no column '{col}'; columns: {', '.join(columns)}")
         parts = []
         for seg in self.segments:
             mask = None
@@ -458,7 +458,7 @@ class Database:
             found = db.rows_of(list(ids))
             unknown = sorted(set(ids) - set(found))
             if unknown:
-                raise RDMError(f"database {self.name} has no item(s) {', '.join(unknown[:10])}"
+                raise NotFound(f"database {self.name} has no item(s) {', '.join(unknown[:10])}"
                                f"{' ...' if len(unknown) > 10 else ''}; nothing was removed")
             drop = np.array(sorted(found.values()), np.int64)
             if where:

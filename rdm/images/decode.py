@@ -15,6 +15,7 @@ Failures raise `Undecodable` with a short machine-readable reason; callers count
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -148,28 +149,43 @@ def decode_image(source: ImageInput, options: DecodeOptions = DecodeOptions()) -
 
 def decode_with_size(source: ImageInput, options: DecodeOptions = DecodeOptions()) -> tuple[Image.Image, tuple[int, int]]:
     """decode_image, plus the upright (width, height) of the original (before any JPEG draft scaling)."""
+    with undecodable_errors():
+        im = open_checked(source, options)
+        w, h = im.size
+        if getattr(im, "n_frames", 1) > 1:
+            im.seek(0)
+        upright = (h, w) if im.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS else (w, h)
+        if options.draft_size and im.format == "JPEG":
+            scale = min(w, h) / options.draft_size
+            if scale >= 2:
+                im.draft("RGB", (int(w / scale), int(h / scale)))
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        im = _to_rgb(_to_8bit(im))
+        if options.max_aspect is not None:
+            im = crop_aspect(im, options.max_aspect)
+        return im, upright
+
+
+def open_checked(source: ImageInput, options: DecodeOptions = DecodeOptions()) -> Image.Image:
+    """Open lazily (the header only: size and mode known, no pixel decoded) and refuse bombs and empty sides (rules 1
+    and 2 of the module's docstring); call inside `undecodable_errors()`."""
+    im = _open(source)
+    w, h = im.size
+    if w * h > options.max_pixels:
+        raise Undecodable("decompression-bomb", f"{w}x{h} > {options.max_pixels} pixels")
+    if w == 0 or h == 0:
+        raise Undecodable("degenerate", f"{w}x{h}")
+    return im
+
+
+@contextlib.contextmanager
+def undecodable_errors():
+    """PIL's many ways of failing (and its decompression-bomb warning) -> `Undecodable` with its reason."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = _open(source)
-            w, h = im.size
-            if w * h > options.max_pixels:
-                raise Undecodable("decompression-bomb", f"{w}x{h} > {options.max_pixels} pixels")
-            if w == 0 or h == 0:
-                raise Undecodable("degenerate", f"{w}x{h}")
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)
-            upright = (h, w) if im.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS else (w, h)
-            if options.draft_size and im.format == "JPEG":
-                scale = min(w, h) / options.draft_size
-                if scale >= 2:
-                    im.draft("RGB", (int(w / scale), int(h / scale)))
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            im = _to_rgb(_to_8bit(im))
-            if options.max_aspect is not None:
-                im = crop_aspect(im, options.max_aspect)
-            return im, upright
+            yield
     except Undecodable:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

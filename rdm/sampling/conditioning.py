@@ -29,7 +29,7 @@ from ..db.database import parse_where
 from ..db.licence import generation_where
 from ..db.retrieval import Retriever
 from ..embed.identity import EmbedderIdentity
-from ..errors import DatabaseError, RDMError
+from ..errors import DatabaseError, NotFound, RDMError
 from ..sources import json_safe
 from .selection import Selection, select
 
@@ -162,7 +162,7 @@ def retrieve(queries: np.ndarray, sources: Sequence[tuple[Retriever, float]], k:
     for note in notes:
         warnings.warn(note, RetrievalWarning, stacklevel=2)
     if k > 0 and sum(d["k_drawn"] for d in drawn) == 0:
-        raise RDMError(f"no neighbours: the databases hold no items matching {where or 'the query'}")
+        raise NotFound(f"no neighbours: the databases hold no items matching {where or 'the query'}")
     dim = queries.shape[1]
     embeddings = np.concatenate([p[0] for p in parts], 1) if parts else np.zeros((len(queries), 0, dim), np.float32)
     scores = np.concatenate([p[1] for p in parts], 1) if parts else np.zeros((len(queries), 0), np.float32)
@@ -259,8 +259,8 @@ class NeighbourControl:
             raise RDMError(f"content_subtract must be in [0, 2] (0: off; InstantStyle uses ~1), got "
                            f"{self.content_subtract}")
         start, end = (float(x) for x in self.window)
-        if not 0.0 <= start < end <= 1.0:
-            raise RDMError(f"the neighbour window START:END needs 0 <= START < END <= 1, got {start}:{end}")
+        if not 0.0 <= start <= end <= 1.0:  # START == END: the neighbours act in no step (the query alone)
+            raise RDMError(f"the neighbour window START:END needs 0 <= START <= END <= 1, got {start}:{end}")
         object.__setattr__(self, "window", (start, end))
         object.__setattr__(self, "negative_refs", tuple(self.negative_refs or ()))
 

@@ -1,5 +1,5 @@
-"""The service's audit log: one JSON line per takedown and per refused request, with who asked (the caller's address,
-and "token" for the operator's takedown token) and what (the database, the ids, the status and the reason).
+"""The service's audit log: one JSON line per takedown, per request made with a key ("use") and per refused request,
+with who asked (the key's name and the caller's address) and what (the database, the ids, the status and the reason).
 
 Appended and flushed line by line (a killed server loses at most the line being written); off unless
 `ServeConfig.audit_log` names a file.
@@ -38,8 +38,9 @@ class Audit:
             return
         scope = getattr(scope_or_request, "scope", scope_or_request)
         client = (scope.get("client") or ("", 0))[0]
+        key = (scope.get("state") or {}).get("rdm_key")  # set by rdm.service.access.caller once a key is known
         self.record("refused", status=status, method=scope.get("method"), path=scope.get("path"), caller=client,
-                    reason=reason)
+                    reason=reason, **({"key": key} if key else {}))
 
 
 __all__ = ["AUDITED", "Audit"]

@@ -12,6 +12,8 @@ never the file on disk); rdm databases hold image embeddings only, so modality "
 caption index) is refused; there is no safety, violence or aesthetic model, so those options are
 accepted and have no effect (a database is curated at build time and by takedowns); use_mclip is
 refused. The body is parsed as JSON whatever its Content-Type, as Flask's get_json(force=True) does.
+Access: ClipClient sends no key, so its databases must be opened to anonymous callers (rdm serve
+--anonymous NAME); a client that sends 'Authorization: Bearer KEY' gets what its key may search.
 """
 
 from __future__ import annotations
@@ -20,26 +22,67 @@ import base64
 import binascii
 from urllib.parse import quote
 
+from typing import Annotated, Literal
+
+import annotated_types
+
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import RDMError
+from .access import Principal, caller, require
 from .images import fetch_url
-from .validation import HIDDEN_COLUMNS, BadRequest, check_embedding, check_int, check_text, parse_json
+from .validation import (
+    HIDDEN_COLUMNS,
+    BadRequest,
+    JsonInt,
+    check_embedding,
+    check_int,
+    check_text,
+    model_from,
+    parse_json,
+    refusal,
+)
 
 DEDUP_THRESHOLD = 0.94  # clip-retrieval's get_non_uniques: items closer than this to a kept one are dropped
 
 router = APIRouter(tags=["clip-retrieval compatible"])
 
-KNN_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "object", "properties": {
-        "text": {"type": "string", "nullable": True}, "image": {"type": "string", "nullable": True,
-                                                                  "description": "base64 image"},
-        "image_url": {"type": "string", "nullable": True}, "embedding_input": {"type": "array", "nullable": True,
-                                                                               "items": {"type": "number"}},
-        "indice_name": {"type": "string"}, "modality": {"type": "string", "enum": ["image", "text"]},
-        "num_images": {"type": "integer"}, "num_result_ids": {"type": "integer"},
-        "deduplicate": {"type": "boolean"}}}}}}}
+class KnnRequest(BaseModel):
+    """clip_back's /knn-service body as ClipClient sends it; fields it does not know are ignored, as clip_back does.
+    One query is used, in clip_back's precedence: text, image, image_url, embedding_input; every field given is
+    checked, used or not."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+    text: str | None = None
+    image: str | None = None  # base64 bytes of an image
+    image_url: str | None = Field(None, max_length=2048)  # fetched only with rdm serve --allow-urls
+    embedding_input: list[float] | None = None
+    indice_name: str | None = Field(None, max_length=256)  # default: the first database the caller may search
+    modality: Literal["image"] = "image"  # rdm databases hold image embeddings only ("text" is refused)
+    num_images: JsonInt = 40
+    num_result_ids: JsonInt | None = None
+    deduplicate: bool = False
+    use_safety_model: bool = False  # accepted, no effect (no safety model here)
+    use_violence_detector: bool = False  # accepted, no effect
+    use_mclip: Literal[False] = False  # no multilingual CLIP here
+    aesthetic_score: JsonInt | Literal[""] | None = None  # accepted, no effect
+    aesthetic_weight: float | Literal[""] | None = None  # accepted, no effect
+
+
+class MetadataRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    ids: list[str | Annotated[JsonInt, annotated_types.Interval(ge=-2**63, le=2**63 - 1)]] = Field(max_length=4096)
+    indice_name: str | None = Field(None, max_length=256)
+
+
+def _body(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+KNN_BODY = _body(KnnRequest)  # the schemas themselves are put in by rdm.service.contract
 
 
 def _query(request: Request, data: dict, dim: int) -> np.ndarray:
@@ -82,34 +125,40 @@ def _deduplicate(vectors: np.ndarray) -> list[int]:
 
 
 @router.post("/knn-service", openapi_extra=KNN_BODY, summary="clip-retrieval knn search")
-async def knn_service(request: Request):
+async def knn_service(request: Request, who: Principal | None = Depends(caller)):
+    require(who, "search")
     data = parse_json(await request.body())
     if not isinstance(data, dict):
         raise BadRequest(400, "the request body must be a JSON object")
-    return await _run_sync(request, _knn, request, data)
-
-
-def _knn(request: Request, data: dict) -> list[dict]:
-    engine, config = request.app.state.engine, request.app.state.config
-    names = engine.registry.names()
-    name = data.get("indice_name") or (names[0] if names else None)
-    if name is None:
-        raise BadRequest(404, "this service serves no database")
-    db = engine.database(name)
-    modality = data.get("modality", "image")
-    if modality != "image":
-        raise BadRequest(400, f"modality {modality!r}: rdm databases hold image embeddings only; use 'image' "
-                              "(text queries are matched against the images)")
+    if data.get("modality") == "text":
+        raise BadRequest(400, "modality 'text': rdm databases hold image embeddings only; use 'image' (text queries "
+                              "are matched against the images)")
     if data.get("use_mclip"):
         raise BadRequest(400, "use_mclip: this service has no multilingual CLIP; send the text as it is")
+    data = model_from(KnnRequest, data).model_dump(exclude_unset=True)  # every field given is checked, used or not
+    return await _run_sync(request, _knn, request, data, who)
+
+
+def _knn(request: Request, data: dict, who: Principal) -> list[dict]:
+    engine, config = request.app.state.engine, request.app.state.config
+    names = [n for n in engine.registry.names() if who.sees(n)]
+    name = data.get("indice_name") or (names[0] if names else None)
+    if name is None:
+        raise BadRequest(404, "this service serves no database this key may search")
+    if not isinstance(name, str):
+        raise BadRequest(400, "indice_name must be a string")
+    require(who, "search", [name])
+    db = engine.database(name)
     num_images = check_int("num_images", data.get("num_images", 40), 1, config.max_search_k)
     num_ids = data.get("num_result_ids") or num_images
     num_ids = check_int("num_result_ids", num_ids, 1, config.max_search_k)
+    if data.get("embedding_input") is not None:
+        check_embedding(data["embedding_input"], db.dim)  # checked even when a text or an image comes first
     query = _query(request, data, db.dim)
     try:
         result = db.search(query, k=max(num_ids, num_images))
     except RDMError as e:
-        raise BadRequest(422, str(e)) from None
+        raise refusal(e) from None
     hits = result.hits(0)
     if data.get("deduplicate", False) and hits:
         kept = _deduplicate(result.embeddings()[0][:len(hits)])
@@ -123,24 +172,29 @@ def _knn(request: Request, data: dict) -> list[dict]:
 
 
 @router.get("/indices-list", summary="clip-retrieval: names of the databases served")
-def indices_list(request: Request) -> list[str]:
-    return request.app.state.engine.registry.names()
+def indices_list(request: Request, who: Principal | None = Depends(caller)) -> list[str]:
+    who = require(who, "search")
+    return [n for n in request.app.state.engine.registry.names() if who.sees(n)]
 
 
-@router.post("/metadata", summary="clip-retrieval: metadata of items by id")
-async def metadata(request: Request):
+@router.post("/metadata", summary="clip-retrieval: metadata of items by id", openapi_extra=_body(MetadataRequest))
+async def metadata(request: Request, who: Principal | None = Depends(caller)):
+    require(who, "search")
     data = parse_json(await request.body())
     if not isinstance(data, dict) or not isinstance(data.get("ids"), list):
         raise BadRequest(400, "send {\"ids\": [...], \"indice_name\": NAME}")
-    return await _run_sync(request, _metadata_of, request, data)
+    model_from(MetadataRequest, data)
+    return await _run_sync(request, _metadata_of, request, data, who)
 
 
-def _metadata_of(request: Request, data: dict) -> list[dict]:
+def _metadata_of(request: Request, data: dict, who: Principal) -> list[dict]:
     engine, config = request.app.state.engine, request.app.state.config
     ids = data["ids"]
     if len(ids) > config.max_search_k:
         raise BadRequest(422, f"at most {config.max_search_k} ids per request")
-    db = engine.database(data.get("indice_name") or "")
+    name = data.get("indice_name") or next((n for n in engine.registry.names() if who.sees(n)), "")
+    require(who, "search", [name])
+    db = engine.database(name)
     out = []
     for item_id in ids:
         found = db.lookup(str(item_id)) if isinstance(item_id, (str, int)) else None

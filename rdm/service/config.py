@@ -20,7 +20,10 @@ class ServeConfig:
     indexes: str | None = None  # databases' home (default $RDM_INDEXES or ./indexes)
     databases: tuple[str, ...] | None = None  # serve only these (names or folders); None: all in the home
     adapters: tuple[str, ...] = ()  # LoRA adapters (names or folders) requests may use; loaded once at start
-    token: str | None = field(default=None, repr=False)  # bearer token for writes (remove); None disables them
+    token: str | None = field(default=None, repr=False)  # takedown token (a key named "token", scope remove)
+    keys: str | None = None  # keys file: API keys by SHA-256, with scopes and collections (rdm.service.access)
+    anonymous: tuple[str, ...] = ()  # collections callers without a key may search and generate on ("*": all)
+    session_key: str | None = field(default=None, repr=False)  # a key for this run (all scopes); serve makes one
     allow_network: bool = False  # accept generation and search from non-loopback clients
     allow_urls: bool = False  # fetch image_url queries (never from local or private addresses)
     url_deadline_s: float = 10.0  # a URL fetch (connect, headers, body) ends within this many seconds
@@ -29,6 +32,9 @@ class ServeConfig:
     # -- input bounds ---------------------------------------------------------------------------
     max_upload_bytes: int = 8 * 1024 * 1024  # an uploaded or base64 image
     max_pixels: int = 40_000_000  # decoded image size; more is refused as a decompression bomb
+    decode_budget_bytes: int = 2 * 1024**3  # bytes of decoding in flight across all requests (each image's cost estimated
+    # from its header: pixels x bytes per pixel of its mode, rdm.images.budget); a decode that does not fit waits
+    decode_wait_s: float = 10.0  # ... this long, then 503 + Retry-After; an image costing more than the budget: 413
     max_k: int = 32  # neighbours per generated image
     max_search_k: int = 200  # results per search
     max_steps: int = 150  # denoising steps
@@ -38,6 +44,7 @@ class ServeConfig:
     max_prompt_chars: int = 1000
     # -- load -----------------------------------------------------------------------------------
     max_queue: int = 32  # jobs waiting or running; one more gets 429 + Retry-After
+    max_jobs_per_key: int = 8  # jobs one key (or anonymous address) may have waiting or running; a key's max_jobs wins
     max_connections: int = 64  # open connections and requests in flight; more are answered 503 (uvicorn)
     header_timeout_s: float = 10.0  # a connection's first request headers must arrive within this
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this
@@ -48,7 +55,7 @@ class ServeConfig:
     uploads_kept: int = 256  # uploaded query images kept (as embeddings only)
     upload_images_kept: int = 32  # uploaded images kept as pixels too, to restyle or inpaint (longest side capped)
     thumb_size: int = 160  # thumbnail side in pixels
-    audit_log: str | None = None  # JSON lines: every takedown and every 401/403/413/429 refusal (rdm.service.audit)
+    audit_log: str | None = None  # JSON lines: every takedown, key use and 401/403/413/429 refusal (rdm.service.audit)
     curate_max_items: int = 200_000  # the page's curation view runs rdm curate on a served database up to this size
     curate_show: int = 48  # duplicate groups and outliers a curation view lists (the counts are all of them)
     torch_threads: int | None = None  # torch intra-op threads for sampling (None: torch's default)

@@ -25,8 +25,8 @@ from ..sampling import copyguard, credentials
 from ..sampling.pipeline import RDMPipeline, check_sampler, make_scheduler
 from ..sampling.selection import Selection
 from .config import ServeConfig
-from .images import decode_query_image, png_bytes
-from .validation import BadRequest, DatabaseChoice
+from .images import budgeted, decode_budget, decode_query_image, png_bytes
+from .validation import BadRequest, DatabaseChoice, refusal
 
 MAX_ADAPTER_WEIGHT = 4.0  # |weight| of an adapter in a request
 
@@ -87,6 +87,7 @@ class Engine:
         self.pipe = pipe
         self.registry = registry
         self.config = config
+        self.decode_budget = decode_budget(config)  # bytes of image decoding in flight, all requests together
         self._embedder_lock = threading.Lock()
         self.embedder  # load the CLIP now, not on the first request
         self.identity = (credentials.SigningIdentity.resolve(config.sign_key, config.sign_cert)
@@ -135,8 +136,9 @@ class Engine:
         try:
             db = self.registry.get(name)
         except DatabaseError as e:
-            status = 404 if "no database" in str(e) or "no longer available" in str(e) else 409
-            raise BadRequest(status, str(e)) from None
+            if "no database" in str(e):  # not the registry's list of what is served: a key may not see it all
+                raise BadRequest(404, f"no database {name!r} is served here") from None
+            raise BadRequest(404 if "no longer available" in str(e) else 409, str(e)) from None
         if not self.embedder.identity.same_vectors_as(db.identity):
             raise BadRequest(409, f"database {name} was built with {db.identity.describe()}, but this service's model "
                                   f"uses {self.embedder.identity.describe()}; it cannot be searched here")
@@ -151,24 +153,27 @@ class Engine:
 
     def editable_image(self, data: bytes):
         """An upload's pixels kept for editing: decoded as queries are, the longest side capped at twice the model's
-        resolution (at least 512), so that a kept upload costs at most a few megabytes."""
+        resolution (at least 512), so that a kept upload costs at most a few megabytes. Decoded under the decode
+        budget (503 when it stays full, 413 for an image costing more than all of it)."""
         from PIL import Image
 
         from ..images.decode import DecodeOptions, Undecodable, decode_image
 
         if len(data) > self.config.max_upload_bytes:
             raise BadRequest(413, f"image is larger than the upload limit of {self.config.max_upload_bytes} bytes")
+        data = bytes(data)
         try:
-            image = decode_image(bytes(data), DecodeOptions(max_pixels=self.config.max_pixels))
+            with budgeted(data, self.config, self.decode_budget):
+                image = decode_image(data, DecodeOptions(max_pixels=self.config.max_pixels))
+                cap = max(512, 2 * self.pipe.rdm_config.resolution)
+                if max(image.size) > cap:
+                    image.thumbnail((cap, cap), Image.Resampling.LANCZOS)
+                return image
         except Undecodable as e:
             raise BadRequest(400, f"cannot use this image: {e.reason} ({e.detail or 'no detail'})") from None
-        cap = max(512, 2 * self.pipe.rdm_config.resolution)
-        if max(image.size) > cap:
-            image.thumbnail((cap, cap), Image.Resampling.LANCZOS)
-        return image
 
     def embed_image_bytes(self, data: bytes) -> tuple[np.ndarray, tuple]:
-        pixels, size = decode_query_image(data, self.embedder.pixel_transform, self.config)
+        pixels, size = decode_query_image(data, self.embedder.pixel_transform, self.config, self.decode_budget)
         return self.embedder.encode_pixels(np.array(pixels[None])), size  # (1, D)
 
     def item(self, database: str, item_id: str) -> tuple[dict, np.ndarray]:
@@ -187,16 +192,16 @@ class Engine:
         if not choices or k == 0:
             return cond.Neighbours(np.zeros((len(query), 0, self.dim), np.float32),
                                    np.zeros((len(query), 0), np.float32), [[] for _ in range(len(query))])
-        names = [c.name for c in choices]
-        if len(set(names)) != len(names):
-            raise BadRequest(422, f"a database is listed twice: {', '.join(names)}")
-        sources = [(self.database(c.name), c.weight) for c in choices]
+        merged: dict[str, float] = {}
+        for c in choices:  # a database listed twice draws with the sum of its weights
+            merged[c.name] = merged.get(c.name, 0.0) + c.weight
+        sources = [(self.database(name), weight) for name, weight in merged.items()]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", cond.RetrievalWarning)  # kept in Neighbours.notes
                 return cond.neighbour_weights(cond.retrieve(query, sources, k, where, selection), weighting)
         except RDMError as e:
-            raise BadRequest(422, str(e)) from None
+            raise refusal(e) from None
 
     def copy_check(self, row: Row, image) -> dict:
         """The copy guard's verdict on one output: its neighbours and the nearest item of each database it drew

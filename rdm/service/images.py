@@ -2,6 +2,10 @@
 
 - Uploads and base64 images are size-checked, then decoded by the embedder's PixelTransform.load
   (bombs, truncated files and HTML named .png become `Undecodable`, here a 400 naming the reason).
+- Every decode (uploads, base64 and URL queries, database images) runs under the process's one
+  DecodeBudget (rdm.images.budget): its cost, estimated from the header, must fit in
+  `decode_budget_bytes` with the decodes in flight; it waits up to `decode_wait_s`, then 503 +
+  Retry-After; an image costing more than the whole budget is refused at once (413).
 - Database images are found by id in the metadata; the file is read only when its real path (links
   resolved) lies inside one of the database's source folders, then decoded and re-encoded as PNG:
   the bytes on disk are never sent as they are, so a file that is not an image cannot reach a browser.
@@ -19,6 +23,7 @@ import ipaddress
 import socket
 import ssl
 import threading
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,6 +31,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
+from ..images.budget import BudgetBusy, DecodeBudget, OverBudget, read_header
 from ..images.decode import DecodeOptions, Undecodable, decode_image
 from ..images.pixels import PixelTransform
 from .config import ServeConfig
@@ -34,12 +40,52 @@ from .validation import BadRequest
 URL_TIMEOUT_S = 10.0
 
 
-def decode_query_image(data: bytes, transform: PixelTransform, config: ServeConfig) -> tuple[np.ndarray, tuple]:
-    """Bytes of an image query -> the embedder's uint8 pixels (H, W, 3) and the original (width, height)."""
+_BUDGETS: dict[int, DecodeBudget] = {}  # id(config) -> its budget, while the config lives
+_BUDGETS_LOCK = threading.Lock()
+
+
+def decode_budget(config: ServeConfig) -> DecodeBudget:
+    """The one DecodeBudget of a service (of its config object): the Engine's uploads and render_file share it."""
+    key = id(config)
+    with _BUDGETS_LOCK:
+        budget = _BUDGETS.get(key)
+        if budget is None:
+            budget = _BUDGETS[key] = DecodeBudget(config.decode_budget_bytes)
+            weakref.finalize(config, _BUDGETS.pop, key, None)
+        return budget
+
+
+@contextlib.contextmanager
+def budgeted(source, config: ServeConfig, budget: DecodeBudget | None = None, what: str = "this image",
+             too_large: int = 413):
+    """Hold the decode budget around one decode of `source` (its cost read from its header): 503 + Retry-After when
+    the budget stays full for config.decode_wait_s, `too_large` (413) when the image alone costs more than the whole
+    budget; an unreadable header raises Undecodable, as decoding it would."""
+    budget = budget or decode_budget(config)
+    header = read_header(source, DecodeOptions(max_pixels=config.max_pixels))
+    try:
+        lease = budget.acquire(header.cost, config.decode_wait_s)
+    except OverBudget:
+        raise BadRequest(too_large, f"{what} is too large to decode here: {header.describe()}, more than the "
+                                    f"service's decode budget of {budget.budget / 1e6:,.0f} MB; send a smaller "
+                                    "image (fewer pixels, or 8 bits per channel)") from None
+    except BudgetBusy:
+        raise BadRequest(503, f"the server is busy decoding other images: {what} ({header.describe()}) found no room "
+                              f"within {config.decode_wait_s:g} s; retry in a moment", {"Retry-After": "2"}) from None
+    with lease:
+        yield header
+
+
+def decode_query_image(data: bytes, transform: PixelTransform, config: ServeConfig,
+                       budget: DecodeBudget | None = None) -> tuple[np.ndarray, tuple]:
+    """Bytes of an image query -> the embedder's uint8 pixels (H, W, 3) and the original (width, height), decoded
+    under the decode budget."""
     if len(data) > config.max_upload_bytes:
         raise BadRequest(413, f"image is larger than the upload limit of {config.max_upload_bytes} bytes")
+    data = bytes(data)
     try:
-        return transform.load(bytes(data), DecodeOptions(max_pixels=config.max_pixels))
+        with budgeted(data, config, budget):
+            return transform.load(data, DecodeOptions(max_pixels=config.max_pixels))
     except Undecodable as e:
         raise BadRequest(400, f"cannot use this image: {e.reason} ({e.detail or 'no detail'})") from None
 
@@ -75,15 +121,17 @@ class ImageCache:
         return data
 
 
-def render_file(path: Path, size: int | None, config: ServeConfig) -> bytes:
-    """A database image file (already checked to lie in its source folder) -> PNG bytes, fitted in size x size."""
+def render_file(path: Path, size: int | None, config: ServeConfig, budget: DecodeBudget | None = None) -> bytes:
+    """A database image file (already checked to lie in its source folder) -> PNG bytes, fitted in size x size,
+    decoded under the decode budget (one too large for the whole budget cannot be shown: 404)."""
     try:
-        image = decode_image(str(path), DecodeOptions(max_pixels=config.max_pixels))
+        with budgeted(str(path), config, budget, what="the item's image", too_large=404):
+            image = decode_image(str(path), DecodeOptions(max_pixels=config.max_pixels))
+            if size:
+                image.thumbnail((size, size), Image.Resampling.BICUBIC)
+            return png_bytes(image)
     except Undecodable as e:
         raise BadRequest(404, f"the item's image cannot be shown: {e.reason}") from None
-    if size:
-        image.thumbnail((size, size), Image.Resampling.BICUBIC)
-    return png_bytes(image)
 
 
 # --- URL queries (clip-retrieval's image_url) --------------------------------------------------------

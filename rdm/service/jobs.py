@@ -2,9 +2,13 @@
 
 - Bounded: at most `max_queue` jobs waiting or running; one more is refused with 429 and a
   Retry-After estimated from the recent batch times. Nothing is queued without limit.
-- Batching: when the worker is free it takes the oldest waiting row and every other waiting row with
-  the same Settings (k, steps, guidance, scheduler, eta, size), up to `max_batch`, and samples them in
-  one pipeline call. Prompts, image queries, seeds and databases may differ between rows.
+- Fair: each owner (a key, or an anonymous caller's address) may have at most `max_jobs_per_key` jobs
+  waiting or running (a key's own `max_jobs` wins); one more is refused with 429. The worker serves
+  owners in turn: the next batch starts with the oldest row of the owner served longest ago, so a
+  client that floods the queue delays each other client by about one batch, not by its whole backlog.
+- Batching: that row is sampled with the other waiting rows of the same Settings (k, steps, guidance,
+  scheduler, eta, size), taken from the owners in the same turn order, up to `max_batch`, in one
+  pipeline call. Prompts, image queries, seeds and databases may differ between rows.
 - Progress: each row counts its denoising steps; a job's progress is the mean over its rows.
 - Abandoned work: a job that nobody polled or streamed for `abandon_after_s` is cancelled (a batch
   stops at the next step once all its jobs are cancelled); DELETE cancels at once.
@@ -41,6 +45,7 @@ class Job:
     rows: list[Row]
     summary: dict  # what was asked, for the page's history
     labels: list[str] = field(default_factory=list)  # compare: one label per database row
+    owner: str = ""  # who made it (rdm.service.access.Principal.owner): only they (or an admin) see it
     id: str = field(default_factory=lambda: "j-" + secrets.token_hex(8))
     state: str = QUEUED
     error: str | None = None
@@ -79,7 +84,10 @@ class JobQueue:
         self.failed_at_shutdown: list[str] = []  # ids of the jobs in flight when the server stopped
         self.batch_seconds: deque[float] = deque(maxlen=20)  # recent batch times, for Retry-After
         self.batch_sizes: deque[int] = deque(maxlen=200)
-        self.counts = {"submitted": 0, DONE: 0, FAILED: 0, CANCELLED: 0, "refused": 0, "batches": 0}
+        self.counts = {"submitted": 0, DONE: 0, FAILED: 0, CANCELLED: 0, "refused": 0, "refused_owner": 0,
+                       "batches": 0}
+        self.turn = 0  # batches started; served[owner] = the turn an owner was last served in
+        self.served: dict[str, int] = {}
         self._worker = threading.Thread(target=self._loop, name="rdm-serve-worker", daemon=True)
         self._worker.start()
 
@@ -93,10 +101,17 @@ class JobQueue:
         ahead = max(1, -(-len(self.waiting) // self.config.max_batch))
         return max(1, int(per_batch * ahead + 0.999))
 
-    def submit(self, job: Job) -> Job:
+    def submit(self, job: Job, max_jobs: int | None = None) -> Job:
+        """Queue a job; 429 when the queue, or the job's owner's share of it, is full."""
         with self.cond:
             if self.stopping:
                 raise BadRequest(503, "the server is shutting down; try again later", {"Retry-After": "5"})
+            limit = max_jobs or self.config.max_jobs_per_key
+            mine = sum(1 for j in self.jobs.values() if j.owner == job.owner and j.state not in FINAL)
+            if mine >= limit:
+                self.counts["refused_owner"] += 1
+                raise BadRequest(429, f"you have {mine} jobs waiting or running, your share of the queue ({limit}); "
+                                      "wait for one to finish", {"Retry-After": str(self.retry_after())})
             if self.active() >= self.config.max_queue:
                 self.counts["refused"] += 1
                 raise BadRequest(429, f"the queue is full ({self.config.max_queue} jobs); retry later",
@@ -122,6 +137,13 @@ class JobQueue:
             job = self.get(job_id)
             self._finish(job, CANCELLED, reason)
             return job
+
+    def forget(self, job_id: str) -> None:
+        """Drop a finished job's record and results (DELETE after its cancel): its id is then unknown."""
+        with self.cond:
+            job = self.jobs.get(job_id)
+            if job is not None and job.state in FINAL:
+                del self.jobs[job_id]
 
     def position(self, job: Job) -> int:
         """Rows waiting ahead of the job's first waiting row (0 when it is running or done)."""
@@ -195,15 +217,29 @@ class JobQueue:
                 self._finish(job, CANCELLED, f"abandoned: nobody asked for it for {self.config.abandon_after_s:g} s")
 
     def _next_batch(self) -> list[Row]:
-        """The oldest waiting row and the waiting rows that share its Settings (lock held)."""
+        """The oldest waiting row of the owner served longest ago, and waiting rows that share its Settings, taken
+        from the owners in turn (lock held)."""
         self._abandon_stale()
         if not self.waiting:
             return []
-        key = self.waiting[0].settings
-        batch, rest = [], deque()
-        for row in self.waiting:
-            (batch if row.settings == key and len(batch) < self.config.max_batch else rest).append(row)
-        self.waiting = rest
+        by_owner: dict[str, list[Row]] = {}
+        for row in self.waiting:  # FIFO within each owner
+            by_owner.setdefault(row.job.owner, []).append(row)
+        owners = sorted(by_owner, key=lambda o: self.served.get(o, -1))  # stable: first come among equals
+        key = by_owner[owners[0]][0].settings
+        queues = [[r for r in by_owner[o] if r.settings == key] for o in owners]
+        batch: list[Row] = []
+        while len(batch) < self.config.max_batch and any(queues):
+            for q in queues:  # one row per owner per round
+                if q and len(batch) < self.config.max_batch:
+                    batch.append(q.pop(0))
+        self.turn += 1
+        if len(self.served) > 4096:  # anonymous addresses come and go: keep the owners still waiting
+            self.served = {o: t for o, t in self.served.items() if o in by_owner}
+        for row in batch:
+            self.served[row.job.owner] = self.turn
+        taken = {id(r) for r in batch}
+        self.waiting = deque(r for r in self.waiting if id(r) not in taken)
         return batch
 
     def _loop(self) -> None:

@@ -8,22 +8,37 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import signal
 import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import RDMError
+from .access import read_keys
 from .app import Guard, create_app
 from .config import ServeConfig
 from .engine import Engine
 
 log = logging.getLogger("rdm.serve")
+
+
+def with_session_key(config: ServeConfig) -> ServeConfig:
+    """Without a keys file the service makes a key for this run (all scopes), as Jupyter does: the page's link
+    carries it; nothing else can use the service unless collections are opened to anonymous callers."""
+    if config.keys or config.session_key:
+        return config
+    return replace(config, session_key="rdm-" + secrets.token_urlsafe(32))
+
+
+def page_link(config: ServeConfig, port: int | None = None) -> str:
+    base = f"http://{config.host}:{config.port if port is None else port}/"
+    return base + (f"#key={config.session_key}" if config.session_key else "")
 
 
 def build_app(config: ServeConfig, pipe=None):
@@ -33,6 +48,8 @@ def build_app(config: ServeConfig, pipe=None):
     from ..db.retrieval import DatabaseRegistry
     from ..sampling.generate import load_pipeline
 
+    if config.keys:
+        read_keys(config.keys)  # a bad keys file is reported before the model is loaded
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     pipe = pipe or load_pipeline(config.model, config.device, config.dtype, progress=False)
@@ -108,6 +125,7 @@ def check_binding(config: ServeConfig) -> None:
 def serve(config: ServeConfig, pipe=None) -> None:
     """Load, bind and serve until interrupted; every job still unfinished then is reported failed."""
     check_binding(config)
+    config = with_session_key(config)
     if not log.handlers:  # the service's own messages (job reports, takedowns) on stderr, not every library's
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("rdm serve: %(message)s"))
@@ -116,8 +134,11 @@ def serve(config: ServeConfig, pipe=None) -> None:
         log.propagate = False
     app = build_app(config, pipe)
     names = app.state.engine.registry.names()
-    print(f"rdm serve: http://{config.host}:{config.port}  ({len(names)} database(s): {', '.join(names) or 'none'}; "
-          f"API at /docs, clip-retrieval at /knn-service)", file=sys.stderr, flush=True)
+    access = (f"keys from {config.keys}" if config.keys else "open the link above: it carries this run's key")
+    if config.anonymous:
+        access += f"; anonymous callers may use {', '.join(config.anonymous)}"
+    print(f"rdm serve: {page_link(config)}\n  {len(names)} database(s): {', '.join(names) or 'none'}; {access}; "
+          f"API at /docs, clip-retrieval at /knn-service", file=sys.stderr, flush=True)
     threading.Thread(target=_open_served, args=(app.state.engine.registry, names), daemon=True).start()
     server = _Server(_uvicorn_config(app, config), app)
     try:
@@ -148,6 +169,7 @@ class Running:
     app: object
     server: _Server
     thread: threading.Thread
+    key: str | None = None  # this run's key (None with a keys file)
 
     def stop(self, timeout: float = 15.0) -> list[tuple[str, str]]:
         self.app.state.queue.begin_shutdown()
@@ -159,6 +181,7 @@ class Running:
 def start(config: ServeConfig, pipe=None, app=None) -> Running:
     """Serve in a background thread on config.host:config.port (0: a free port); returns once it answers."""
     check_binding(config)
+    config = with_session_key(config) if app is None else config
     app = app or build_app(config, pipe)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -172,4 +195,4 @@ def start(config: ServeConfig, pipe=None, app=None) -> Running:
             raise RDMError("the server did not start")
         time.sleep(0.02)
     host, port = sock.getsockname()[:2]
-    return Running(f"http://{host}:{port}", app, server, thread)
+    return Running(f"http://{host}:{port}", app, server, thread, app.state.config.session_key)

@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from ..errors import NotFound, RDMError
 from .config import ServeConfig
 
 MAX_ID_CHARS = 1024  # an item id (a relative path in folder databases)
 MAX_FILTER_VALUES = 64
 MAX_FILTER_COLUMNS = 16
 MAX_FILTER_CHARS = 256  # a column name or a value: a job keeps its filters and sends them with every event
+MAX_WEIGHT = 1e6  # a database's weight (its share of the neighbours, relative to the others'), > 0
+TEXT_PATTERN = r"^[^\x00]*[^\x00\s][^\x00]*$"  # a prompt: something besides white space, and no NUL
+
+
+def _integral(value: Any) -> Any:
+    """JSON's 20.0 is the integer 20 (JSON Schema says so); "20" and 20.5 are not integers."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**63 else value
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]  # an integer as JSON means one, under strict validation
 
 
 class BadRequest(Exception):
@@ -32,8 +43,45 @@ class BadRequest(Exception):
         self.headers = headers or {}
 
 
+class ErrorBody(BaseModel):
+    error: str  # what was wrong, and what to do
+
+
+def _error(description: str, headers: dict | None = None) -> dict:
+    response: dict = {"model": ErrorBody, "description": description}
+    if headers:
+        response["headers"] = {name: {"description": text, "schema": {"type": "string"}}
+                               for name, text in headers.items()}
+    return response
+
+
+# one server-sent event of GET /api/jobs/{id}/events: its name (progress, then the final state) and the job's view
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"event": {"type": "string", "enum": ["progress", "done", "failed", "cancelled"]},
+                            "data": {"type": "string", "contentMediaType": "application/json"}}}
+
+# every route may answer these (the guard, the key check and the limits apply to all); documented once, for all
+ERROR_RESPONSES = {
+    400: _error("malformed request: not JSON, a lone surrogate, nesting or an integer too large, an undecodable image"),
+    401: _error("a key is needed, or the key given is not valid", {"WWW-Authenticate": "Bearer"}),
+    403: _error("the key lacks the scope; a cross-site browser request; a client or Host from another machine"),
+    404: _error("no such database, item, job, upload or image (or one this key may not use)"),
+    409: _error("the database cannot be used with this model (another CLIP), or is busy"),
+    413: _error("the body, an image, or a list in it is larger than the service accepts"),
+    422: _error("a field out of its range, or a rule between fields broken"),
+    429: _error("the queue, or this key's share of it, is full", {"Retry-After": "seconds to wait"}),
+    503: _error("shutting down, or the image decoding budget is full for now", {"Retry-After": "seconds to wait"}),
+}
+
+
+def refusal(e: RDMError) -> BadRequest:
+    """A library error about a request as a 4xx: 404 when what it names is not there, else 422."""
+    return BadRequest(404 if isinstance(e, NotFound) else 422, str(e))
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN / Infinity: 422
+    # unknown fields refused (a typo is not silently ignored), NaN / Infinity refused, and no coercion: "5" is not 5
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class ItemRef(Strict):
@@ -45,8 +93,8 @@ class ItemRef(Strict):
 
 
 class DatabaseChoice(Strict):
-    name: str  # a served database
-    weight: float = 1.0  # share of the k neighbours, relative to the others
+    name: str = Field(min_length=1, max_length=256)  # a served database (listed twice: the weights add up)
+    weight: float = Field(1.0, gt=0, le=1e6)  # share of the k neighbours, relative to the others
 
 
 class AdapterChoice(Strict):
@@ -59,12 +107,13 @@ class NeighbourFields(Strict):
 
     diversity: float = 0.0  # MMR over over-fetched candidates in [0, 1]: 0 the nearest k
     dedup: float | None = None  # duplicate cosine threshold (None: 0.95 with diversity, else off)
-    max_per: dict[str, int] | None = None  # metadata column -> at most this many neighbours per value
+    max_per: dict[str, JsonInt] | None = Field(None, max_length=MAX_FILTER_COLUMNS)  # metadata column -> at most this many neighbours per value
     neighbour_weights: Literal["uniform", "database", "score"] = "uniform"
     negative_databases: list[DatabaseChoice] = Field(default_factory=list)  # guided away from
     negative_prompt: str | None = None
     content_subtract: float = 0.0  # neighbours minus this times the query, renormalised, in [0, 2]
-    neighbour_window: list[float] | None = None  # [start, end] fractions of the steps the neighbours act in
+    neighbour_window: list[float] | None = Field(None, min_length=2, max_length=2)  # [start, end] fractions of the steps the neighbours act in (either
+    # order; equal: in no step)
 
 
 class AdapterFields(Strict):
@@ -80,20 +129,21 @@ class EditFields(Strict):
     strength: float | None = None  # [0, 1]: 0 returns it, 1 ignores it (default 0.8; 1 when outpainting)
     mask: ItemRef | None = None  # an uploaded mask: white (opaque) = redraw, black = keep
     mask_feather: float = 0.0  # a soft edge of about this many pixels inside the mask
-    extend: list[int] | None = None  # outpainting: [left, top, right, bottom] pixels added around the image
-    aspect: str | None = None  # outpainting: grow the image to this "W:H"
+    extend: list[JsonInt] | None = Field(None, min_length=4, max_length=4)  # outpainting: [left, top, right, bottom] pixels added around the image
+    aspect: str | None = Field(None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?:[0-9]+(\.[0-9]+)?$")  # outpainting:
+    # grow the image to this "W:H"
 
 
 class GenerateRequest(NeighbourFields, EditFields, AdapterFields):
     prompt: str | None = None  # text query ...
     image: ItemRef | None = None  # ... or an image query
     databases: list[DatabaseChoice] = Field(default_factory=list)  # empty: the query alone
-    k: int | None = None  # neighbours per image (default: the model's k)
+    k: JsonInt | None = None  # neighbours per image (default: the model's k)
     where: dict[str, list[str] | str] | None = None  # metadata filters inside each search
-    seed: int = 0  # image i of the request gets seed + i
-    num_images: int = 1
+    seed: JsonInt = 0  # image i of the request gets seed + i
+    num_images: JsonInt = 1
     # sampler settings; None: the model's (rdm.models.format.SamplingDefaults, /api/info "defaults")
-    steps: int | None = None
+    steps: JsonInt | None = None
     guidance: float | None = None
     guidance_rescale: float | None = None  # diffusers' guidance_rescale in [0, 1]
     scheduler: str | None = None  # ddim, dpm++, euler ...
@@ -103,11 +153,11 @@ class GenerateRequest(NeighbourFields, EditFields, AdapterFields):
 class CompareRequest(NeighbourFields, EditFields, AdapterFields):
     prompt: str | None = None  # the query; without one, the init image's CLIP embedding
     rows: list[list[DatabaseChoice]]  # one row per entry; [] is a row without retrieval
-    k: int | None = None
+    k: JsonInt | None = None
     where: dict[str, list[str] | str] | None = None
-    seed: int = 0
-    num_images: int = 1
-    steps: int | None = None
+    seed: JsonInt = 0
+    num_images: JsonInt = 1
+    steps: JsonInt | None = None
     guidance: float | None = None
     guidance_rescale: float | None = None
     scheduler: str | None = None
@@ -119,13 +169,38 @@ class SearchRequest(Strict):
     text: str | None = None
     image: ItemRef | None = None
     embedding: list[float] | None = None
-    k: int = 10
+    k: JsonInt = 10
     where: dict[str, list[str] | str] | None = None
 
 
 class RemoveRequest(Strict):
     ids: list[str] = Field(default_factory=list)
     where: dict[str, list[str] | str] | None = None
+
+
+class SessionRequest(Strict):
+    key: str = Field(min_length=1, max_length=256)  # an API key (rdm keys add), or the one rdm serve printed
+
+
+def collections_of(body: BaseModel) -> list[str]:
+    """Every database a request names: its database, its choices (positive and negative, every compare row),
+    and the databases of its item references (query, init image, mask)."""
+    names: list[str] = []
+    stack: list[Any] = [body]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, DatabaseChoice):
+            names.append(item.name)
+        elif isinstance(item, ItemRef):
+            if item.database is not None:
+                names.append(item.database)
+        elif isinstance(item, BaseModel):
+            if isinstance(item, SearchRequest):
+                names.append(item.database)
+            stack.extend(getattr(item, f) for f in type(item).model_fields)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return sorted(set(names))
 
 
 def _refuse_constant(name: str) -> float:
@@ -223,6 +298,13 @@ def check_float(name: str, value: float, low: float, high: float) -> float:
     return float(value)
 
 
+def check_weight(choice: DatabaseChoice) -> float:
+    if not math.isfinite(choice.weight) or not 0 < choice.weight <= MAX_WEIGHT:
+        raise BadRequest(422, f"weight of {choice.name} must be a number above 0 and at most {MAX_WEIGHT:g} (leave a "
+                              f"database out rather than weigh it 0), got {choice.weight!r}")
+    return choice.weight
+
+
 def check_text(name: str, text: str, config: ServeConfig) -> str:
     if not text.strip():
         raise BadRequest(422, f"empty {name}: give some text")
@@ -258,11 +340,13 @@ def check_where(where: dict | None, hidden: bool = False) -> dict[str, list[str]
         if longest > MAX_FILTER_CHARS:
             raise BadRequest(422, f"filter {col[:40]!r}: a column name or value of {longest} characters; at most "
                                   f"{MAX_FILTER_CHARS}")
+        if "=" in col:
+            raise BadRequest(422, f"filter {col[:40]!r}: a column name holds no '='")
         if col in HIDDEN_COLUMNS and not hidden:
             raise BadRequest(422, f"filter {col!r}: the column {col!r} stays on the server and cannot be filtered on")
         values = [values] if isinstance(values, str) else list(values)
-        if not col or len(values) > MAX_FILTER_VALUES:
-            raise BadRequest(422, f"filter {col!r}: give a column and at most {MAX_FILTER_VALUES} values")
+        if not col or not 1 <= len(values) <= MAX_FILTER_VALUES:
+            raise BadRequest(422, f"filter {col!r}: give a column and 1 to {MAX_FILTER_VALUES} values")
         out[col] = values
     return out
 

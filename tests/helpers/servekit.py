@@ -50,12 +50,12 @@ def jcall(url: str, method: str = "GET", body=None, **kw) -> tuple[int, object]:
     return status, json.loads(data) if data else None
 
 
-def wait_job(base: str, job: dict, timeout: float = 120) -> dict:
+def wait_job(base: str, job: dict, timeout: float = 120, headers: dict | None = None) -> dict:
     import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status, view = jcall(f"{base}/api/jobs/{job['id']}")
+        status, view = jcall(f"{base}/api/jobs/{job['id']}", headers=headers)
         assert status == 200, view
         if view["state"] in ("done", "failed", "cancelled"):
             return view
@@ -64,13 +64,30 @@ def wait_job(base: str, job: dict, timeout: float = 120) -> dict:
 
 
 def serve_world(world: dict, **config):
-    """The real server on 127.0.0.1 (any free port) around the world's tiny model and databases; stop() it."""
+    """The real server on 127.0.0.1 (any free port) around the world's tiny model and databases; stop() it.
+    Open to anonymous callers on every collection unless `anonymous` says otherwise."""
     from rdm import RDMPipeline
     from rdm.service.config import ServeConfig
     from rdm.service.server import start
 
     pipe = RDMPipeline.from_pretrained(world["model"])
     pipe.set_progress_bar_config(disable=True)
+    config.setdefault("anonymous", ("*",))  # these tests are about other things; tests/service/test_serve_access.py
     running = start(ServeConfig(port=0, model=str(world["model"]), indexes=str(world["home"]), **config), pipe=pipe)
     running.pipe = pipe
     return running
+
+
+def clip_client_module():
+    """clip_retrieval/clip_client.py as installed, loaded alone: the package __init__ imports its whole server stack."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("clip_retrieval")
+    if spec is None:
+        raise AssertionError("clip-retrieval is not installed (.ci/run installs it with pip install --no-deps clip-retrieval)")
+    path = Path(spec.submodule_search_locations[0]) / "clip_client.py"
+    module_spec = importlib.util.spec_from_file_location("clip_retrieval_clip_client", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module

@@ -18,7 +18,7 @@ from rdm import RDMPipeline
 from rdm.errors import RDMError
 from rdm.service.config import ServeConfig
 from rdm.service.server import check_binding, start
-from tests.helpers.servekit import build_world, call, jcall, multipart, wait_job
+from tests.helpers.servekit import build_world, call, clip_client_module, jcall, multipart, wait_job
 
 TOKEN = "t0ken-for-the-tests-0123456789"
 FAST = {"steps": 3}
@@ -40,7 +40,7 @@ def pipe(world):
 
 @pytest.fixture(scope="module")
 def server(world, pipe):
-    running = start(ServeConfig(port=0, model=str(world["model"]), indexes=str(world["home"]), token=TOKEN,
+    running = start(ServeConfig(port=0, anonymous=("*",), model=str(world["model"]), indexes=str(world["home"]), token=TOKEN,
                                 max_upload_bytes=256 * 1024, max_pixels=4_000_000), pipe=pipe)
     yield running
     running.stop()
@@ -64,7 +64,9 @@ def test_service_info_databases_items_and_images(server, world):
     base = server.url
     assert jcall(f"{base}/api/health") == (200, {"ok": True})
     status, info = jcall(f"{base}/api/info")
-    assert status == 200 and info["model"]["resolution"] == 16 and info["writes_enabled"] is True
+    assert status == 200 and info["model"]["resolution"] == 16 and info["writes_enabled"] is False  # anonymous
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert jcall(f"{base}/api/info", headers=auth)[1]["writes_enabled"] is True  # the takedown token's key
     status, schema = jcall(f"{base}/openapi.json")
     assert status == 200 and {"/api/generate", "/api/search", "/knn-service", "/indices-list"} <= schema["paths"].keys()
     status, dbs = jcall(f"{base}/api/databases")
@@ -85,7 +87,8 @@ def test_service_info_databases_items_and_images(server, world):
     status, headers, page = call(f"{base}/")
     assert status == 200 and b"/static/app.js" in page and "content-security-policy" in headers
     assert call(f"{base}/static/app.js")[0] == 200 and call(f"{base}/static/style.css")[0] == 200
-    assert jcall(f"{base}/api/stats")[0] == 200
+    assert jcall(f"{base}/api/stats")[0] == 401  # an admin's
+    assert jcall(f"{base}/api/stats", headers={"Authorization": f"Bearer {server.key}"})[0] == 200
 
 
 def test_search_by_text_upload_item_and_embedding(server, world):
@@ -204,27 +207,17 @@ def test_cancel_a_job(server):
     base = server.url
     status, job = jcall(f"{base}/api/generate", "POST", {"prompt": "a long one", "steps": 150, "num_images": 8})
     assert status == 202
+    stream = urllib.request.urlopen(f"{base}{job['events_url']}", timeout=60)
+    assert stream.readline().startswith(b"event:")
     status, view = jcall(f"{base}/api/jobs/{job['id']}", "DELETE")
     assert status == 200 and view["state"] == "cancelled"
-    assert wait_job(base, job)["state"] == "cancelled"
+    # cancelled and forgotten: its id is unknown now, and its open event stream ends with the cancel
+    assert jcall(f"{base}/api/jobs/{job['id']}")[0] == 404
+    events = [line.decode().strip() for line in stream if line.startswith(b"event:")]
+    assert events[-1] == "event: cancelled"
 
 
 # --- clip-retrieval's client, unchanged -------------------------------------------------------------
-
-def clip_client_module():
-    """clip_retrieval/clip_client.py as installed, loaded alone: the package __init__ imports its whole server stack."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("clip_retrieval")
-    if spec is None:
-        pytest.fail("clip-retrieval is not installed (.ci/run installs it with pip install --no-deps clip-retrieval)")
-    path = Path(spec.submodule_search_locations[0]) / "clip_client.py"
-    module_spec = importlib.util.spec_from_file_location("clip_retrieval_clip_client", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
 
 def test_clip_retrieval_client_queries_by_text_and_image(server, world):
     cc = clip_client_module()
@@ -272,7 +265,7 @@ def test_hostile_inputs_get_4xx_and_the_server_keeps_serving(server, world):
         ("POST", "/api/generate", {**good, "scheduler": "warp"}, 422, "unknown scheduler"),
         ("POST", "/api/generate", {**good, "guidance": 1e308 * 10}, 422, "finite number"),  # json.dumps -> Infinity
         ("POST", "/api/generate", {**good, "guidance": 1000.0}, 422, "guidance must be"),
-        ("POST", "/api/generate", {**good, "where": {"colour": "red"}}, 422, "no column"),
+        ("POST", "/api/generate", {**good, "where": {"colour": "red"}}, 404, "no column"),
         ("POST", "/api/generate", {**good, "stpes": 3}, 422, "stpes"),
         ("POST", "/api/generate", b"{\"prompt\": ", 400, "malformed JSON"),
         ("POST", "/api/generate", b"[1, 2]", 422, "invalid request"),
@@ -306,7 +299,7 @@ def test_hostile_inputs_get_4xx_and_the_server_keeps_serving(server, world):
         knn(text="x", indice_name="nope") + (404, "no database"),
         ("POST", "/knn-service", b"not json", 400, "malformed JSON"),
         ("POST", "/knn-service", b"", 400, "empty request body"),
-        ("POST", "/api/databases/A/remove", {"ids": ["img001.png"]}, 401, "token"),
+        ("POST", "/api/databases/A/remove", {"ids": ["img001.png"]}, 401, "remove scope"),
     ]
     for method, path, body, expected, words in cases:
         raw = body if isinstance(body, bytes) else None
@@ -342,7 +335,7 @@ def test_remove_needs_the_token_and_is_honoured_at_once(server, world):
     auth = {"Authorization": f"Bearer {TOKEN}"}
     status, res = jcall(f"{base}/api/databases/A/remove", "POST", {"ids": ["img010.png"]}, headers=auth)
     assert status == 200 and res["removed"] == ["img010.png"] and res["count"] == 11
-    assert jcall(f"{base}/api/databases/A/remove", "POST", {"ids": ["nope.png"]}, headers=auth)[0] == 422
+    assert jcall(f"{base}/api/databases/A/remove", "POST", {"ids": ["nope.png"]}, headers=auth)[0] == 404
     assert call(f"{base}/api/databases/A/image?id=img010.png")[0] == 404
     status, res = jcall(f"{base}/api/search", "POST", {"database": "A", "image": {"database": "A", "id": "img010.png"}})
     assert status == 404
@@ -366,7 +359,7 @@ def test_a_takedown_by_another_process_is_honoured_by_the_next_search(server, wo
 # --- trust and load rules on their own servers ------------------------------------------------------
 
 def test_full_queue_answers_429_with_retry_after_and_loses_no_job(world, pipe):
-    running = start(ServeConfig(port=0, indexes=str(world["home"]), max_queue=2, max_batch=1), pipe=pipe)
+    running = start(ServeConfig(port=0, anonymous=("*",), indexes=str(world["home"]), max_queue=2, max_batch=1), pipe=pipe)
     try:
         base, accepted, refused = running.url, [], []
         for seed in range(5):
@@ -381,7 +374,7 @@ def test_full_queue_answers_429_with_retry_after_and_loses_no_job(world, pipe):
 
 
 def test_shutdown_reports_jobs_in_flight_failed_and_abandoned_jobs_stop(world, pipe):
-    running = start(ServeConfig(port=0, indexes=str(world["home"]), abandon_after_s=0.5, max_batch=1), pipe=pipe)
+    running = start(ServeConfig(port=0, anonymous=("*",), indexes=str(world["home"]), abandon_after_s=0.5, max_batch=1), pipe=pipe)
     base, queue = running.url, running.app.state.queue
     status, abandoned = jcall(f"{base}/api/generate", "POST", {"prompt": "x", "steps": 150, "num_images": 8})
     deadline = time.monotonic() + 30
@@ -406,7 +399,7 @@ def test_shutdown_reports_jobs_in_flight_failed_and_abandoned_jobs_stop(world, p
 
 
 def test_urls_are_fetched_only_when_allowed_and_never_from_local_addresses(world, pipe):
-    running = start(ServeConfig(port=0, indexes=str(world["home"]), allow_urls=True), pipe=pipe)
+    running = start(ServeConfig(port=0, anonymous=("*",), indexes=str(world["home"]), allow_urls=True), pipe=pipe)
     try:
         for url in (f"{running.url}/api/databases/A/image?id=img001.png", "http://localhost/x.png",
                     "http://10.0.0.1/x.png", "http://[::1]/x.png", "http://169.254.169.254/latest"):
@@ -427,12 +420,14 @@ def test_binding_beyond_loopback_needs_the_network_flag():
     check_binding(ServeConfig(host="127.0.0.1"))
 
 
-def test_writes_are_disabled_without_a_token(world, pipe):
-    running = start(ServeConfig(port=0, indexes=str(world["home"])), pipe=pipe)
+def test_a_takedown_needs_a_valid_key(world, pipe):
+    running = start(ServeConfig(port=0, anonymous=("*",), indexes=str(world["home"])), pipe=pipe)
     try:
         status, err = jcall(f"{running.url}/api/databases/A/remove", "POST", {"ids": ["img001.png"]},
                             headers={"Authorization": "Bearer anything"})
-        assert status == 403 and "--token-file" in err["error"]
+        assert status == 401 and "not valid" in err["error"]
+        status, err = jcall(f"{running.url}/api/databases/A/remove", "POST", {"ids": ["img001.png"]})
+        assert status == 401 and "remove scope" in err["error"]  # anonymous callers never remove
     finally:
         running.stop()
 
@@ -470,10 +465,17 @@ def test_rdm_serve_command_serves_and_reports_jobs_in_flight_at_sigterm(world, t
             except OSError:
                 assert proc.poll() is None and time.monotonic() < deadline, "rdm serve did not start"
                 time.sleep(0.2)
-        assert jcall(f"{base}/api/info")[1]["writes_enabled"] is True
-        status, job = jcall(f"{base}/api/generate", "POST", {"prompt": "x", "steps": 150, "num_images": 8})
+        # without a keys file the service made a key for this run and printed its page's link with it
+        line = proc.stderr.readline()
+        assert f"http://127.0.0.1:{port}/#key=rdm-" in line, line
+        auth = {"Authorization": "Bearer " + line.split("#key=")[1].split()[0]}
+        assert jcall(f"{base}/api/info")[0] == 401  # and nothing else gets in: no anonymous access by default
+        assert jcall(f"{base}/api/info", headers=auth)[1]["writes_enabled"] is True
+        status, job = jcall(f"{base}/api/generate", "POST", {"prompt": "x", "steps": 150, "num_images": 8},
+                            headers=auth)
         assert status == 202
-        stream = urllib.request.urlopen(f"{base}{job['events_url']}", timeout=60)
+        stream = urllib.request.urlopen(urllib.request.Request(f"{base}{job['events_url']}", headers=auth),
+                                        timeout=60)
         assert stream.readline().startswith(b"event:")
         proc.send_signal(signal.SIGTERM)
         events = [line.decode().strip() for line in stream if line.startswith(b"event:")]
@@ -510,7 +512,7 @@ def test_neighbour_control_is_served_as_the_pipeline_samples_it(server, pipe):
                         np.int16)
     assert np.abs(served - np.round(direct.images[0] * 255)).max() <= 1
     for bad, status in (({"diversity": 2}, 422), ({"negative_databases": [{"name": "nope"}]}, 404),
-                        ({"neighbour_window": [0.8, 0.2]}, 422), ({"neighbour_weights": "loud"}, 422),
+                        ({"neighbour_window": [0.8, 1.2]}, 422), ({"neighbour_weights": "loud"}, 422),
                         ({"max_per": {"id": 0}}, 422), ({"content_subtract": -1}, 422)):
         status_got, answer = jcall(f"{base}/api/generate", "POST", {**body, **bad})
         assert status_got == status, (bad, answer)

@@ -85,7 +85,7 @@ def test_adapters_switch_per_request_without_reloading_the_base(served):
     record = json.loads(call(f"{base}{inked_view['images'][0]['provenance_url']}")[2])
     assert [(a["name"], a["weight"]) for a in record["model"]["adapters"]] == [("ink", 1.0)]
     assert len(record["model"]["adapters"][0]["sha256"]) == 64 and "path" not in record["model"]["adapters"][0]
-    status, stats = jcall(f"{base}/api/stats")
+    status, stats = jcall(f"{base}/api/stats", headers={"Authorization": f"Bearer {running.key}"})
     assert stats["adapter_loads"] == 2  # both read once, at start; every switch since read nothing
     assert pipe.unet is unet and pipe.unet.conv_in.weight.data_ptr() == weights  # the base model was not reloaded
 
@@ -108,5 +108,5 @@ def test_bad_adapter_choices_are_4xx(served):
 def test_an_adapter_for_another_base_model_stops_the_start(world):
     pipe = RDMPipeline.from_pretrained(world["model"])
     with pytest.raises(RDMError, match="trained on model"):
-        start(ServeConfig(port=0, model=str(world["model"]), indexes=str(world["home"]),
+        start(ServeConfig(port=0, anonymous=("*",), model=str(world["model"]), indexes=str(world["home"]),
                           adapters=(str(world["foreign"]),)), pipe=pipe)

@@ -26,7 +26,7 @@ def server(tmp_path_factory):
     copies, off = planted_toyart(root / "flat")
     api.build_index(str(root / "flat"), name="flat", clip=f"local-dir:{DEMO_CLIP}", indexes=str(root / "indexes"),
                     workers=0, progress=False)
-    running = start(ServeConfig(port=0, model=str(DEMO_MODEL), indexes=str(root / "indexes"), curate_max_items=100))
+    running = start(ServeConfig(port=0, anonymous=("*",), model=str(DEMO_MODEL), indexes=str(root / "indexes"), curate_max_items=100))
     running.copies, running.off = copies, off
     yield running
     running.stop()
@@ -55,7 +55,7 @@ def test_bad_requests_are_4xx(server):
     server.app.state.config = server.app.state.config  # the limit is the served config's
     status, r = jcall(f"{server.url}/api/databases/flat/curate?k=6")
     assert status == 200
-    small = start(ServeConfig(port=0, model=str(DEMO_MODEL), indexes=server.app.state.config.indexes,
+    small = start(ServeConfig(port=0, anonymous=("*",), model=str(DEMO_MODEL), indexes=server.app.state.config.indexes,
                               curate_max_items=10), pipe=server.app.state.engine.pipe)
     try:
         status, r = jcall(f"{small.url}/api/databases/flat/curate")

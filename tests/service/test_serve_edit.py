@@ -24,7 +24,7 @@ def server(tmp_path_factory, tiny_clip):
     world = build_world(tmp_path_factory.mktemp("serve-edit"), tiny_clip)
     pipe = RDMPipeline.from_pretrained(world["model"])
     pipe.set_progress_bar_config(disable=True)
-    running = start(ServeConfig(port=0, model=str(world["model"]), indexes=str(world["home"]),
+    running = start(ServeConfig(port=0, anonymous=("*",), model=str(world["model"]), indexes=str(world["home"]),
                                 max_upload_bytes=256 * 1024, max_pixels=4_000_000), pipe=pipe)
     yield running
     running.stop()
@@ -109,8 +109,8 @@ def test_bad_uploads_and_masks_get_4xx_and_the_service_keeps_serving(server):
         ({"init_image": {"upload": "u-nothing"}}, 404, "no upload"),
         ({"init_image": {"upload": up["upload"]}, "mask": {"upload": "u-nothing"}}, 404, "mask: no upload"),
         ({"prompt": "x", "strength": 0.5}, 422, "give init_image"),
-        ({"init_image": {"upload": up["upload"]}, "extend": [1, 2]}, 422, "LEFT,TOP,RIGHT,BOTTOM"),
-        ({"init_image": {"upload": up["upload"]}, "aspect": "wide"}, 422, "aspect must be W:H"),
+        ({"init_image": {"upload": up["upload"]}, "extend": [1, 2]}, 422, "extend: List should have at least 4"),
+        ({"init_image": {"upload": up["upload"]}, "aspect": "wide"}, 422, "aspect: String should match pattern"),
         ({"init_image": {"upload": up["upload"]}, "strength": "lots"}, 422, "strength"),
     ]
     for body, want, message in cases:

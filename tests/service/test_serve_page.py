@@ -26,7 +26,7 @@ def server(tmp_path_factory):
     build_style_databases(f"local-dir:{DEMO_CLIP}", root / "toyart", 12, "{style}", STYLES, str(root / "indexes"),
                           start=DEMO_START)
     adapter = make_adapter(root / "adapters" / "bold", DEMO_MODEL, 5, model_fingerprint(DEMO_MODEL))
-    running = start(ServeConfig(port=0, model=str(DEMO_MODEL), indexes=str(root / "indexes"),
+    running = start(ServeConfig(port=0, anonymous=("*",), model=str(DEMO_MODEL), indexes=str(root / "indexes"),
                                 adapters=(str(adapter),)))
     running.root = root
     yield running

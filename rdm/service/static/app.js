@@ -34,17 +34,36 @@ async function api(path, options = {}) {
   if (!response.ok) {
     let msg = (body && body.error) || `HTTP ${response.status}`;
     if (response.status === 429) msg += ` (retry in ${response.headers.get("Retry-After") || "a few"} s)`;
-    throw new Error(msg);
+    const error = new Error(msg);
+    error.status = response.status;
+    throw error;
   }
   return body;
 }
 
 // -- set-up ---------------------------------------------------------------------------------------
+// the key: from the link rdm serve printed (#key=..., a fragment no server sees) or typed in; kept in an
+// HttpOnly cookie the service sets (POST /api/session), so that images load with it too
+async function useKey(key) {
+  await api("/api/session", { method: "POST", headers: { "Content-Type": "application/json" },
+                              body: JSON.stringify({ key }) });
+}
+
 async function init() {
+  $("login").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try { await useKey($("key").value.trim()); location.reload(); } catch (e) { showError(e.message); }
+  });
+  const fromLink = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (fromLink) {
+    history.replaceState(null, "", location.pathname + location.search);  // not left in the address bar
+    try { await useKey(fromLink); } catch (e) { showError(e.message); }
+  }
   try {
     state.info = await api("/api/info");
     const m = state.info.model;
-    $("model-info").textContent = `model ${m.name} · ${m.resolution}px · CLIP ${m.embedder} · default k ${m.k}`;
+    $("model-info").textContent = `model ${m.name} · ${m.resolution}px · CLIP ${m.embedder} · default k ${m.k}` +
+                                  ` · key ${state.info.you.key}`;
     $("k").value = m.k; $("k").max = state.info.limits.max_k;
     // the model's own sampler settings (its rdm_config.json "sampling"), as rdm sample uses them
     $("steps").value = state.info.defaults.steps; $("steps").max = state.info.limits.max_steps;
@@ -57,6 +76,7 @@ async function init() {
     $("curate-db").replaceChildren(...state.databases.map((d) => el("option", { value: d.name, text: `${d.name} (${d.count})` })));
     $("curate-box").hidden = !state.databases.length;
   } catch (e) {
+    if (e.status === 401) { $("login").hidden = false; $("model-info").textContent = "a key is needed"; }
     showError(e.message);
   }
   $("controls").addEventListener("submit", (ev) => { ev.preventDefault(); submit("generate"); });
