@@ -57,30 +57,16 @@ def _sampling(props: dict, config, schedulers: list[str]) -> None:
     props["seed"].update({"minimum": 0, "maximum": INT32 - config.max_images})
     _nullable(props["steps"], {"minimum": 1, "maximum": config.max_steps})
     _nullable(props["guidance"], {"minimum": -config.max_guidance, "maximum": config.max_guidance})
-    _nullable(props["guidance_rescale"], {"minimum": 0, "maximum": 1})
-    _nullable(props["eta"], {"minimum": 0, "maximum": 1})
     _nullable(props["scheduler"], {"enum": schedulers})
     _nullable(props["where"], _where())
 
 
 def _neighbour_fields(props: dict, config) -> None:
-    props["diversity"].update({"minimum": 0, "maximum": 1})
-    _nullable(props["dedup"], {"minimum": -1, "maximum": 1})
-    _nullable(props["max_per"], {"maxProperties": MAX_FILTER_COLUMNS,
-                                 "additionalProperties": {"type": "integer", "minimum": 1}})
-    props["content_subtract"].update({"minimum": 0, "maximum": 2})
     _nullable(props["negative_prompt"], _text(config.max_prompt_chars))
-    # [start, end] fractions with start < end: the second is said by the service (422); the shape is here
-    _nullable(props["neighbour_window"], {"minItems": 2, "maxItems": 2, "items": {"type": "number", "minimum": 0,
-                                                                                    "maximum": 1}})
 
-
-def _edit_fields(props: dict) -> dict:
-    """The edit fields' bounds, and the rule: strength, mask, extend and aspect only with an init_image."""
-    _nullable(props["strength"], {"minimum": 0, "maximum": 1})
-    props["mask_feather"].update({"minimum": 0, "maximum": 256})
-    # (not all four 0: said by the service, after the image it edits is found)
-    _nullable(props["extend"], {"minItems": 4, "maxItems": 4, "items": {"type": "integer", "minimum": 0}})
+def _edit_fields() -> dict:
+    """The rule: strength, mask, extend and aspect only with an init_image (extend not all 0, and the aspect not the
+    image's own, are said by the service once the image is found)."""
     edits = [{"required": [f], "properties": {f: {"not": {"type": "null"}}}} for f in ("strength", "mask", "extend",
                                                                                       "aspect")]
     return {"if": {"anyOf": edits}, "then": {"required": ["init_image"],
@@ -112,13 +98,12 @@ def openapi_schema(app, config, dim: int, schedulers: list[str], adapters: list[
                     {"allOf": [given["database"], given["id"], absent["upload"]]}]
 
     comps["AdapterChoice"]["properties"]["name"].update({"enum": adapters} if adapters else {"not": {}})
-    comps["AdapterChoice"]["properties"]["weight"].update({"minimum": -4, "maximum": 4})
 
     gen = comps["GenerateRequest"]
     _sampling(gen["properties"], config, schedulers)
     _neighbour_fields(gen["properties"], config)
     _nullable(gen["properties"]["prompt"], _text(config.max_prompt_chars))
-    gen["allOf"] = [_edit_fields(gen["properties"]),
+    gen["allOf"] = [_edit_fields(),
                     # a query: the prompt or an image, one of them; or neither when an image is edited (its own)
                     {"anyOf": [_one_of(["prompt", "image"]),
                                {"allOf": [{"required": ["init_image"], "properties": {"init_image": {"type": "object"}}},
@@ -129,7 +114,7 @@ def openapi_schema(app, config, dim: int, schedulers: list[str], adapters: list[
     _neighbour_fields(cmp_["properties"], config)
     _nullable(cmp_["properties"]["prompt"], _text(config.max_prompt_chars))
     cmp_["properties"]["rows"].update({"minItems": 1, "maxItems": config.max_compare_rows})
-    cmp_["allOf"] = [_edit_fields(cmp_["properties"]),
+    cmp_["allOf"] = [_edit_fields(),
                      {"anyOf": [{"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
                                 {"required": ["init_image"], "properties": {"init_image": {"type": "object"}}}]}]
 

@@ -92,28 +92,34 @@ class ItemRef(Strict):
     id: str | None = None  # ... and item id
 
 
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
 class DatabaseChoice(Strict):
     name: str = Field(min_length=1, max_length=256)  # a served database (listed twice: the weights add up)
-    weight: float = Field(1.0, gt=0, le=1e6)  # share of the k neighbours, relative to the others
+    weight: float = Field(1.0, gt=0, le=MAX_WEIGHT)  # share of the k neighbours, relative to the others
 
 
 class AdapterChoice(Strict):
-    name: str  # a served adapter (GET /api/info "adapters")
-    weight: float = 1.0  # its LoRA scale; 0 is the base model
+    name: str = Field(min_length=1, max_length=256)  # a served adapter (GET /api/info "adapters")
+    weight: float = Field(1.0, ge=-4, le=4)  # its LoRA scale; 0 is the base model
 
 
+# Bounds that do not depend on the service's settings are here, so the service and its OpenAPI schema say the same;
+# those that do (k, steps, images, prompt length ...) are added to the schema by rdm.service.contract.
 class NeighbourFields(Strict):
     """Control over the neighbours (rdm.sampling.conditioning.NeighbourControl); the defaults are plain retrieval."""
 
-    diversity: float = 0.0  # MMR over over-fetched candidates in [0, 1]: 0 the nearest k
-    dedup: float | None = None  # duplicate cosine threshold (None: 0.95 with diversity, else off)
-    max_per: dict[str, JsonInt] | None = Field(None, max_length=MAX_FILTER_COLUMNS)  # metadata column -> at most this many neighbours per value
+    diversity: Fraction = 0.0  # MMR over over-fetched candidates: 0 the nearest k
+    dedup: float | None = Field(None, ge=-1, le=1)  # duplicate cosine threshold (None: 0.95 with diversity, else off)
+    max_per: dict[str, Annotated[JsonInt, Field(ge=1)]] | None = Field(None, max_length=MAX_FILTER_COLUMNS)  # column
+    # -> at most this many neighbours per value
     neighbour_weights: Literal["uniform", "database", "score"] = "uniform"
     negative_databases: list[DatabaseChoice] = Field(default_factory=list)  # guided away from
     negative_prompt: str | None = None
-    content_subtract: float = 0.0  # neighbours minus this times the query, renormalised, in [0, 2]
-    neighbour_window: list[float] | None = Field(None, min_length=2, max_length=2)  # [start, end] fractions of the steps the neighbours act in (either
-    # order; equal: in no step)
+    content_subtract: float = Field(0.0, ge=0, le=2)  # neighbours minus this times the query, renormalised
+    neighbour_window: list[Fraction] | None = Field(None, min_length=2, max_length=2)  # [start, end] fractions of
+    # the steps the neighbours act in (either order; equal: in no step)
 
 
 class AdapterFields(Strict):
@@ -126,10 +132,11 @@ class EditFields(Strict):
     """Image-to-image, inpainting, outpainting (rdm.sampling.editing) of an uploaded image or a database item."""
 
     init_image: ItemRef | None = None  # the image to restyle or edit; without a prompt or image, also the query
-    strength: float | None = None  # [0, 1]: 0 returns it, 1 ignores it (default 0.8; 1 when outpainting)
+    strength: Fraction | None = None  # 0 returns it, 1 ignores it (default 0.8; 1 when outpainting)
     mask: ItemRef | None = None  # an uploaded mask: white (opaque) = redraw, black = keep
-    mask_feather: float = 0.0  # a soft edge of about this many pixels inside the mask
-    extend: list[JsonInt] | None = Field(None, min_length=4, max_length=4)  # outpainting: [left, top, right, bottom] pixels added around the image
+    mask_feather: float = Field(0.0, ge=0, le=256)  # a soft edge of about this many pixels inside the mask
+    extend: list[Annotated[JsonInt, Field(ge=0, le=4096)]] | None = Field(None, min_length=4, max_length=4)  # outpainting:
+    # [left, top, right, bottom] pixels added around the image
     aspect: str | None = Field(None, max_length=32, pattern=r"^[0-9]+(\.[0-9]+)?:[0-9]+(\.[0-9]+)?$")  # outpainting:
     # grow the image to this "W:H"
 
@@ -145,9 +152,9 @@ class GenerateRequest(NeighbourFields, EditFields, AdapterFields):
     # sampler settings; None: the model's (rdm.models.format.SamplingDefaults, /api/info "defaults")
     steps: JsonInt | None = None
     guidance: float | None = None
-    guidance_rescale: float | None = None  # diffusers' guidance_rescale in [0, 1]
+    guidance_rescale: Fraction | None = None  # diffusers' guidance_rescale
     scheduler: str | None = None  # ddim, dpm++, euler ...
-    eta: float | None = None  # DDIM eta in [0, 1]
+    eta: Fraction | None = None  # DDIM eta
 
 
 class CompareRequest(NeighbourFields, EditFields, AdapterFields):
@@ -159,9 +166,9 @@ class CompareRequest(NeighbourFields, EditFields, AdapterFields):
     num_images: JsonInt = 1
     steps: JsonInt | None = None
     guidance: float | None = None
-    guidance_rescale: float | None = None
+    guidance_rescale: Fraction | None = None
     scheduler: str | None = None
-    eta: float | None = None
+    eta: Fraction | None = None
 
 
 class SearchRequest(Strict):
