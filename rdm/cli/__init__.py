@@ -457,6 +457,8 @@ def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid,
               "(repeatable; '*': all); ClipClient sends no key")
 @option("rdm.service.config:ServeConfig.max_jobs_per_key", "--max-jobs-per-key", type=click.IntRange(1),
         help="jobs one key may have waiting or running")
+@option("rdm.service.config:ServeConfig.fair_queue", "--fair-queue/--fifo", help="serve the keys with jobs waiting "
+        "in turn, or first come, first served")
 @click.option("--token-file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="file holding a takedown token (a key with the remove scope on every collection)")
 @click.option("--allow-network", is_flag=True, help="answer generation and search from other machines too")
@@ -476,7 +478,7 @@ def score(ctx, images, dbs, target, prompts, k, seed, model, sample_seeds, grid,
               help="append a JSON line for every takedown and every refused request (401/403/413/429) to this file")
 @indexes_option
 @click.pass_context
-def serve(ctx, host, port, model, dbs, keys_file, anonymous, max_jobs_per_key, token_file, allow_network, allow_urls, max_queue, max_batch, device, threads,
+def serve(ctx, host, port, model, dbs, keys_file, anonymous, max_jobs_per_key, fair_queue, token_file, allow_network, allow_urls, max_queue, max_batch, device, threads,
           sign_key, sign_cert, adapters, audit_log, indexes):
     """Serve the API, clip-retrieval's /knn-service and the web page from one loaded model."""
     from pathlib import Path
@@ -494,7 +496,8 @@ def serve(ctx, host, port, model, dbs, keys_file, anonymous, max_jobs_per_key, t
                          token=token, allow_network=allow_network, allow_urls=allow_urls, max_queue=max_queue,
                          max_batch=max_batch, device=device, torch_threads=threads, sign_key=sign_key,
                          sign_cert=sign_cert, adapters=tuple(adapters), audit_log=audit_log, keys=keys_file,
-                         anonymous=tuple(anonymous), max_jobs_per_key=max_jobs_per_key)
+                         anonymous=tuple(anonymous), max_jobs_per_key=max_jobs_per_key,
+                         fair_queue=fair_queue)
     run_server(config)
 
 

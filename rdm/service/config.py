@@ -44,6 +44,7 @@ class ServeConfig:
     max_prompt_chars: int = 1000
     # -- load -----------------------------------------------------------------------------------
     max_queue: int = 32  # jobs waiting or running; one more gets 429 + Retry-After
+    fair_queue: bool = True  # serve the owners with jobs waiting in turn; False: first come, first served
     max_jobs_per_key: int = 8  # jobs one key (or anonymous address) may have waiting or running; a key's max_jobs wins
     max_connections: int = 64  # open connections and requests in flight; more are answered 503 (uvicorn)
     header_timeout_s: float = 10.0  # a connection's first request headers must arrive within this

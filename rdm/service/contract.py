@@ -81,6 +81,24 @@ def _one_of(fields: list[str], required: bool = True) -> dict:
     return {"allOf": [rule, {"anyOf": given}]} if required else rule
 
 
+_BOUNDS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def _json_schema_bounds(node) -> None:
+    """pydantic leaves a bound it cannot place (on a type with a before-validator, e.g. JsonInt) as "ge"/"le": JSON
+    Schema's names for them, in place."""
+    if isinstance(node, dict):
+        if "type" in node:
+            for short, name in _BOUNDS.items():
+                if short in node:
+                    node[name] = node.pop(short)
+        for value in node.values():
+            _json_schema_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _json_schema_bounds(value)
+
+
 def openapi_schema(app, config, dim: int, schedulers: list[str], adapters: list[str]) -> dict:
     """The service's OpenAPI document, tightened as this module's docstring says."""
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes,
@@ -141,14 +159,12 @@ def openapi_schema(app, config, dim: int, schedulers: list[str], adapters: list[
 
     for model in (KnnRequest, MetadataRequest):
         comps[model.__name__] = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    ids = comps["MetadataRequest"]["properties"]["ids"]
-    ids.update({"maxItems": config.max_search_k,
-                "items": {"anyOf": [{"type": "string"}, {"type": "integer", "minimum": -2**63, "maximum": 2**63 - 1}]}})
+    comps["MetadataRequest"]["properties"]["ids"]["maxItems"] = config.max_search_k
     knn = comps["KnnRequest"]
     kp = knn["properties"]
     kp["num_images"].update({"minimum": 1, "maximum": config.max_search_k})
     _nullable(kp["num_result_ids"], {"minimum": 1, "maximum": config.max_search_k})
-    _nullable(kp["text"], {"maxLength": config.max_prompt_chars})
+    _nullable(kp["text"], {"maxLength": config.max_prompt_chars, "pattern": "^$|" + TEXT_PATTERN})  # "": no text
     _nullable(kp["image"], {"maxLength": config.max_upload_bytes * 4 // 3 + 4})
     _nullable(kp["embedding_input"], {"minItems": dim, "maxItems": dim,
                                       "items": {"type": "number", "minimum": -1e100, "maximum": 1e100},
@@ -157,6 +173,7 @@ def openapi_schema(app, config, dim: int, schedulers: list[str], adapters: list[
     knn["anyOf"] = [{"required": ["text"], "properties": {"text": {"type": "string", "minLength": 1}}}] + [
         {"required": [f], "properties": {f: {"not": {"type": "null"}}}} for f in ("image", "image_url",
                                                                                   "embedding_input")]
+    _json_schema_bounds(comps)
     return schema
 
 

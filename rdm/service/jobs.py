@@ -224,7 +224,7 @@ class JobQueue:
             return []
         by_owner: dict[str, list[Row]] = {}
         for row in self.waiting:  # FIFO within each owner
-            by_owner.setdefault(row.job.owner, []).append(row)
+            by_owner.setdefault(row.job.owner if self.config.fair_queue else "", []).append(row)
         owners = sorted(by_owner, key=lambda o: self.served.get(o, -1))  # stable: first come among equals
         key = by_owner[owners[0]][0].settings
         queues = [[r for r in by_owner[o] if r.settings == key] for o in owners]
