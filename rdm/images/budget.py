@@ -26,7 +26,8 @@ from .decode import DecodeOptions, ImageInput, open_checked, undecodable_errors
 # of the two paths, divided by the pixels; the worst kind of each class + 2%, rounded up. Measured (Pillow 13.0,
 # numpy 2.4): 1 5.96, L 5.96, L+tRNS 17.98, LA 19.99, P 17.99 (PNG, PNG+tRNS, GIF), RGB 8.00 (PNG, JPEG, TIFF, BMP,
 # 16-bit PNG), RGB+tRNS 19.99, RGBA 15.98 (also 16-bit LA and RGBA PNGs, which open as RGBA), WebP 16.00 (RGB or
-# RGBA), I;16 29.63 (PNG, TIFF; 26.15 at 6000x6000), I 35.53, F 28.12, CMYK 7.97 (JPEG, TIFF).
+# RGBA), I;16 9.51 (PNG, TIFF; scaled to 8 bits in integers; 29.63 through float64 before), I 35.56, F 28.09,
+# CMYK 7.97 (JPEG, TIFF).
 DECODE_BYTES_PER_PIXEL = {
     "1": 7,
     "L": 7,
@@ -37,7 +38,7 @@ DECODE_BYTES_PER_PIXEL = {
     "RGB+transparency": 21,
     "RGBA": 17,
     "WEBP": 17,
-    "I;16": 31,  # 16-bit grey: scaled to 8 bits through float64 arrays
+    "I;16": 10,  # 16-bit grey: scaled to 8 bits in integers, in place (rdm.images.decode._to_8bit)
     "I": 37,
     "F": 29,
     "CMYK": 9,

@@ -171,3 +171,31 @@ def test_keys_cli(tmp_path):
     keys_file.write_text('{"keys": [{"name": "x", "sha256": "abc", "scopes": ["search"], "collections": []}]}')
     bad = runner.invoke(main, ["serve", "--keys", str(keys_file), "--model", str(tmp_path)])
     assert bad.exit_code == 1 and "64 lowercase hex" in bad.output and "Traceback" not in bad.output
+
+
+@pytest.mark.parametrize("fair", [True, False])
+def test_one_key_cannot_take_every_slot_and_keys_are_served_in_turn(tmp_path, tiny_clip, fair):
+    world = build_world(tmp_path, tiny_clip)
+    keys_file = tmp_path / "keys.json"
+    flood, polite = (add_key(keys_file, name, ("generate",), ("*",)) for name in ("flood", "polite"))
+    running = serve_world(world, keys=str(keys_file), anonymous=(), max_batch=1, max_jobs_per_key=2,
+                          fair_queue=fair)
+    try:
+        base = running.url
+        big = {"prompt": "a long one", "steps": 40, "num_images": 4}
+        flooder = {"Authorization": f"Bearer {flood}"}
+        first = jcall(f"{base}/api/generate", "POST", big, headers=flooder)[1]
+        second = jcall(f"{base}/api/generate", "POST", big, headers=flooder)[1]
+        status, err = jcall(f"{base}/api/generate", "POST", big, headers=flooder)
+        assert status == 429 and "your share of the queue (2)" in err["error"]  # its share, not the whole queue
+        mine = {"Authorization": f"Bearer {polite}"}
+        status, job = jcall(f"{base}/api/generate", "POST", {"prompt": "a short one", "steps": 2}, headers=mine)
+        assert status == 202  # another key still gets in
+        done = wait_job(base, job, headers=mine)
+        views = [wait_job(base, j, headers=flooder) for j in (first, second)]
+        if fair:  # served at the next turn: before the flood's first job, 4 rows long, is through
+            assert done["finished"] < views[0]["finished"]
+        else:  # first come, first served: after all 8 of the flood's rows
+            assert done["finished"] > views[1]["finished"]
+    finally:
+        running.stop()
