@@ -604,6 +604,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @app.post("/api/generate", tags=["generate"], status_code=202)
     def generate(body: GenerateRequest, request: Request, who: Principal | None = Depends(caller)):
         who = require(who, "generate", collections_of(body))
+        queue.admit(who.owner, who.max_jobs)  # a full share is refused before the query is embedded
         n, k = check_sampling(body)
         e = edit_of(body, body.prompt is not None or body.image is not None, who)
         query, record = edit_query(body, e, body.prompt, who) if e is not None else \
@@ -618,6 +619,7 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
     @app.post("/api/compare", tags=["generate"], status_code=202)
     def compare(body: CompareRequest, who: Principal | None = Depends(caller)):
         who = require(who, "generate", collections_of(body))
+        queue.admit(who.owner, who.max_jobs)
         n, k = check_sampling(body)
         if not 1 <= len(body.rows) <= config.max_compare_rows:
             raise BadRequest(422, f"compare takes 1 to {config.max_compare_rows} rows, got {len(body.rows)}")

@@ -101,13 +101,14 @@ class JobQueue:
         ahead = max(1, -(-len(self.waiting) // self.config.max_batch))
         return max(1, int(per_batch * ahead + 0.999))
 
-    def submit(self, job: Job, max_jobs: int | None = None) -> Job:
-        """Queue a job; 429 when the queue, or the job's owner's share of it, is full."""
+    def admit(self, owner: str, max_jobs: int | None = None) -> None:
+        """429 when the queue, or the owner's share of it, is full: asked before a request's query is embedded and
+        its neighbours retrieved, so that a refusal costs next to nothing (submit asks again)."""
         with self.cond:
             if self.stopping:
                 raise BadRequest(503, "the server is shutting down; try again later", {"Retry-After": "5"})
             limit = max_jobs or self.config.max_jobs_per_key
-            mine = sum(1 for j in self.jobs.values() if j.owner == job.owner and j.state not in FINAL)
+            mine = sum(1 for j in self.jobs.values() if j.owner == owner and j.state not in FINAL)
             if mine >= limit:
                 self.counts["refused_owner"] += 1
                 raise BadRequest(429, f"you have {mine} jobs waiting or running, your share of the queue ({limit}); "
@@ -116,6 +117,11 @@ class JobQueue:
                 self.counts["refused"] += 1
                 raise BadRequest(429, f"the queue is full ({self.config.max_queue} jobs); retry later",
                                  {"Retry-After": str(self.retry_after())})
+
+    def submit(self, job: Job, max_jobs: int | None = None) -> Job:
+        """Queue a job; 429 when the queue, or the job's owner's share of it, is full."""
+        with self.cond:
+            self.admit(job.owner, max_jobs)
             self.jobs[job.id] = job
             self.waiting.extend(job.rows)
             self.counts["submitted"] += 1
