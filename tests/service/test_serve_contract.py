@@ -91,7 +91,9 @@ def test_the_page_takes_its_key_from_the_link_or_a_typed_one(server, browser):
 
     context = browser.new_context()
     page = context.new_page()
-    page.goto(f"{server.url}/#key={server.key}")  # the link rdm serve prints
+    page.goto(server.url + "/")
+    page.wait_for_selector("#login:not([hidden])")
+    page.goto(f"{server.url}/#key={server.key}")  # the link rdm serve prints, opened over the page: a fragment change
     page.wait_for_selector("#databases input[type=checkbox]")
     assert page.evaluate("location.hash") == ""  # not left in the address bar or the history
     assert page.locator("#databases .db").count() == 2

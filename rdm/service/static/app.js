@@ -54,6 +54,9 @@ async function init() {
     ev.preventDefault();
     try { await useKey($("key").value.trim()); location.reload(); } catch (e) { showError(e.message); }
   });
+  window.addEventListener("hashchange", () => {  // the link opened over this page: only its fragment changed
+    if (new URLSearchParams(location.hash.slice(1)).get("key")) location.reload();
+  });
   const fromLink = new URLSearchParams(location.hash.slice(1)).get("key");
   if (fromLink) {
     history.replaceState(null, "", location.pathname + location.search);  // not left in the address bar
