@@ -552,7 +552,7 @@ def keys_list(keys_file):
 @click.option("--keys", "keys_file", type=click.Path(dir_okay=False), default=None, help="keys file "
               "[default: $RDM_SERVE_KEYS]")
 def keys_remove(name, keys_file):
-    """Revoke key NAME (a running server reads its keys file at start: restart it)."""
+    """Revoke key NAME (a running server re-reads its keys file: refused from its next request)."""
     from ..service.access import remove_key
 
     remove_key(_keys_file(keys_file), name)

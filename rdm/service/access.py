@@ -16,6 +16,7 @@ A key is a random token (``rdm keys add NAME``) known to the server only by its 
   prints the page's address with it (``#key=...``: the fragment never reaches a server log).
 - A request names its key as ``Authorization: Bearer KEY``, or carries the ``rdm_key`` cookie the page
   gets from ``POST /api/session`` (HttpOnly, SameSite=Strict: another site's page cannot send it).
+- The keys file is re-read when it changes: a key added or removed counts from the next request.
 - Jobs and uploads belong to the key that made them (anonymous ones to the caller's address); another
   key gets 404 for them. ``--token-file`` (the takedown token of earlier versions) is a key named
   ``token`` with the ``remove`` scope on every collection.
@@ -26,8 +27,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from ..errors import RDMError
 from ..util.files import atomic_write
 from .validation import BadRequest
 
+log = logging.getLogger("rdm.serve")
 SCOPES = ("search", "generate", "upload", "remove", "admin")
 ANONYMOUS_SCOPES = ("search", "generate", "upload")
 COOKIE = "rdm_key"
@@ -157,20 +161,51 @@ def remove_key(path: str | os.PathLike, name: str) -> None:
 class Access:
     """The service's keys (by SHA-256) and its anonymous rule; `principal` says who a request is."""
 
-    def __init__(self, keys: list[Key], anonymous: tuple[str, ...] = ()):
-        self.by_digest = {k.sha256: k for k in keys}
+    def __init__(self, keys: list[Key], anonymous: tuple[str, ...] = (), keys_file: str | None = None):
+        self.fixed = list(keys)  # the run's own key and the takedown token
+        self.keys_file = Path(keys_file) if keys_file else None
         self.anonymous = frozenset(anonymous)
+        self._lock = threading.Lock()
+        self._stamp = None
+        self.by_digest = {k.sha256: k for k in self.fixed}
+        self._refresh(first=True)
 
     @classmethod
     def from_config(cls, config) -> Access:
-        keys = read_keys(config.keys) if config.keys else []
+        keys = []
         if config.session_key:
             keys.append(Key("session", digest(config.session_key), ("admin",), (ALL,)))
         if config.token:
             keys.append(Key("token", digest(config.token), ("remove",), (ALL,)))
-        return cls(keys, config.anonymous)
+        return cls(keys, config.anonymous, config.keys)
+
+    def _refresh(self, first: bool = False) -> None:
+        """Re-read the keys file when it changed, so that rdm keys add / remove take effect at the next request. At
+        start a bad file stops the service; later, a file that cannot be read keeps the keys read before (logged)."""
+        if self.keys_file is None:
+            return
+        try:
+            st = self.keys_file.stat()
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            stamp = None
+        if stamp == self._stamp and not first:
+            return
+        with self._lock:
+            if stamp == self._stamp and not first:
+                return
+            try:
+                keys = read_keys(self.keys_file)
+            except RDMError as e:
+                if first:
+                    raise
+                log.warning("the keys file was not re-read; the keys read before stay: %s", e)
+            else:
+                self.by_digest = {k.sha256: k for k in self.fixed + keys}
+            self._stamp = stamp
 
     def key_for(self, token: str) -> Key | None:
+        self._refresh()
         found = self.by_digest.get(digest(token))
         # the dictionary lookup is by a digest of the token: a timing difference says nothing about the token;
         # compared again in constant time for form's sake

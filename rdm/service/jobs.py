@@ -152,12 +152,26 @@ class JobQueue:
                 del self.jobs[job_id]
 
     def position(self, job: Job) -> int:
-        """Rows waiting ahead of the job's first waiting row (0 when it is running or done)."""
+        """Rows to be served before the job's first waiting row, in the order the worker takes them (the owners in
+        turn, one row each per round; arrival order with fair_queue off); 0 when it is running or done."""
         with self.cond:
-            for i, row in enumerate(self.waiting):
+            for i, row in enumerate(self._service_order()):
                 if row.job is job:
                     return i
             return 0
+
+    def _service_order(self) -> list[Row]:
+        """The waiting rows in the order the worker will take them, batching aside (lock held)."""
+        if not self.config.fair_queue:
+            return list(self.waiting)
+        by_owner: dict[str, list[Row]] = {}
+        for row in self.waiting:
+            by_owner.setdefault(row.job.owner, []).append(row)
+        queues = [by_owner[o] for o in sorted(by_owner, key=lambda o: self.served.get(o, -1))]
+        order: list[Row] = []
+        for depth in range(max((len(q) for q in queues), default=0)):
+            order += [q[depth] for q in queues if depth < len(q)]
+        return order
 
     def wait_change(self, job: Job, version: int, timeout: float) -> None:
         with self.cond:

@@ -191,6 +191,7 @@ def test_one_key_cannot_take_every_slot_and_keys_are_served_in_turn(tmp_path, ti
         mine = {"Authorization": f"Bearer {polite}"}
         status, job = jcall(f"{base}/api/generate", "POST", {"prompt": "a short one", "steps": 2}, headers=mine)
         assert status == 202  # another key still gets in
+        assert job["position"] == 0 if fair else job["position"] >= 4  # next in turn / behind the flood's rows
         done = wait_job(base, job, headers=mine)
         views = [wait_job(base, j, headers=flooder) for j in (first, second)]
         if fair:  # served at the next turn: before the flood's first job, 4 rows long, is through
@@ -199,3 +200,23 @@ def test_one_key_cannot_take_every_slot_and_keys_are_served_in_turn(tmp_path, ti
             assert done["finished"] > views[1]["finished"]
     finally:
         running.stop()
+
+
+def test_a_key_added_or_removed_counts_from_the_next_request(tmp_path, tiny_clip):
+    world = build_world(tmp_path, tiny_clip)
+    keys_file = tmp_path / "keys.json"
+    first = add_key(keys_file, "first", ("search",), ("*",))
+    running = serve_world(world, keys=str(keys_file), anonymous=())
+    try:
+        base = running.url
+        assert jcall(f"{base}/api/databases", headers={"Authorization": f"Bearer {first}"})[0] == 200
+        later = CliRunner().invoke(main, ["keys", "add", "later", "--keys", str(keys_file), "--scope", "search"])
+        assert jcall(f"{base}/api/databases", headers={"Authorization": f"Bearer {later.stdout.strip()}"})[0] == 200
+        assert CliRunner().invoke(main, ["keys", "remove", "first", "--keys", str(keys_file)]).exit_code == 0
+        status, err = jcall(f"{base}/api/databases", headers={"Authorization": f"Bearer {first}"})
+        assert status == 401 and "revoked" in err["error"]
+        keys_file.write_text("{ not json")  # a broken file: the keys read before stay
+        assert jcall(f"{base}/api/databases", headers={"Authorization": f"Bearer {later.stdout.strip()}"})[0] == 200
+    finally:
+        running.stop()
+
