@@ -93,7 +93,7 @@ def test_adapters_switch_per_request_without_reloading_the_base(served):
 def test_bad_adapter_choices_are_4xx(served):
     base = served[0].url
     cases = [([{"name": "nope"}], 404, "no adapter 'nope'"),
-             ([{"name": "ink", "weight": 10}], 422, "weight of adapter ink"),
+             ([{"name": "ink", "weight": 10}], 422, "adapters.0.weight: Input should be less than or equal to 4"),
              ([{"name": "ink"}, {"name": "ink", "weight": 0.5}], 422, "listed twice"),
              ([{"name": "ink", "scale": 1}], 422, ""),
              ("ink", 422, "")]

@@ -104,7 +104,7 @@ def test_bad_uploads_and_masks_get_4xx_and_the_service_keeps_serving(server):
     status, up = upload(base, encoded(photo()))
     empty = upload(base, encoded(Image.new("RGB", (16, 16), 0)), "empty.png")[1]["upload"]
     cases = [
-        ({"init_image": {"upload": up["upload"]}, "strength": 1.5}, 422, "strength must be in"),
+        ({"init_image": {"upload": up["upload"]}, "strength": 1.5}, 422, "strength: Input should be less than or equal to 1"),
         ({"init_image": {"upload": up["upload"]}, "mask": {"upload": empty}}, 422, "the mask is empty"),
         ({"init_image": {"upload": "u-nothing"}}, 404, "no upload"),
         ({"init_image": {"upload": up["upload"]}, "mask": {"upload": "u-nothing"}}, 404, "mask: no upload"),
