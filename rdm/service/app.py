@@ -61,7 +61,6 @@ from .validation import (
     check_embedding,
     check_float,
     check_id,
-    check_weight,
     check_int,
     check_text,
     check_where,
@@ -498,20 +497,12 @@ def create_app(engine: Engine, config: ServeConfig) -> FastAPI:
             check_int("steps", body.steps, 1, config.max_steps)
         if body.guidance is not None:
             check_float("guidance", body.guidance, -config.max_guidance, config.max_guidance)
-        if body.eta is not None:
-            check_float("eta", body.eta, 0.0, 1.0)
-        if body.guidance_rescale is not None:
-            check_float("guidance_rescale", body.guidance_rescale, 0.0, 1.0)
         k = engine.pipe.rdm_config.k if body.k is None else check_int("k", body.k, 0, config.max_k)
-        for choice in getattr(body, "databases", []) or [c for row in getattr(body, "rows", []) for c in row]:
-            check_weight(choice)
         return n, k
 
     def neighbour_control(body) -> NeighbourControl:
         """The request's control over the neighbours; 422 for values out of range or unknown databases."""
         negatives = body.negative_databases or []
-        for choice in negatives:
-            check_weight(choice)
         if body.negative_prompt is not None:
             check_text("negative_prompt", body.negative_prompt, config)
         try:

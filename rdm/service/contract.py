@@ -13,7 +13,6 @@ that an image's bytes decode (400); that a filter matches something (404); model
 
 from __future__ import annotations
 
-import copy
 
 from fastapi.openapi.utils import get_openapi
 
@@ -103,7 +102,6 @@ def openapi_schema(app, config, dim: int, schedulers: list[str], adapters: list[
     """The service's OpenAPI document, tightened as this module's docstring says."""
     schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes,
                          description=__doc__.split("\n\n")[0])
-    schema = copy.deepcopy(schema)
     comps = schema["components"]["schemas"]
 
     ref = comps["ItemRef"]

@@ -78,7 +78,8 @@ def budgeted(source, config: ServeConfig, budget: DecodeBudget | None = None, wh
         with lease:
             yield header
     finally:
-        release_freed_memory()
+        if header.cost >= TRIM_AFTER_BYTES:  # a thumbnail's few MB are not worth a walk over the heap
+            release_freed_memory()
 
 
 def _malloc_trim():
@@ -89,6 +90,7 @@ def _malloc_trim():
 
 
 _TRIM = _malloc_trim()
+TRIM_AFTER_BYTES = 64 * 1024 * 1024  # decodes at least this costly hand their freed memory back when they end
 
 
 def release_freed_memory() -> None:

@@ -160,18 +160,19 @@ class JobQueue:
                     return i
             return 0
 
-    def _service_order(self) -> list[Row]:
-        """The waiting rows in the order the worker will take them, batching aside (lock held)."""
-        if not self.config.fair_queue:
-            return list(self.waiting)
+    def _turn_queues(self) -> list[list[Row]]:
+        """The waiting rows by owner, each in arrival order, the owner served longest ago first (one queue with
+        fair_queue off; lock held)."""
         by_owner: dict[str, list[Row]] = {}
         for row in self.waiting:
-            by_owner.setdefault(row.job.owner, []).append(row)
-        queues = [by_owner[o] for o in sorted(by_owner, key=lambda o: self.served.get(o, -1))]
-        order: list[Row] = []
-        for depth in range(max((len(q) for q in queues), default=0)):
-            order += [q[depth] for q in queues if depth < len(q)]
-        return order
+            by_owner.setdefault(row.job.owner if self.config.fair_queue else "", []).append(row)
+        return [by_owner[o] for o in sorted(by_owner, key=lambda o: self.served.get(o, -1))]  # stable among equals
+
+    def _service_order(self) -> list[Row]:
+        """The waiting rows in the order the worker will take them, one per owner per round, batching aside (lock
+        held)."""
+        queues = self._turn_queues()
+        return [q[d] for d in range(max(map(len, queues), default=0)) for q in queues if d < len(q)]
 
     def wait_change(self, job: Job, version: int, timeout: float) -> None:
         with self.cond:
@@ -242,12 +243,9 @@ class JobQueue:
         self._abandon_stale()
         if not self.waiting:
             return []
-        by_owner: dict[str, list[Row]] = {}
-        for row in self.waiting:  # FIFO within each owner
-            by_owner.setdefault(row.job.owner if self.config.fair_queue else "", []).append(row)
-        owners = sorted(by_owner, key=lambda o: self.served.get(o, -1))  # stable: first come among equals
-        key = by_owner[owners[0]][0].settings
-        queues = [[r for r in by_owner[o] if r.settings == key] for o in owners]
+        queues = self._turn_queues()
+        key = queues[0][0].settings
+        queues = [[r for r in q if r.settings == key] for q in queues]
         batch: list[Row] = []
         while len(batch) < self.config.max_batch and any(queues):
             for q in queues:  # one row per owner per round
@@ -255,7 +253,8 @@ class JobQueue:
                     batch.append(q.pop(0))
         self.turn += 1
         if len(self.served) > 4096:  # anonymous addresses come and go: keep the owners still waiting
-            self.served = {o: t for o, t in self.served.items() if o in by_owner}
+            waiting = {r.job.owner for r in self.waiting}
+            self.served = {o: t for o, t in self.served.items() if o in waiting}
         for row in batch:
             self.served[row.job.owner] = self.turn
         taken = {id(r) for r in batch}

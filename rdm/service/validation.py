@@ -305,13 +305,6 @@ def check_float(name: str, value: float, low: float, high: float) -> float:
     return float(value)
 
 
-def check_weight(choice: DatabaseChoice) -> float:
-    if not math.isfinite(choice.weight) or not 0 < choice.weight <= MAX_WEIGHT:
-        raise BadRequest(422, f"weight of {choice.name} must be a number above 0 and at most {MAX_WEIGHT:g} (leave a "
-                              f"database out rather than weigh it 0), got {choice.weight!r}")
-    return choice.weight
-
-
 def check_text(name: str, text: str, config: ServeConfig) -> str:
     if not text.strip():
         raise BadRequest(422, f"empty {name}: give some text")

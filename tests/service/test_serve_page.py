@@ -11,7 +11,7 @@ from rdm.demo.run import DEMO_CLIP, DEMO_MODEL, DEMO_START
 from rdm.models.format import model_fingerprint
 from rdm.service.config import ServeConfig
 from rdm.service.server import start
-from tests.helpers.browser import ARGS, CHROMIUM
+from tests.helpers.browser import chromium_browser
 from tests.helpers.world import REPO, make_adapter
 
 SCREENSHOT = REPO / "docs" / "serve-page.png"
@@ -35,13 +35,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.fail("chromium is not installed (.ci/run installs Debian's chromium package)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
+    yield from chromium_browser()
 
 
 def open_page(server, browser):
