@@ -4,6 +4,10 @@
   clean toy art of that style (items the demo CLIP and the databases never saw); a sample's style is
   its nearest centroid by cosine. Nothing about the samples (their tint, blur or noise) is learned,
   so a seed-tinted background moves a sample towards whichever style has that background.
+* `figure_fit`: the figure of an image with a plain ground (the pixels far from the border's colour), the
+  toy-art shape whose filled polygon overlaps it best (IoU, fitted at the figure's centroid and area over
+  the toy art's turns), and the mean colours of figure and ground: what a person checks of a sample of a
+  filled style (flat, cutout), e.g. that a cutout adapter's "a blue heart" is a cream heart on blue.
 * `border_rgb`: the mean RGB of an image's outer frame (4 pixels at 64 px). Toy art has a plain
   border (white, grey or black by style), so its distance to the database's border colour is where
   a leaky noise schedule shows: `border_error` is the mean absolute difference over R, G and B, in
@@ -12,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Mapping, Sequence
 
@@ -19,7 +24,16 @@ import numpy as np
 from PIL import Image
 
 from ..errors import RDMError
-from .toyart import STYLES, ToyArtSpec, sample_item
+from .toyart import (
+    COLOURS,
+    MAX_ROTATION,
+    SHAPES,
+    STYLES,
+    ToyArtSpec,
+    _fill_mask,
+    sample_item,
+    shape_points,
+)
 
 FRAME = 1 / 16  # border width as a fraction of the side: 4 px at 64 px
 CENTROID_START = 30_000_000  # toy-art index of the centroids' first item: beyond training (0..) and demo (20M..)
@@ -52,6 +66,57 @@ def border_error(images: Sequence, reference: np.ndarray) -> np.ndarray:
 def style_borders(images_by_style: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
     """{style: (3,) mean border colour} of reference images (a database's own toy art)."""
     return {style: np.mean([border_rgb(im) for im in images], 0) for style, images in images_by_style.items()}
+
+
+def _figure_mask(a: np.ndarray, ground: np.ndarray) -> np.ndarray:
+    """Pixels whose colour is over half as far from the ground as the farthest 2% of them (the figure; soft
+    shadows and anti-aliased edges, nearer the ground, stay out)."""
+    dist = np.abs(a - ground).sum(-1)
+    far = np.quantile(dist, 0.98)
+    return dist > max(0.5 * far, 0.15)
+
+
+def _shape_iou(mask: np.ndarray, shape: str, cx: float, cy: float, area: float) -> float:
+    """Best IoU of `shape`, filled, with the same area and centroid as `mask`, over the toy art's turns."""
+    side = mask.shape[0]
+    unit = _fill_mask(shape_points(shape, side / 2, side / 2, side / 4, 0.0), side) > 0.5
+    radius = side / 4 * math.sqrt(area / max(unit.sum(), 1))
+    best = 0.0
+    for rotation in np.linspace(-MAX_ROTATION, MAX_ROTATION, 9):
+        drawn = _fill_mask(shape_points(shape, cx, cy, radius, rotation), side) > 0.5
+        if drawn.any():  # move it so that its centroid is the figure's (a heart's is not its box's centre)
+            ys, xs = np.nonzero(drawn)
+            drawn = _fill_mask(shape_points(shape, 2 * cx - xs.mean() - 0.5, 2 * cy - ys.mean() - 0.5, radius,
+                                            rotation), side) > 0.5
+        union = (drawn | mask).sum()
+        best = max(best, float((drawn & mask).sum() / union) if union else 0.0)
+    return best
+
+
+def figure_fit(image, shapes: Sequence[str] = SHAPES) -> dict:
+    """{"shape", "iou", "ious", "figure_rgb", "ground_rgb", "figure_share"} of one image with a plain ground."""
+    a = _array(image)
+    if a.ndim != 3 or a.shape[2] != 3 or a.shape[0] != a.shape[1]:
+        raise RDMError(f"figure_fit takes a square RGB image, got an array of shape {a.shape}")
+    ground = border_rgb(a)
+    mask = _figure_mask(a, ground)
+    share = float(mask.mean())
+    if not mask.any():
+        return {"shape": None, "iou": 0.0, "ious": {}, "figure_rgb": None, "ground_rgb": ground.tolist(),
+                "figure_share": 0.0}
+    ys, xs = np.nonzero(mask)
+    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+    ious = {s: round(_shape_iou(mask, s, cx, cy, mask.sum()), 4) for s in shapes}
+    shape = max(ious, key=ious.get)
+    return {"shape": shape, "iou": ious[shape], "ious": ious, "figure_rgb": a[mask].mean(0).tolist(),
+            "ground_rgb": ground.tolist(), "figure_share": share}
+
+
+def nearest_colour(rgb, scale: float = 1.0) -> str:
+    """The toy-art colour name nearest to `rgb` in [0, 1] (each colour times `scale`: cutout grounds are 0.85x)."""
+    names = list(COLOURS)
+    table = np.array([COLOURS[n] for n in names], np.float32) / 255.0 * scale
+    return names[int(np.abs(table - np.asarray(rgb, np.float32)).sum(1).argmin())]
 
 
 def render_clean(style: str, n: int, start: int = CENTROID_START, spec: ToyArtSpec = ToyArtSpec()) -> list:

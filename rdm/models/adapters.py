@@ -31,7 +31,8 @@ from ..errors import RDMError
 
 ADAPTERS_ENV = "RDM_ADAPTERS"  # where adapters live (default $RDM_HOME/adapters)
 WEIGHTS_FILE, META_FILE = "adapter_model.safetensors", "rdm_adapter.json"
-FORMAT, FORMAT_VERSION = "rdm-adapter", 1
+FORMAT, FORMAT_VERSION = "rdm-adapter", 2  # 2: "all" is every linear and conv layer (1: see TARGETS_V1)
+READS_VERSIONS = (1, 2)
 MAX_BYTES = 512 * 2**20  # an adapter larger than this is refused before it is read
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -39,8 +40,22 @@ _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 TARGETS = {
     "cross-attention": tuple(f"attn2.{m}" for m in _ATTENTION),  # the layers that read the neighbours
     "attention": _ATTENTION,  # self- and cross-attention
-    "all": _ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "time_emb_proj"),
+    # every linear and conv layer of the U-Net: attention, transformer projections and feed-forwards, the ResNets'
+    # convolutions, shortcuts and time projections, the down/upsamplers, the time embedding, conv_in and conv_out
+    "all": _ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut",
+                         "time_emb_proj", "conv", "conv_in", "conv_out", "linear_1", "linear_2"),
 }
+# Version-1 records (rdm before format 2): "all" left out conv_in/conv_out, the shortcuts, the down/upsamplers and the
+# time embedding; such adapters still load, with the layers they were made with.
+TARGETS_V1 = {**TARGETS, "all": _ATTENTION + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+                                              "time_emb_proj")}
+
+
+def target_modules(targets: str, format_version: int = FORMAT_VERSION) -> tuple[str, ...]:
+    """The layer-name suffixes a TARGETS name covers in adapters of this record version."""
+    if targets not in TARGETS:
+        raise RDMError(f"--targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    return (TARGETS_V1 if format_version == 1 else TARGETS)[targets]
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,7 @@ class AdapterInfo:
     seed: int
     sha256: str  # of adapter_model.safetensors
     bytes: int
+    format_version: int = FORMAT_VERSION  # of its record: which layers its targets name covers
 
     def record(self, weight: float) -> dict:
         """What provenance keeps of an adapter in use (no server path)."""
@@ -93,17 +109,16 @@ def check_name(name: str) -> str:
     return name
 
 
-def lora_config(rank: int, alpha: float, targets: str):
+def lora_config(rank: int, alpha: float, targets: str, format_version: int = FORMAT_VERSION):
     """peft's LoraConfig for a rank, alpha and TARGETS name (Gaussian A, zero B: a new adapter changes nothing)."""
     from peft import LoraConfig
 
-    if targets not in TARGETS:
-        raise RDMError(f"--targets must be one of {', '.join(TARGETS)}, got {targets!r}")
+    modules = target_modules(targets, format_version)
     if not isinstance(rank, int) or not 1 <= rank <= 1024:
         raise RDMError(f"the adapter rank must be an integer in 1..1024, got {rank!r}")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise RDMError(f"the adapter's alpha must be a positive number, got {alpha!r}")
-    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(TARGETS[targets]), init_lora_weights="gaussian")
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(modules), init_lora_weights="gaussian")
 
 
 def attach(unet, rank: int, alpha: float, targets: str, adapter_name: str = "default") -> list:
@@ -201,20 +216,21 @@ def read_adapter(spec: str | Path) -> AdapterInfo:
         raise RDMError(f"{meta_file} is not valid JSON: {e}") from e
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise RDMError(f"{meta_file} is not an rdm adapter record (format {FORMAT!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise RDMError(f"{meta_file} has format_version {meta.get('format_version')!r}; this rdm reads "
-                       f"{FORMAT_VERSION}")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or version not in READS_VERSIONS:
+        raise RDMError(f"{meta_file} has format_version {version!r}; this rdm reads "
+                       f"{', '.join(map(str, READS_VERSIONS))}")
     types = {"rank": int, "alpha": (int, float), "targets": str, "base_fingerprint": str, "base_model": str,
              "database": str, "database_fingerprint": str, "steps": int, "seed": int, "sha256": str, "bytes": int}
     bad = [k for k, t in types.items() if not isinstance(meta.get(k), t) or isinstance(meta.get(k), bool)]
     if bad:
         raise RDMError(f"{meta_file}: missing or malformed field(s) {', '.join(bad)}")
-    lora_config(meta["rank"], meta["alpha"], meta["targets"])  # checks rank, alpha, targets
+    lora_config(meta["rank"], meta["alpha"], meta["targets"], version)  # checks rank, alpha, targets
     size = weights.stat().st_size
     if size > MAX_BYTES or size != meta["bytes"]:
         raise RDMError(f"{weights} is {size} bytes; its record says {meta['bytes']} (and adapters are at most "
                        f"{MAX_BYTES >> 20} MB)")
-    return AdapterInfo(name=folder.name, path=folder, **{k: meta[k] for k in types})
+    return AdapterInfo(name=folder.name, path=folder, format_version=version, **{k: meta[k] for k in types})
 
 
 def list_adapters(home: str | Path | None = None) -> list[AdapterInfo | dict]:
@@ -303,7 +319,8 @@ class AdapterSet:
 
         with warnings.catch_warnings():  # peft warns on every adapter after the first: several are the point here
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            self.unet.add_adapter(lora_config(info.rank, float(info.alpha), info.targets), adapter_name=key)
+            self.unet.add_adapter(lora_config(info.rank, float(info.alpha), info.targets, info.format_version),
+                                  adapter_name=key)
         try:
             set_peft_model_state_dict(self.unet, {k: v.to(self._dtype()) for k, v in state.items()},
                                       adapter_name=key)
@@ -327,7 +344,7 @@ class AdapterSet:
         for name, module in self.unet.named_modules():
             if ".lora_" in name or ".base_layer" in name or name.endswith("base_layer"):
                 continue
-            if not any(name == t or name.endswith("." + t) for t in TARGETS[info.targets]):
+            if not any(name == t or name.endswith("." + t) for t in target_modules(info.targets, info.format_version)):
                 continue
             base = getattr(module, "base_layer", module)
             if isinstance(base, nn.Linear):

@@ -362,3 +362,28 @@ def test_nearest_centroid_judge_places_clean_toy_art_and_is_fooled_by_tints(demo
     dark = run_style_swap(tinted(toy_sampler(obey), rgb=(0.05, 0.05, 0.1), weight=0.8), DATABASES, OracleJudge(),
                           SMALL, centroids=demo_centroids)
     assert dark["summary"]["centroid_accuracy"] < obeying["summary"]["centroid_accuracy"]
+
+
+def test_figure_fit_reads_shape_and_colours_of_filled_toy_art():
+    """The pixel judge scripts/eval_adapter.py uses: on unseen cutout and flat items it names the drawn shape and
+    colour; a figureless image has no shape; a blob fits no shape well."""
+    from rdm.demo.blind import figure_fit, nearest_colour
+    from rdm.demo.toyart import sample_item
+
+    for style in ("cutout", "flat"):
+        spec = ToyArtSpec(styles=(style,))
+        for i in range(24):
+            image, label = sample_item(spec, 51_000_000 + i)
+            fit = figure_fit(image)
+            assert fit["shape"] == label["shape"] and fit["iou"] > 0.8, (style, i, fit["ious"])
+            colour = nearest_colour(fit["ground_rgb"], 0.85) if style == "cutout" else \
+                nearest_colour(fit["figure_rgb"])
+            assert colour == label["colour"]
+    assert figure_fit(np.full((64, 64, 3), 0.5, np.float32))["shape"] is None
+    blob = np.full((64, 64, 3), 0.9, np.float32)
+    yy, xx = np.mgrid[:64, :64]
+    rng = np.random.default_rng(0)
+    blob[(xx - 32) ** 2 + (yy - 32) ** 2 + rng.normal(0, 90, (64, 64)) < 14 ** 2] = (0.2, 0.3, 0.8)
+    assert figure_fit(blob)["iou"] < 0.8  # ragged: below every real item's fit
+    with pytest.raises(RDMError, match="square RGB"):
+        figure_fit(np.zeros((64, 32, 3), np.float32))

@@ -69,18 +69,26 @@ def tiny_collection(root: Path, tiny_clip: str, n: int, seed: int, name: str) ->
     return home, make_tiny_rdm(root / "model", api.load_embedder(tiny_clip).identity.to_dict(), k=3)
 
 
-def make_adapter(out: Path, model: Path, seed: int, base_fingerprint: str, rank: int = 2) -> Path:
-    """A LoRA adapter with random (non-zero) weights on `model`'s U-Net, saved as rdm train saves one."""
+def make_adapter(out: Path, model: Path, seed: int, base_fingerprint: str, rank: int = 2,
+                 targets: str = "cross-attention", layers: tuple[str, ...] | None = None) -> Path:
+    """A LoRA adapter with random (non-zero) weights on `model`'s U-Net, saved as rdm train saves one (`layers`:
+    peft's target_modules instead of those `targets` names)."""
     import torch
     from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
 
     from rdm.models.adapters import attach, save_adapter
 
     unet = UNet2DConditionModel.from_pretrained(Path(model) / "unet")
     torch.manual_seed(seed)
-    for p in attach(unet, rank, float(rank), "cross-attention"):
+    if layers is not None:
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=float(rank), target_modules=list(layers)))
+        params = [p for n, p in unet.named_parameters() if ".lora_" in n]
+    else:
+        params = attach(unet, rank, float(rank), targets)
+    for p in params:
         p.data.normal_(0, 0.2)
-    meta = {"rank": rank, "alpha": float(rank), "targets": "cross-attention", "base_fingerprint": base_fingerprint,
+    meta = {"rank": rank, "alpha": float(rank), "targets": targets, "base_fingerprint": base_fingerprint,
             "base_model": Path(model).name, "database": "test", "database_fingerprint": "0" * 16, "steps": 1,
             "seed": seed}
     return save_adapter(out, unet, meta).path

@@ -65,6 +65,31 @@ def test_refusals(tmp_path, pipe):
     pipe.set_adapters([])
 
 
+def test_all_targets_by_record_version(tmp_path, pipe):
+    """Format 2's "all" is every linear and conv layer; a version-1 record's "all" (without conv_in/conv_out, the
+    shortcuts, samplers and time embedding) still loads with the layers it was made with."""
+    from safetensors.torch import load_file
+
+    from rdm.models.adapters import TARGETS_V1
+
+    new = conftest.make_adapter(tmp_path / "new", DEMO, 5, pipe.fingerprint, targets="all")
+    names = set(load_file(new / "adapter_model.safetensors"))
+    assert {"conv_in.lora_A.weight", "conv_out.lora_B.weight", "time_embedding.linear_1.lora_A.weight"} <= names
+    old = conftest.make_adapter(tmp_path / "old", DEMO, 6, pipe.fingerprint, targets="all",
+                                layers=TARGETS_V1["all"])
+    meta = json.loads((old / "rdm_adapter.json").read_text())
+    with pytest.raises(RDMError, match="does not fit"):  # as a version-2 "all" it misses layers
+        pipe.set_adapters([(old, 1.0)])
+    (old / "rdm_adapter.json").write_text(json.dumps({**meta, "format_version": 1}))
+    base, _ = sample(pipe, [])
+    with_old, record = sample(pipe, [(old, 1.0)])
+    assert record["adapters"][0]["name"] == "old" and not np.array_equal(with_old, base)
+    (old / "rdm_adapter.json").write_text(json.dumps({**meta, "format_version": 3}))
+    with pytest.raises(RDMError, match="format_version 3"):
+        pipe.set_adapters([(old, 1.0)])
+    pipe.set_adapters([])
+
+
 def test_the_shipped_cutout_adapter_fits_the_demo_model(tmp_path, pipe, monkeypatch):
     """rdm ships the demo's adapter: found by name when $RDM_ADAPTERS has none of that name, listed, loadable."""
     monkeypatch.setenv("RDM_ADAPTERS", str(tmp_path / "empty"))
