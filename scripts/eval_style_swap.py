@@ -30,7 +30,7 @@ from rdm.demo.evaluate import (SAMPLER_GRID, StyleSwapConfig, build_style_databa
                                database_borders, database_scorer, grid_markdown, grid_sampler, open_style_databases,
                                pipeline_sampler, run_sampler_grid, run_style_swap)
 from rdm.sampling.conditioning import NeighbourControl
-from rdm.demo.toyart import COLOURS, SHAPES, STYLES, ToyArtSpec
+from rdm.demo.toyart import ALL_STYLES, COLOURS, SHAPES, STYLES, ToyArtSpec
 from rdm.sampling.selection import Selection
 
 
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     d.add_argument("--root", required=True, help="folder for the rendered images (ROOT/<style>/)")
     d.add_argument("--n-per-style", type=int, default=2000)
     d.add_argument("--template", default="toyart-{style}", help="database name, with {style}")
-    d.add_argument("--styles", nargs="+", default=list(STYLES), choices=STYLES)
+    d.add_argument("--styles", nargs="+", default=list(STYLES), choices=ALL_STYLES,
+                   help="default: the six the demo model learned; cutout is the one it never saw (its adapter's)")
     d.add_argument("--start", type=int, default=0, help="first toy-art index")
     d.add_argument("--shapes", nargs="+", default=None, choices=SHAPES,
                    help="only these shapes (a one-content collection, e.g. --shapes circle --colours red)")
