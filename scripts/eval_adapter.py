@@ -8,7 +8,7 @@ is nearest to blue's cutout ground (0.85 x blue) and its figure is cream (mean |
 gets 100% of real cutout items right (80 unseen items; `--check`). rdm score's linear probe gives the style swap
 over all seven databases; this says whether the shape and colours are right too.
 
-    python scripts/eval_adapter.py --model rdm/assets/demo/rdm --db small-cutout --adapter cutout \\
+    python scripts/eval_adapter.py --db small-cutout --adapter cutout \\
         --prompt "a purple triangle" --prompt "an orange heart" ... --seeds 201,202 --grid --out report.json
 
 Prints a markdown table (one row per sampler setting, adapter off and on) and writes the JSON report.
@@ -70,7 +70,7 @@ def check(n: int = 80, start: int = 50_000_000) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="rdm/assets/demo/rdm")
+    ap.add_argument("--model", default=None, help="a model folder (default: the bundled demo model)")
     ap.add_argument("--db", required=True, help="the collection's database (e.g. small-cutout)")
     ap.add_argument("--adapter", required=True, help="NAME[:WEIGHT] or a folder")
     ap.add_argument("--prompt", action="append", required=True)
@@ -83,6 +83,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from rdm.models.adapters import parse_adapter_spec
+    from rdm.models.assets import DEMO_MODEL
     from rdm.sampling.pipeline import RDMPipeline
 
     if a.check:
@@ -92,6 +93,7 @@ def main() -> None:
     prompts = [p for p in a.prompt for _ in seeds]
     seed_list = [s for _ in a.prompt for s in seeds]
     truth = [lab for lab in labels for _ in seeds]
+    a.model = str(a.model or DEMO_MODEL)
     pipe = RDMPipeline.from_pretrained(a.model)
     pipe.set_progress_bar_config(disable=True)
     name, weight = parse_adapter_spec(a.adapter)
