@@ -25,12 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from rdm.demo.blind import figure_fit, nearest_colour
-from rdm.demo.toyart import COLOURS, SHAPES, ToyArtSpec, sample_item
+from rdm.demo.toyart import COLOURS, CUTOUT_GROUND, CUTOUT_PAPER, SHAPES, ToyArtSpec, sample_item
 from rdm.sampling.score import SAMPLER_GRID
 
-CREAM = np.array([0.98, 0.96, 0.90], np.float32)  # the cutout paper (rdm.demo.toyart.paint_cutout)
+CREAM = np.array(CUTOUT_PAPER, np.float32)
 CREAM_TOLERANCE = 0.12  # mean absolute RGB difference from CREAM of a cream figure
-GROUND_SCALE = 0.85  # a cutout's ground is the colour times this
 
 
 def parse_prompt(prompt: str) -> tuple[str, str]:
@@ -47,7 +46,7 @@ def judge(image, shape: str, colour: str) -> dict:
     fit = figure_fit(image)
     cream = fit["figure_rgb"] is not None and float(np.abs(np.asarray(fit["figure_rgb"]) - CREAM).mean()) \
         < CREAM_TOLERANCE
-    ground = nearest_colour(fit["ground_rgb"], GROUND_SCALE)
+    ground = nearest_colour(fit["ground_rgb"], CUTOUT_GROUND)
     row = {"shape": fit["shape"], "iou": fit["iou"], "ground": ground, "cream": bool(cream),
            "shape_ok": fit["shape"] == shape, "ground_ok": ground == colour}
     row["cutout"] = row["shape_ok"] and row["ground_ok"] and row["cream"]
@@ -86,8 +85,9 @@ def main() -> None:
     from rdm.models.assets import DEMO_MODEL
     from rdm.sampling.pipeline import RDMPipeline
 
-    if a.check:
-        print(f"judge on 80 real cutout items: {json.dumps(check())}", flush=True)
+    judge_check = check() if a.check else None
+    if judge_check:
+        print(f"judge on 80 real cutout items: {json.dumps(judge_check)}", flush=True)
     seeds = [int(s) for s in a.seeds.split(",")]
     labels = [parse_prompt(p) for p in a.prompt]
     prompts = [p for p in a.prompt for _ in seeds]
@@ -99,7 +99,7 @@ def main() -> None:
     name, weight = parse_adapter_spec(a.adapter)
     cells = SAMPLER_GRID if a.grid else SAMPLER_GRID[:1]
     report, sheet_rows = {"model": a.model, "db": a.db, "adapter": name, "weight": weight, "prompts": a.prompt,
-                          "seeds": seeds, "judge_check": check() if a.check else None, "cells": []}, []
+                          "seeds": seeds, "judge_check": judge_check, "cells": []}, []
     print(f"| setting | adapter off: cutout | shape | ground | cream | {name}: cutout | shape | ground | cream |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for cell in cells:
@@ -112,7 +112,9 @@ def main() -> None:
                           output_type="pil").images
             judged = [judge(im, s, c) for im, (s, c) in zip(images, truth)]
             row[state] = {**summary(judged), "seconds": round(time.perf_counter() - t, 1), "samples": judged}
-            sheet_rows.append((f"{cell['label']}, adapter {state}", images))
+            sheet_rows.append((f"{cell['label']}\nadapter {state}",
+                               [(im, f"{j['shape']}, {j['ground']}\n{'cutout' if j['cutout'] else ''}")
+                                for im, j in zip(images, judged)]))
         report["cells"].append(row)
         off, on = row["off"], row["on"]
         print(f"| {cell['label']} | " + " | ".join(f"{100 * off[k]:.0f}%" for k in ("cutout", "shape_ok", "ground_ok",
@@ -123,17 +125,10 @@ def main() -> None:
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
     if a.sheet:
-        from PIL import Image, ImageDraw
+        from rdm.images.sheets import grid
 
-        size, label_w = 64, 230
-        cols = max(len(images) for _, images in sheet_rows)
-        sheet = Image.new("RGB", (label_w + cols * (size + 2), len(sheet_rows) * (size + 2)), "white")
-        draw = ImageDraw.Draw(sheet)
-        for r, (label, images) in enumerate(sheet_rows):
-            draw.text((4, r * (size + 2) + size // 2 - 6), label, fill="black")
-            for c, im in enumerate(images):
-                sheet.paste(im.resize((size, size)), (label_w + c * (size + 2), r * (size + 2)))
-        sheet.save(a.sheet)
+        grid([tiles for _, tiles in sheet_rows], row_labels=[label for label, _ in sheet_rows],
+             title=f"{a.db}: the judged shape and ground of each sample", size=96).save(a.sheet)
 
 
 if __name__ == "__main__":

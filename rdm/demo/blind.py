@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import lru_cache
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ from .toyart import (
     SHAPES,
     STYLES,
     ToyArtSpec,
-    _fill_mask,
+    fill_mask,
     sample_item,
     shape_points,
 )
@@ -76,18 +77,23 @@ def _figure_mask(a: np.ndarray, ground: np.ndarray) -> np.ndarray:
     return dist > max(0.5 * far, 0.15)
 
 
+@lru_cache(maxsize=64)
+def _quarter_side_area(shape: str, side: int) -> int:
+    """Pixels of `shape` filled at radius side / 4 (what the fitted radius scales from)."""
+    return max(int((fill_mask(shape_points(shape, side / 2, side / 2, side / 4, 0.0), side) > 0.5).sum()), 1)
+
+
 def _shape_iou(mask: np.ndarray, shape: str, cx: float, cy: float, area: float) -> float:
     """Best IoU of `shape`, filled, with the same area and centroid as `mask`, over the toy art's turns."""
     side = mask.shape[0]
-    unit = _fill_mask(shape_points(shape, side / 2, side / 2, side / 4, 0.0), side) > 0.5
-    radius = side / 4 * math.sqrt(area / max(unit.sum(), 1))
+    radius = side / 4 * math.sqrt(area / _quarter_side_area(shape, side))
     best = 0.0
     for rotation in np.linspace(-MAX_ROTATION, MAX_ROTATION, 9):
-        drawn = _fill_mask(shape_points(shape, cx, cy, radius, rotation), side) > 0.5
+        drawn = fill_mask(shape_points(shape, cx, cy, radius, rotation), side) > 0.5
         if drawn.any():  # move it so that its centroid is the figure's (a heart's is not its box's centre)
             ys, xs = np.nonzero(drawn)
-            drawn = _fill_mask(shape_points(shape, 2 * cx - xs.mean() - 0.5, 2 * cy - ys.mean() - 0.5, radius,
-                                            rotation), side) > 0.5
+            drawn = fill_mask(shape_points(shape, 2 * cx - xs.mean() - 0.5, 2 * cy - ys.mean() - 0.5, radius,
+                                           rotation), side) > 0.5
         union = (drawn | mask).sum()
         best = max(best, float((drawn & mask).sum() / union) if union else 0.0)
     return best
@@ -113,7 +119,8 @@ def figure_fit(image, shapes: Sequence[str] = SHAPES) -> dict:
 
 
 def nearest_colour(rgb, scale: float = 1.0) -> str:
-    """The toy-art colour name nearest to `rgb` in [0, 1] (each colour times `scale`: cutout grounds are 0.85x)."""
+    """The toy-art colour name nearest to `rgb` in [0, 1] (each colour times `scale`: a cutout's ground is the colour
+    times toyart.CUTOUT_GROUND)."""
     names = list(COLOURS)
     table = np.array([COLOURS[n] for n in names], np.float32) / 255.0 * scale
     return names[int(np.abs(table - np.asarray(rgb, np.float32)).sum(1).argmin())]

@@ -137,7 +137,7 @@ def shape_points(shape: str, cx: float, cy: float, radius: float, rotation: floa
     return [tuple(p) for p in points.tolist()]
 
 
-def _fill_mask(points: list, side: int) -> np.ndarray:
+def fill_mask(points: list, side: int) -> np.ndarray:
     """Coverage (side, side) in {0, 1} of the filled polygon."""
     mask = Image.new("L", (side, side), 0)
     ImageDraw.Draw(mask).polygon(points, fill=255)
@@ -198,7 +198,7 @@ def _plain(level: float) -> np.ndarray:
 
 def paint_flat(points: list, side: int, rgb: np.ndarray, rng: np.random.Generator) -> tuple:
     """Solid fill on a light background."""
-    return _plain(LIGHT_BG), [(rgb, _fill_mask(points, side))]
+    return _plain(LIGHT_BG), [(rgb, fill_mask(points, side))]
 
 
 def paint_outline(points: list, side: int, rgb: np.ndarray, rng: np.random.Generator) -> tuple:
@@ -209,7 +209,7 @@ def paint_outline(points: list, side: int, rgb: np.ndarray, rng: np.random.Gener
 def paint_mosaic(points: list, side: int, rgb: np.ndarray, rng: np.random.Generator) -> tuple:
     """Square tiles (MOSAIC_TILES per side) of grey or colour mixed by coverage, each lighter or darker."""
     n = MOSAIC_TILES
-    coverage = Image.fromarray(_fill_mask(points, side)).resize((n, n), Image.Resampling.BOX)
+    coverage = Image.fromarray(fill_mask(points, side)).resize((n, n), Image.Resampling.BOX)
     shade = rng.uniform(0.8, 1.0, size=(n, n, 1)).astype(np.float32)
     grey = rng.uniform(0.8, 0.92, size=(n, n, 1)).astype(np.float32)
     return _paint(grey, rgb * shade, np.asarray(coverage)), []
@@ -217,13 +217,13 @@ def paint_mosaic(points: list, side: int, rgb: np.ndarray, rng: np.random.Genera
 
 def paint_dotted(points: list, side: int, rgb: np.ndarray, rng: np.random.Generator) -> tuple:
     """A thin outline filled with polka dots on a light background."""
-    dots = _fill_mask(points, side) * _dots(side, side / 11.0, 0.3 * side / 11.0)
+    dots = fill_mask(points, side) * _dots(side, side / 11.0, 0.3 * side / 11.0)
     return _plain(LIGHT_BG), [(rgb, np.maximum(dots, _line_mask(points, side, 0.03 * side)))]
 
 
 def paint_striped(points: list, side: int, rgb: np.ndarray, rng: np.random.Generator) -> tuple:
     """Diagonal stripes over a pale tint of the colour, with a thin outline, on a light background."""
-    fill = _fill_mask(points, side)
+    fill = fill_mask(points, side)
     stripes = np.maximum(fill * _stripes(side, side / 8.0), _line_mask(points, side, 0.03 * side))
     return _plain(LIGHT_BG), [(0.2 * rgb + 0.8, fill), (rgb, stripes)]
 
@@ -236,16 +236,21 @@ def paint_neon(points: list, side: int, rgb: np.ndarray, rng: np.random.Generato
     return _plain(DARK_BG), [(rgb, glow), (0.5 * rgb + 0.5, line)]
 
 
+CUTOUT_PAPER = (0.98, 0.96, 0.90)  # cutout: the cream paper's RGB
+CUTOUT_GROUND = 0.85  # cutout: the ground is the colour times this
+
+
 def paint_cutout(points: list, side: int, rgb: np.ndarray, rng: np.random.Generator) -> tuple:
     """A paper cut-out: the shape in cream paper with a soft shadow, on a ground of the colour (inverted figure and
     ground: none of the six learned styles puts the colour behind the shape)."""
-    fill = _fill_mask(points, side)
+    fill = fill_mask(points, side)
     offset = int(round(0.035 * side))
     shadow = np.zeros_like(fill)
     shadow[offset:, offset:] = fill[:-offset, :-offset]
     soft = Image.fromarray(np.uint8(shadow * 255)).filter(ImageFilter.GaussianBlur(0.02 * side))
     shade = np.asarray(soft, dtype=np.float32) * (0.45 / 255.0)
-    return (0.85 * rgb)[None, None, :], [(np.zeros(3, np.float32), shade), (np.float32([0.98, 0.96, 0.90]), fill)]
+    return (CUTOUT_GROUND * rgb)[None, None, :], [(np.zeros(3, np.float32), shade),
+                                                  (np.float32(CUTOUT_PAPER), fill)]
 
 
 PAINTERS = {  # style -> painter(points, side, rgb, rng) -> (background, [(colour, coverage), ...])

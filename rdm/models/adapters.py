@@ -340,11 +340,11 @@ class AdapterSet:
         """The tensor names and shapes an adapter of this rank and these targets has on this U-Net."""
         import torch.nn as nn
 
-        shapes = {}
+        shapes, targets = {}, target_modules(info.targets, info.format_version)
         for name, module in self.unet.named_modules():
             if ".lora_" in name or ".base_layer" in name or name.endswith("base_layer"):
                 continue
-            if not any(name == t or name.endswith("." + t) for t in target_modules(info.targets, info.format_version)):
+            if not any(name == t or name.endswith("." + t) for t in targets):
                 continue
             base = getattr(module, "base_layer", module)
             if isinstance(base, nn.Linear):

@@ -368,7 +368,7 @@ def test_figure_fit_reads_shape_and_colours_of_filled_toy_art():
     """The pixel judge scripts/eval_adapter.py uses: on unseen cutout and flat items it names the drawn shape and
     colour; a figureless image has no shape; a blob fits no shape well."""
     from rdm.demo.blind import figure_fit, nearest_colour
-    from rdm.demo.toyart import sample_item
+    from rdm.demo.toyart import CUTOUT_GROUND, sample_item
 
     for style in ("cutout", "flat"):
         spec = ToyArtSpec(styles=(style,))
@@ -376,7 +376,7 @@ def test_figure_fit_reads_shape_and_colours_of_filled_toy_art():
             image, label = sample_item(spec, 51_000_000 + i)
             fit = figure_fit(image)
             assert fit["shape"] == label["shape"] and fit["iou"] > 0.8, (style, i, fit["ious"])
-            colour = nearest_colour(fit["ground_rgb"], 0.85) if style == "cutout" else \
+            colour = nearest_colour(fit["ground_rgb"], CUTOUT_GROUND) if style == "cutout" else \
                 nearest_colour(fit["figure_rgb"])
             assert colour == label["colour"]
     assert figure_fit(np.full((64, 64, 3), 0.5, np.float32))["shape"] is None
